@@ -1,0 +1,47 @@
+"""Token span tables: which joint-sequence positions hold which camera, instruction words, template, state and
+action tokens, computed from the config and the actual masks of one sample and stored with every recording."""
+from __future__ import annotations
+
+import numpy as np
+
+from openpi.interp.hooks import TokenLayout
+
+
+def span_table(config, camera_valid: dict[str, bool], prompt_length: int,
+               instruction: tuple[int, int]) -> dict:
+    """JSON-able span table of one sample (format: docs/conventions.md).
+
+    ``prompt_length``: valid prompt tokens; ``instruction``: [start, end) of the instruction words within the
+    prompt positions. ``prompt_head`` holds BOS (and Pi0.5's "Task: "), ``template`` the valid prompt tokens after
+    the instruction (Pi0: the newline; Pi0.5: ", State: <bins>;\\nAction: "), ``pad`` the masked prompt positions.
+    """
+    layout = TokenLayout(config)
+    p0, p1 = layout.spans["prompt"]
+    if not 0 <= instruction[0] <= instruction[1] <= prompt_length <= p1 - p0:
+        raise ValueError(f"inconsistent prompt layout: instruction {instruction}, prompt length {prompt_length}, "
+                         f"max_token_len {p1 - p0}")
+    spans = {key: list(layout.spans[key]) for key in config.image_keys}
+    spans["prompt_head"] = [p0, p0 + instruction[0]]
+    spans["instruction"] = [p0 + instruction[0], p0 + instruction[1]]
+    spans["template"] = [p0 + instruction[1], p0 + prompt_length]
+    spans["pad"] = [p0 + prompt_length, p1]
+    spans["state"] = list(layout.spans["state"])
+    spans["actions"] = list(layout.spans["actions"])
+    return {
+        "model": config.model_type,
+        "seq_len": layout.seq_len,
+        "prefix_len": config.prefix_len,
+        "grid": [config.grid, config.grid],
+        "spans": spans,
+        "camera_valid": {k: bool(camera_valid[k]) for k in config.image_keys},
+    }
+
+
+def key_valid_mask(table: dict) -> np.ndarray:
+    """Boolean (seq_len,) mask of keys an attention row may put mass on (valid cameras, prompt, state, actions)."""
+    valid = np.zeros(table["seq_len"], bool)
+    for name, (a, b) in table["spans"].items():
+        if name == "pad" or (name in table["camera_valid"] and not table["camera_valid"][name]):
+            continue
+        valid[a:b] = True
+    return valid

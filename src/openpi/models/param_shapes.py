@@ -1,0 +1,109 @@
+"""Parameter paths and shapes of a Pi0 / Pi0.5 config (openpi's tree layout), built without allocating weights,
+plus a seeded initialiser for the embedded untrained default."""
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from openpi.models.config import Pi0Config
+from openpi.models.params_util import unflatten
+
+
+def _norm(prefix: str, width: int, depth: int | None, adaptive_cond: int | None) -> dict[str, tuple]:
+    lead = () if depth is None else (depth,)
+    if adaptive_cond is None:
+        return {f"{prefix}/scale": lead + (width,)}
+    return {f"{prefix}/Dense_0/kernel": lead + (adaptive_cond, 3 * width), f"{prefix}/Dense_0/bias": lead + (3 * width,)}
+
+
+def param_shapes(config: Pi0Config) -> dict[str, tuple[int, ...]]:
+    """Flat '/'-path -> shape for every parameter, matching openpi's released layout."""
+    s, llm, ex = config.siglip, config.llm, config.expert
+    shapes: dict[str, tuple[int, ...]] = {}
+    img = "PaliGemma/img"
+    blk = f"{img}/Transformer/encoderblock"
+    d, w = s.depth, s.width
+    shapes.update({
+        f"{img}/embedding/kernel": (s.patch, s.patch, 3, w), f"{img}/embedding/bias": (w,),
+        f"{img}/pos_embedding": (1, config.tokens_per_image, w),
+        f"{img}/Transformer/encoder_norm/scale": (w,), f"{img}/Transformer/encoder_norm/bias": (w,),
+        f"{img}/head/kernel": (w, llm.width), f"{img}/head/bias": (llm.width,),
+        f"{blk}/LayerNorm_0/scale": (d, w), f"{blk}/LayerNorm_0/bias": (d, w),
+        f"{blk}/LayerNorm_1/scale": (d, w), f"{blk}/LayerNorm_1/bias": (d, w),
+        f"{blk}/MlpBlock_0/Dense_0/kernel": (d, w, s.mlp_dim), f"{blk}/MlpBlock_0/Dense_0/bias": (d, s.mlp_dim),
+        f"{blk}/MlpBlock_0/Dense_1/kernel": (d, s.mlp_dim, w), f"{blk}/MlpBlock_0/Dense_1/bias": (d, w),
+    })
+    mha = f"{blk}/MultiHeadDotProductAttention_0"
+    for name in ("query", "key", "value"):
+        shapes[f"{mha}/{name}/kernel"] = (d, w, s.num_heads, s.head_dim)
+        shapes[f"{mha}/{name}/bias"] = (d, s.num_heads, s.head_dim)
+    shapes[f"{mha}/out/kernel"] = (d, s.num_heads, s.head_dim, w)
+    shapes[f"{mha}/out/bias"] = (d, w)
+
+    g = "PaliGemma/llm"
+    shapes[f"{g}/embedder/input_embedding"] = (config.vocab_size, llm.width)
+    for e, cfg in enumerate((llm, ex)):
+        sfx = "" if e == 0 else f"_{e}"
+        cond = cfg.width if (config.pi05 and e == 1) else None
+        L = cfg.depth
+        shapes[f"{g}/layers/attn/q_einsum{sfx}/w"] = (L, cfg.num_heads, cfg.width, cfg.head_dim)
+        shapes[f"{g}/layers/attn/kv_einsum{sfx}/w"] = (L, 2, cfg.num_kv_heads, cfg.width, cfg.head_dim)
+        shapes[f"{g}/layers/attn/attn_vec_einsum{sfx}/w"] = (L, cfg.num_heads, cfg.head_dim, cfg.width)
+        shapes[f"{g}/layers/mlp{sfx}/gating_einsum"] = (L, 2, cfg.width, cfg.mlp_dim)
+        shapes[f"{g}/layers/mlp{sfx}/linear"] = (L, cfg.mlp_dim, cfg.width)
+        shapes.update(_norm(f"{g}/layers/pre_attention_norm{sfx}", cfg.width, L, cond))
+        shapes.update(_norm(f"{g}/layers/pre_ffw_norm{sfx}", cfg.width, L, cond))
+        shapes.update(_norm(f"{g}/final_norm{sfx}", cfg.width, None, cond))
+
+    ew, ad = ex.width, config.action_dim
+    shapes.update({"action_in_proj/kernel": (ad, ew), "action_in_proj/bias": (ew,),
+                   "action_out_proj/kernel": (ew, ad), "action_out_proj/bias": (ad,)})
+    if config.pi05:
+        shapes.update({"time_mlp_in/kernel": (ew, ew), "time_mlp_in/bias": (ew,),
+                       "time_mlp_out/kernel": (ew, ew), "time_mlp_out/bias": (ew,)})
+    else:
+        shapes.update({"state_proj/kernel": (ad, ew), "state_proj/bias": (ew,),
+                       "action_time_mlp_in/kernel": (2 * ew, ew), "action_time_mlp_in/bias": (ew,),
+                       "action_time_mlp_out/kernel": (ew, ew), "action_time_mlp_out/bias": (ew,)})
+    return dict(sorted(shapes.items()))
+
+
+def abstract_params(config: Pi0Config, dtype=jnp.float32) -> dict:
+    """Nested tree of jax.ShapeDtypeStruct: the full-size model described without memory."""
+    return unflatten({k: jax.ShapeDtypeStruct(v, dtype) for k, v in param_shapes(config).items()})
+
+
+def _fan_in(path: str, shape: tuple[int, ...]) -> int:
+    if path.endswith("embedding/kernel"):
+        return int(np.prod(shape[:-1]))
+    if "einsum" in path or path.endswith("mlp/linear") or path.endswith("mlp_1/linear"):
+        return shape[-2] if "attn_vec" not in path else shape[-2] * shape[-3]
+    if "encoderblock" in path and len(shape) >= 3:
+        return shape[1] if "out/kernel" not in path else shape[1] * shape[2]
+    return shape[0] if len(shape) >= 2 else 1
+
+
+def init_params(config: Pi0Config, seed: int = 0) -> dict:
+    """Seeded deterministic random weights (scaled normal kernels, small random norms and biases).
+
+    Used for the embedded *untrained* default: every path has a non-constant value so no sub-network is silently
+    disconnected (a zero-init SigLIP head would make every image token 0).
+    """
+    rng = np.random.default_rng(seed)
+    flat = {}
+    for path, shape in param_shapes(config).items():
+        if path.endswith(("/scale", "/bias")) or "LayerNorm" in path or "encoder_norm" in path:
+            value = 0.02 * rng.standard_normal(shape)
+            if "LayerNorm" in path and path.endswith("scale") or "encoder_norm/scale" in path:
+                value = value + 1.0
+        elif path.endswith("input_embedding"):
+            value = rng.standard_normal(shape) / math.sqrt(shape[-1])
+        elif path.endswith("pos_embedding"):
+            value = 0.02 * rng.standard_normal(shape)
+        else:
+            value = rng.standard_normal(shape) / math.sqrt(max(_fan_in(path, shape), 1))
+        flat[path] = value.astype(np.float32)
+    return unflatten(flat)

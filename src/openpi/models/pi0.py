@@ -1,0 +1,171 @@
+"""Pi0 / Pi0.5 flow-matching VLA: prefix/suffix embedding, loss and KV-cached Euler sampling.
+
+Pure functions over the openpi parameter tree, so the same code serves actions and recording: pass a ``Hooks``
+built from a record/intervention request and the recorded arrays come back next to the actions.
+"""
+from __future__ import annotations
+
+import dataclasses
+import fnmatch
+
+import jax
+import jax.numpy as jnp
+
+from openpi.interp.hooks import NO_HOOKS, AttentionKnockout, Hooks, Intervention, Record, TokenLayout, resolve_steps
+from openpi.models import gemma, layers, siglip
+from openpi.models.config import Pi0Config
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class Observation:
+    """Model inputs after the policy transforms: images float32 in [-1, 1], (B, 224, 224, 3) per camera."""
+
+    images: dict[str, jax.Array]
+    image_masks: dict[str, jax.Array]
+    state: jax.Array  # (B, action_dim)
+    tokenized_prompt: jax.Array  # (B, max_token_len) int32
+    tokenized_prompt_mask: jax.Array  # (B, max_token_len) bool
+
+
+def _dtype(config: Pi0Config):
+    return jnp.dtype(config.dtype)
+
+
+def embed_prefix(config: Pi0Config, params: dict, obs: Observation, hooks: Hooks = NO_HOOKS):
+    """Image tokens of every camera slot, then prompt tokens. Returns (tokens, input_mask, ar_mask)."""
+    dtype = _dtype(config)
+    pg = params["PaliGemma"]
+    tokens, masks = [], []
+    for key in config.image_keys:
+        if key not in obs.images:
+            raise KeyError(f"observation has no image {key!r}; model expects cameras {list(config.image_keys)}")
+        img = siglip.encode(pg["img"], obs.images[key], config.siglip, dtype, camera=key, hooks=hooks)
+        tokens.append(img)
+        masks.append(jnp.repeat(obs.image_masks[key][:, None], img.shape[1], axis=1))
+    text = gemma.embed_tokens(pg["llm"], obs.tokenized_prompt, config.llm.width, dtype)
+    tokens.append(text)
+    masks.append(obs.tokenized_prompt_mask)
+    x = jnp.concatenate([t.astype(dtype) for t in tokens], axis=1)
+    input_mask = jnp.concatenate(masks, axis=1)
+    ar_mask = jnp.zeros(x.shape[1], dtype=bool)
+    return x, input_mask, ar_mask
+
+
+def embed_suffix(config: Pi0Config, params: dict, obs: Observation, x_t: jax.Array, time: jax.Array):
+    """Pi0: state token + action tokens mixed with the time embedding by an MLP. Pi0.5: action tokens only, the
+    time embedding becomes the adaptive-norm conditioning vector. Returns (tokens, input_mask, ar_mask, cond)."""
+    dtype = _dtype(config)
+    width = config.expert.width
+    b = x_t.shape[0]
+    time_emb = layers.posemb_sincos(time, width, min_period=4e-3, max_period=4.0)
+    action_tokens = layers.dense(params["action_in_proj"], x_t)
+    pieces, ar = [], []
+    if config.pi05:
+        cond = layers.dense(params["time_mlp_in"], time_emb)
+        cond = jax.nn.swish(cond)
+        cond = jax.nn.swish(layers.dense(params["time_mlp_out"], cond))
+        tokens = action_tokens
+    else:
+        state_token = layers.dense(params["state_proj"], obs.state)[:, None, :]
+        pieces.append(state_token)
+        ar.append(True)
+        time_tokens = jnp.repeat(time_emb[:, None, :], config.action_horizon, axis=1)
+        mixed = jnp.concatenate([action_tokens, time_tokens], axis=-1)
+        mixed = jax.nn.swish(layers.dense(params["action_time_mlp_in"], mixed))
+        tokens = layers.dense(params["action_time_mlp_out"], mixed)
+        cond = None
+    pieces.append(tokens)
+    ar += [True] + [False] * (config.action_horizon - 1)
+    x = jnp.concatenate(pieces, axis=1).astype(dtype)
+    input_mask = jnp.ones((b, x.shape[1]), dtype=bool)
+    return x, input_mask, jnp.asarray(ar), None if cond is None else cond.astype(dtype)
+
+
+def _cfgs(config: Pi0Config):
+    return (config.llm, config.expert)
+
+
+def _velocity(config: Pi0Config, params: dict, suffix_out: jax.Array) -> jax.Array:
+    out = suffix_out[:, -config.action_horizon:]
+    return layers.dense(params["action_out_proj"], out).astype(jnp.float32)
+
+
+def joint_forward(config: Pi0Config, params: dict, obs: Observation, x_t: jax.Array, time: jax.Array,
+                  hooks: Hooks = NO_HOOKS):
+    """One forward of prefix + suffix together (training path). Returns (suffix_out, v_t)."""
+    prefix, prefix_mask, prefix_ar = embed_prefix(config, params, obs, hooks)
+    suffix, suffix_mask, suffix_ar, cond = embed_suffix(config, params, obs, x_t, time)
+    input_mask = jnp.concatenate([prefix_mask, suffix_mask], axis=1)
+    ar_mask = jnp.concatenate([prefix_ar, suffix_ar])
+    mask = layers.make_attn_mask(input_mask, ar_mask)
+    positions = jnp.cumsum(input_mask, axis=1) - 1
+    (_, suffix_out), _ = gemma.forward(params["PaliGemma"]["llm"], [prefix, suffix], positions, mask, _cfgs(config),
+                                       conds=(None, cond), hooks=hooks, offsets=(0, config.prefix_len))
+    return suffix_out, _velocity(config, params, suffix_out)
+
+
+def compute_loss(config: Pi0Config, params: dict, obs: Observation, actions: jax.Array, *,
+                 rng: jax.Array | None = None, noise: jax.Array | None = None, time: jax.Array | None = None):
+    """Per-step flow-matching loss (B, horizon): mean over action dims of (v_t - (noise - actions))^2.
+
+    Noise and time are drawn from ``rng`` unless given explicitly (t ~ Beta(1.5, 1) * 0.999 + 0.001).
+    """
+    if noise is None or time is None:
+        if rng is None:
+            raise ValueError("compute_loss needs rng unless both noise and time are given")
+        noise_rng, time_rng = jax.random.split(rng)
+        if noise is None:
+            noise = jax.random.normal(noise_rng, actions.shape)
+        if time is None:
+            time = jax.random.beta(time_rng, 1.5, 1.0, actions.shape[:1]) * 0.999 + 0.001
+    t = time[:, None, None]
+    x_t = t * noise + (1 - t) * actions
+    u_t = noise - actions
+    _, v_t = joint_forward(config, params, obs, x_t, time)
+    return jnp.mean(jnp.square(v_t - u_t), axis=-1)
+
+
+def sample_actions(config: Pi0Config, params: dict, obs: Observation, noise: jax.Array, *, num_steps: int = 10,
+                   records: tuple[Record, ...] = (), interventions: tuple[Intervention, ...] = (),
+                   knockouts: tuple[AttentionKnockout, ...] = ()) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """Euler integration of the flow from t = 1 (noise) to t = 0 with the prefix computed once into a KV cache.
+
+    Returns (actions (B, horizon, action_dim), recordings). Denoising-step sites come back with a leading step axis
+    holding only the requested steps; prefix-pass sites have none. With no request the graph is the plain one.
+    """
+    layout = TokenLayout(config)
+    hooks = Hooks(records=tuple(records), interventions=tuple(interventions), knockouts=tuple(knockouts),
+                  layout=layout, num_steps=num_steps)
+    prefix, prefix_mask, prefix_ar = embed_prefix(config, params, obs, hooks)
+    prefix_attn = layers.make_attn_mask(prefix_mask, prefix_ar)
+    positions = jnp.cumsum(prefix_mask, axis=1) - 1
+    _, kv_cache = gemma.forward(params["PaliGemma"]["llm"], [prefix, None], positions, prefix_attn, _cfgs(config),
+                                hooks=hooks, prefix_pass=True)
+    recorded = dict(hooks.collected)
+    dt = -1.0 / num_steps
+    b = noise.shape[0]
+    prefix_len = prefix.shape[1]
+    prefix_valid = jnp.sum(prefix_mask, axis=-1)
+
+    def step(carry, index):
+        x_t, time = carry
+        step_hooks = hooks.for_step(index)
+        step_hooks("flow.time", jnp.broadcast_to(time, (b,)))
+        x_t = step_hooks("flow.x_t", x_t, offset=layout.spans["actions"][0])
+        suffix, suffix_mask, suffix_ar, cond = embed_suffix(config, params, obs, x_t, jnp.broadcast_to(time, (b,)))
+        suffix_attn = layers.make_attn_mask(suffix_mask, suffix_ar)
+        prefix_part = jnp.repeat(prefix_mask[:, None, :], suffix.shape[1], axis=1)
+        mask = jnp.concatenate([prefix_part, suffix_attn], axis=-1)
+        pos = prefix_valid[:, None] + jnp.cumsum(suffix_mask, axis=-1) - 1
+        (_, suffix_out), _ = gemma.forward(params["PaliGemma"]["llm"], [None, suffix], pos, mask, _cfgs(config),
+                                           conds=(None, cond), kv_cache=kv_cache, hooks=step_hooks,
+                                           offsets=(0, prefix_len))
+        v_t = step_hooks("flow.v_t", _velocity(config, params, suffix_out), offset=layout.spans["actions"][0])
+        return (x_t + dt * v_t, time + dt), step_hooks.collected
+
+    (x_0, _), per_step = jax.lax.scan(step, (noise, jnp.asarray(1.0, jnp.float32)), jnp.arange(num_steps))
+    for name, arr in per_step.items():
+        steps = next(r.steps for r in hooks.records if fnmatch.fnmatchcase(name, r.site))
+        recorded[name] = arr[jnp.asarray(resolve_steps(steps, num_steps))]
+    return x_0, recorded

@@ -1,0 +1,88 @@
+"""SentencePiece prompt tokenizer with openpi's Pi0 and Pi0.5 prompt formats.
+
+Besides ids and mask it returns where the instruction words sit, so recordings can separate instruction tokens from
+template/state tokens (the predecessor read a camera span as "text" because it had no such table).
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+import pathlib
+
+import numpy as np
+import sentencepiece
+
+logger = logging.getLogger(__name__)
+
+EMBEDDED_TOKENIZER = pathlib.Path(__file__).resolve().parents[1] / "assets" / "tokenizer" / "libero_tiny.model"
+
+
+def clean_prompt(text: str) -> str:
+    return text.strip().replace("_", " ").replace("\n", " ")
+
+
+def discretize_state(state: np.ndarray, bins: int = 256) -> np.ndarray:
+    """Bin index of each normalised state value over [-1, 1] (Pi0.5 discrete state input)."""
+    return np.digitize(state, bins=np.linspace(-1, 1, bins + 1)[:-1]) - 1
+
+
+@dataclasses.dataclass(frozen=True)
+class TokenizedPrompt:
+    ids: np.ndarray  # (max_len,) int32, padded with 0
+    mask: np.ndarray  # (max_len,) bool
+    instruction: tuple[int, int]  # [start, end) of the instruction words within the prompt positions
+    length: int  # number of valid tokens
+
+
+class PromptTokenizer:
+    def __init__(self, model_path: str | pathlib.Path, max_len: int, on_overflow: str = "error") -> None:
+        model_path = pathlib.Path(model_path)
+        if not model_path.is_file():
+            raise FileNotFoundError(f"tokenizer model {model_path} not found (expected a SentencePiece .model file)")
+        if on_overflow not in ("error", "truncate"):
+            raise ValueError(f"on_overflow must be 'error' or 'truncate', got {on_overflow!r}")
+        self._sp = sentencepiece.SentencePieceProcessor(model_file=str(model_path))
+        self.model_path = model_path
+        self.max_len = max_len
+        self.on_overflow = on_overflow
+
+    @property
+    def vocab_size(self) -> int:
+        return self._sp.get_piece_size()
+
+    def decode_ids(self, ids) -> list[str]:
+        """Each id as its own piece string (for labelling text attention)."""
+        return [self._sp.id_to_piece(int(i)) for i in ids]
+
+    def tokenize(self, prompt: str, state: np.ndarray | None = None) -> TokenizedPrompt:
+        """Pi0: BOS + text + "\\n". Pi0.5 with state: BOS + "Task: {text}, State: {bins};\\nAction: "."""
+        text = clean_prompt(prompt)
+        if state is None:
+            head = [self._sp.bos_id()]
+            body = self._sp.encode(text)
+            tail = self._sp.encode("\n")
+        else:
+            state_str = " ".join(str(int(v)) for v in discretize_state(np.asarray(state)))
+            head = [self._sp.bos_id()] + self._sp.encode("Task: ")
+            full = [self._sp.bos_id()] + self._sp.encode(f"Task: {text}, State: {state_str};\nAction: ")
+            with_text = [self._sp.bos_id()] + self._sp.encode(f"Task: {text}")
+            # The instruction is the part of the full sequence shared with "Task: {text}" beyond "Task: ".
+            shared = 0
+            while shared < min(len(full), len(with_text)) and full[shared] == with_text[shared]:
+                shared += 1
+            body = full[len(head):shared]
+            tail = full[shared:]
+        ids = head + body + tail
+        if len(ids) > self.max_len:
+            msg = (f"prompt {prompt!r} is {len(ids)} tokens long, more than max_token_len={self.max_len} "
+                   f"(tokenizer {self.model_path.name})")
+            if self.on_overflow == "error":
+                raise ValueError(msg)
+            logger.warning("%s; truncating", msg)
+            ids = ids[: self.max_len]
+        n = len(ids)
+        out = np.zeros(self.max_len, np.int32)
+        out[:n] = ids
+        mask = np.arange(self.max_len) < n
+        start = min(len(head), n)
+        return TokenizedPrompt(out, mask, (start, min(len(head) + len(body), n)), n)

@@ -1,0 +1,97 @@
+"""LIBERO observation/action glue: request keys -> model inputs, model actions -> 7-D env actions."""
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+
+from openpi.models.config import Pi0Config
+from openpi.models.normalize import NormStats, normalize, unnormalize
+from openpi.models.tokenizer import PromptTokenizer
+
+IMAGE_KEY = "observation/image"
+WRIST_KEY = "observation/wrist_image"
+STATE_KEY = "observation/state"
+PROMPT_KEY = "prompt"
+STATE_DIM = 8
+ACTION_DIM = 7
+
+
+def _as_uint8_image(value, key: str) -> np.ndarray:
+    img = np.asarray(value)
+    if img.ndim != 3:
+        raise ValueError(f"{key!r}: expected an image of shape (H, W, 3), got shape {img.shape}")
+    if img.shape[0] == 3 and img.shape[-1] != 3:  # CHW -> HWC, as openpi's LIBERO inputs accept both
+        img = np.transpose(img, (1, 2, 0))
+    if img.shape[-1] != 3:
+        raise ValueError(f"{key!r}: expected 3 colour channels last, got shape {img.shape}")
+    if np.issubdtype(img.dtype, np.floating):
+        if not np.isfinite(img).all():
+            raise ValueError(f"{key!r}: image contains NaN or Inf")
+        img = (np.clip(img, 0.0, 1.0) * 255).astype(np.uint8)
+    elif img.dtype != np.uint8:
+        raise ValueError(f"{key!r}: expected dtype uint8 (or float in [0, 1]), got {img.dtype}")
+    return img
+
+
+@dataclasses.dataclass
+class LiberoTransforms:
+    """Mapping: agent view -> base_0_rgb, wrist -> left_wrist_0_rgb, right wrist zeros (masked)."""
+
+    config: Pi0Config
+    tokenizer: PromptTokenizer
+    norm_stats: dict[str, NormStats] | None = None
+    quantile_norm: bool = False
+    delta_actions: bool = False  # pi0_libero: model predicts deltas for the first 6 dims
+    default_prompt: str | None = None
+
+    def inputs(self, obs: dict) -> dict:
+        if not isinstance(obs, dict):
+            raise TypeError(f"observation must be a dict, got {type(obs).__name__}")
+        missing = [k for k in (IMAGE_KEY, WRIST_KEY, STATE_KEY) if k not in obs]
+        if missing:
+            raise KeyError(f"observation is missing key(s) {missing}; LIBERO policy expects "
+                           f"{[IMAGE_KEY, WRIST_KEY, STATE_KEY, PROMPT_KEY]}")
+        prompt = obs.get(PROMPT_KEY, self.default_prompt)
+        if prompt is None:
+            raise KeyError(f"observation has no {PROMPT_KEY!r} and the policy has no default prompt")
+        if not isinstance(prompt, str):
+            raise TypeError(f"{PROMPT_KEY!r} must be a string, got {type(prompt).__name__}")
+        state = np.asarray(obs[STATE_KEY], np.float32).reshape(-1)
+        if state.shape != (STATE_DIM,):
+            raise ValueError(f"{STATE_KEY!r}: expected {STATE_DIM} floats (eef pos 3, axis-angle 3, gripper 2), "
+                             f"got shape {np.asarray(obs[STATE_KEY]).shape}")
+        if not np.isfinite(state).all():
+            raise ValueError(f"{STATE_KEY!r} contains NaN or Inf")
+        from openpi.shared.image_tools import resize_with_pad
+
+        size = self.config.image_size
+        base = resize_with_pad(_as_uint8_image(obs[IMAGE_KEY], IMAGE_KEY), size, size)
+        wrist = resize_with_pad(_as_uint8_image(obs[WRIST_KEY], WRIST_KEY), size, size)
+        if self.norm_stats is not None:
+            state = normalize(state, self.norm_stats["state"], self.quantile_norm)
+        padded = np.zeros(self.config.action_dim, np.float32)
+        padded[:STATE_DIM] = state
+        tok = self.tokenizer.tokenize(prompt, state=state if self.config.discrete_state_input else None)
+        keys = self.config.image_keys
+        return {
+            "images": {keys[0]: base, keys[1]: wrist, keys[2]: np.zeros_like(base)},
+            "image_masks": {keys[0]: True, keys[1]: True, keys[2]: False},
+            "state": padded,
+            "raw_state": np.asarray(obs[STATE_KEY], np.float32).reshape(-1),
+            "tokenized_prompt": tok.ids,
+            "tokenized_prompt_mask": tok.mask,
+            "prompt_length": tok.length,
+            "instruction": tok.instruction,
+            "prompt": prompt,
+        }
+
+    def outputs(self, actions: np.ndarray, inputs: dict) -> np.ndarray:
+        """(H, action_dim) model output -> (H, 7) env actions."""
+        actions = np.asarray(actions, np.float32)
+        if self.norm_stats is not None:
+            actions = unnormalize(actions, self.norm_stats["actions"], self.quantile_norm)
+        if self.delta_actions:
+            actions = actions.copy()
+            actions[..., :6] += inputs["raw_state"][:6]
+        return actions[..., :ACTION_DIM]

@@ -1,0 +1,119 @@
+"""Named policy configs and ``create_policy``: the one place that turns a config name + directory into a Policy.
+
+``pi0_libero`` / ``pi05_libero`` need a released checkpoint directory (``params/`` + ``assets/<asset_id>/
+norm_stats.json``) and PaliGemma's SentencePiece file. ``pi0_tiny`` / ``pi05_tiny`` are the embedded default:
+seeded random weights (UNTRAINED: their actions are meaningless) and a small tokenizer shipped in the package.
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import pathlib
+
+from openpi.interp.hooks import AttentionKnockout, Intervention, Record, TokenLayout, parse_records
+from openpi.models import checkpoint
+from openpi.models.config import Pi0Config, tiny_config
+from openpi.models.model import Pi0Model
+from openpi.models.normalize import load_norm_stats
+from openpi.models.param_shapes import init_params
+from openpi.models.tokenizer import EMBEDDED_TOKENIZER, PromptTokenizer
+from openpi.policies.libero_policy import LiberoTransforms
+from openpi.policies.policy import Policy
+
+logger = logging.getLogger(__name__)
+LIBERO_ASSET_ID = "physical-intelligence/libero"
+TOKENIZER_ENV = "OPENPI_TOKENIZER"
+
+
+@dataclasses.dataclass(frozen=True)
+class PolicyConfig:
+    name: str
+    model: Pi0Config
+    quantile_norm: bool
+    delta_actions: bool
+    needs_checkpoint: bool
+    asset_id: str = LIBERO_ASSET_ID
+
+
+CONFIGS: dict[str, PolicyConfig] = {c.name: c for c in [
+    PolicyConfig("pi0_libero", Pi0Config(action_horizon=50, max_token_len=48), quantile_norm=False,
+                 delta_actions=True, needs_checkpoint=True),
+    PolicyConfig("pi05_libero", Pi0Config(pi05=True, action_horizon=10, max_token_len=200),
+                 quantile_norm=True, delta_actions=False, needs_checkpoint=True),
+    PolicyConfig("pi0_tiny", tiny_config(max_token_len=48), quantile_norm=False, delta_actions=False,
+                 needs_checkpoint=False),
+    PolicyConfig("pi05_tiny", tiny_config(pi05=True, max_token_len=64), quantile_norm=True, delta_actions=False,
+                 needs_checkpoint=False),
+]}
+DEFAULT_CONFIG = "pi0_tiny"
+
+
+def get_config(name: str) -> PolicyConfig:
+    if name not in CONFIGS:
+        raise ValueError(f"unknown policy config {name!r}; available: {sorted(CONFIGS)}")
+    return CONFIGS[name]
+
+
+def _find_tokenizer(checkpoint_dir: pathlib.Path | None, tokenizer: str | None) -> pathlib.Path:
+    candidates = [tokenizer, os.environ.get(TOKENIZER_ENV)]
+    if checkpoint_dir is not None:
+        candidates += [checkpoint_dir / "paligemma_tokenizer.model", checkpoint_dir / "assets" / "paligemma_tokenizer.model"]
+    for c in candidates:
+        if c and pathlib.Path(c).is_file():
+            return pathlib.Path(c)
+    raise FileNotFoundError(
+        "PaliGemma tokenizer (paligemma_tokenizer.model) not found: pass --policy.tokenizer PATH, set "
+        f"${TOKENIZER_ENV}, or put it in the checkpoint directory (looked in: {[str(c) for c in candidates if c]})")
+
+
+def create_policy(config_name: str = DEFAULT_CONFIG, checkpoint_dir: str | None = None, *,
+                  default_prompt: str | None = None, tokenizer: str | None = None,
+                  record: tuple[str, ...] | list[str] | tuple[Record, ...] = (), record_dir: str | None = None,
+                  run_writer_id: str | None = None, interventions: tuple[Intervention, ...] = (),
+                  knockouts: tuple[AttentionKnockout, ...] = (), num_steps: int = 10, seed: int = 0,
+                  dtype: str | None = None) -> Policy:
+    """Build a Policy from a named config; with ``record_dir`` every inference's recordings go to a store."""
+    cfg = get_config(config_name)
+    model_cfg = cfg.model if dtype is None else dataclasses.replace(cfg.model, dtype=dtype)
+    ckpt = pathlib.Path(checkpoint_dir).expanduser() if checkpoint_dir else None
+    if cfg.needs_checkpoint:
+        if ckpt is None:
+            raise ValueError(f"config {config_name!r} needs --policy.dir pointing at an openpi checkpoint directory")
+        params = checkpoint.load_params(ckpt, model_cfg)
+        norm_stats = load_norm_stats(ckpt / "assets" / cfg.asset_id / "norm_stats.json")
+        tok_path = _find_tokenizer(ckpt, tokenizer)
+        trained = True
+    elif ckpt is not None:
+        params = checkpoint.load_params(ckpt, model_cfg)
+        stats_path = ckpt / "assets" / cfg.asset_id / "norm_stats.json"
+        norm_stats = load_norm_stats(stats_path) if stats_path.exists() else None
+        tok_path = pathlib.Path(tokenizer) if tokenizer else EMBEDDED_TOKENIZER
+        trained = True
+    else:
+        params, norm_stats, trained = init_params(model_cfg, seed=seed), None, False
+        tok_path = pathlib.Path(tokenizer) if tokenizer else EMBEDDED_TOKENIZER
+        logger.warning("serving %s with seeded RANDOM weights (untrained): actions are meaningless", config_name)
+    transforms = LiberoTransforms(model_cfg, PromptTokenizer(tok_path, model_cfg.max_token_len), norm_stats,
+                                  quantile_norm=cfg.quantile_norm, delta_actions=cfg.delta_actions,
+                                  default_prompt=default_prompt)
+    records = tuple(r if isinstance(r, Record) else Record.parse(r) for r in record)
+    recorder = None
+    if record_dir is not None:
+        if not records:
+            raise ValueError("record_dir given but no sites to record (pass --record SITE ...)")
+        from openpi.interp.recorder import StoreRecorder
+        from openpi.interp.store import StoreWriter
+        writer = StoreWriter(record_dir, {"name": config_name, **model_cfg.to_dict()}, writer_id=run_writer_id,
+                             shard_rows=4096)
+        recorder = StoreRecorder(writer, records, TokenLayout(model_cfg), num_steps)
+    metadata = {"config": config_name, "model": model_cfg.model_type, "trained": trained,
+                "action_horizon": model_cfg.action_horizon, "checkpoint": str(ckpt) if ckpt else None,
+                "recording": [f"{r.site}" for r in records]}
+    if not trained:
+        metadata["warning"] = "untrained: seeded random weights, actions are meaningless"
+    return Policy(Pi0Model(model_cfg, params), transforms, metadata=metadata, records=records,
+                  interventions=interventions, knockouts=knockouts, recorder=recorder, num_steps=num_steps, seed=seed)
+
+
+__all__ = ["CONFIGS", "create_policy", "get_config", "parse_records"]
