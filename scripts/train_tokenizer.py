@@ -43,7 +43,9 @@ def main(args: Args) -> None:
     sentencepiece.SentencePieceTrainer.train(
         sentence_iterator=iter(corpus(instructions, args.seed)), model_writer=model, vocab_size=args.vocab_size,
         model_type="bpe", byte_fallback=True, pad_id=0, eos_id=1, bos_id=2, unk_id=3,
-        character_coverage=1.0, split_digits=False, num_threads=1, minloglevel=2)
+        character_coverage=1.0, split_digits=False, num_threads=1, minloglevel=2,
+        # keep "\n" (Pi0's prompt terminator) as its own piece instead of normalising it away
+        normalization_rule_name="identity", remove_extra_whitespaces=False, user_defined_symbols=["\n"])
     args.out_prefix.with_suffix(".model").write_bytes(model.getvalue())
     print(f"wrote {args.out_prefix.with_suffix('.model')} ({len(model.getvalue())} bytes, {args.vocab_size} pieces)")
 

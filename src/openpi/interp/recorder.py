@@ -13,6 +13,7 @@ from typing import Any
 import numpy as np
 
 from openpi.interp.hooks import resolve_steps
+from openpi.interp.spans import span_name_of
 from openpi.interp.store import StoreWriter
 
 STEP_SITES = ("llm.expert1.", "llm.layer.", "flow.")  # sites recorded at every denoising step
@@ -36,13 +37,6 @@ def _token_indices(table: dict, name: str, n_tokens: int, selected: np.ndarray |
         start = table["prefix_len"]
     local = np.arange(n_tokens) if selected is None else selected
     return start + local
-
-
-def _span_of(table: dict, index: int) -> str:
-    for name, (a, b) in table["spans"].items():
-        if a <= index < b:
-            return name
-    return ""
 
 
 class StoreRecorder:
@@ -101,7 +95,7 @@ class StoreRecorder:
             sel = self._token_selection(name, table)
             tokens = _token_indices(table, name, arr.shape[0], sel)
             self.writer.add(name, arr, keys | {"token_index": tokens,
-                                               "span": np.array([_span_of(table, t) for t in tokens])})
+                                               "span": np.array([span_name_of(table, t) for t in tokens])})
 
     def close(self) -> None:
         with self._lock:

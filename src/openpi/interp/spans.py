@@ -21,9 +21,8 @@ def span_table(config, camera_valid: dict[str, bool], prompt_length: int,
         raise ValueError(f"inconsistent prompt layout: instruction {instruction}, prompt length {prompt_length}, "
                          f"max_token_len {p1 - p0}")
     spans = {key: list(layout.spans[key]) for key in config.image_keys}
-    spans["prompt_head"] = [p0, p0 + instruction[0]]
     spans["instruction"] = [p0 + instruction[0], p0 + instruction[1]]
-    spans["template"] = [p0 + instruction[1], p0 + prompt_length]
+    spans["template"] = [[p0, p0 + instruction[0]], [p0 + instruction[1], p0 + prompt_length]]
     spans["pad"] = [p0 + prompt_length, p1]
     spans["state"] = list(layout.spans["state"])
     spans["actions"] = list(layout.spans["actions"])
@@ -40,8 +39,24 @@ def span_table(config, camera_valid: dict[str, bool], prompt_length: int,
 def key_valid_mask(table: dict) -> np.ndarray:
     """Boolean (seq_len,) mask of keys an attention row may put mass on (valid cameras, prompt, state, actions)."""
     valid = np.zeros(table["seq_len"], bool)
-    for name, (a, b) in table["spans"].items():
+    for name, value in table["spans"].items():
         if name == "pad" or (name in table["camera_valid"] and not table["camera_valid"][name]):
             continue
-        valid[a:b] = True
+        for a, b in span_pieces(value):
+            valid[a:b] = True
     return valid
+
+
+def span_pieces(value) -> list[tuple[int, int]]:
+    """A span value ([a, b] or [[a, b], ...]) as a list of half-open pieces."""
+    if len(value) and isinstance(value[0], (list, tuple)):
+        return [(int(a), int(b)) for a, b in value]
+    return [(int(value[0]), int(value[1]))]
+
+
+def span_name_of(table: dict, index: int) -> str:
+    """The span holding a joint-sequence index ('' if none)."""
+    for name, value in table["spans"].items():
+        if any(a <= index < b for a, b in span_pieces(value)):
+            return name
+    return ""

@@ -57,22 +57,17 @@ class PromptTokenizer:
     def tokenize(self, prompt: str, state: np.ndarray | None = None) -> TokenizedPrompt:
         """Pi0: BOS + text + "\\n". Pi0.5 with state: BOS + "Task: {text}, State: {bins};\\nAction: "."""
         text = clean_prompt(prompt)
+        bos = [self._sp.bos_id()]
         if state is None:
-            head = [self._sp.bos_id()]
             body = self._sp.encode(text)
-            tail = self._sp.encode("\n")
+            ids = bos + body + self._sp.encode("\n")
+            start, end = 1, 1 + len(body)
         else:
             state_str = " ".join(str(int(v)) for v in discretize_state(np.asarray(state)))
-            head = [self._sp.bos_id()] + self._sp.encode("Task: ")
-            full = [self._sp.bos_id()] + self._sp.encode(f"Task: {text}, State: {state_str};\nAction: ")
-            with_text = [self._sp.bos_id()] + self._sp.encode(f"Task: {text}")
-            # The instruction is the part of the full sequence shared with "Task: {text}" beyond "Task: ".
-            shared = 0
-            while shared < min(len(full), len(with_text)) and full[shared] == with_text[shared]:
-                shared += 1
-            body = full[len(head):shared]
-            tail = full[shared:]
-        ids = head + body + tail
+            ids = bos + self._sp.encode(f"Task: {text}, State: {state_str};\nAction: ")
+            # The instruction is where the full sequence agrees with "Task: {text}" but not with "Task: ".
+            start = _common_prefix(ids, bos + self._sp.encode("Task: "))
+            end = _common_prefix(ids, bos + self._sp.encode(f"Task: {text}"))
         if len(ids) > self.max_len:
             msg = (f"prompt {prompt!r} is {len(ids)} tokens long, more than max_token_len={self.max_len} "
                    f"(tokenizer {self.model_path.name})")
@@ -84,5 +79,11 @@ class PromptTokenizer:
         out = np.zeros(self.max_len, np.int32)
         out[:n] = ids
         mask = np.arange(self.max_len) < n
-        start = min(len(head), n)
-        return TokenizedPrompt(out, mask, (start, min(len(head) + len(body), n)), n)
+        return TokenizedPrompt(out, mask, (min(start, n), min(end, n)), n)
+
+
+def _common_prefix(a: list[int], b: list[int]) -> int:
+    n = 0
+    while n < min(len(a), len(b)) and a[n] == b[n]:
+        n += 1
+    return n

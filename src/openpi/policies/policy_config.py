@@ -69,7 +69,7 @@ def _find_tokenizer(checkpoint_dir: pathlib.Path | None, tokenizer: str | None) 
 
 def create_policy(config_name: str = DEFAULT_CONFIG, checkpoint_dir: str | None = None, *,
                   default_prompt: str | None = None, tokenizer: str | None = None,
-                  record: tuple[str, ...] | list[str] | tuple[Record, ...] = (), record_dir: str | None = None,
+                  record_sites: tuple[str, ...] | list[str] | None = (), record_dir: str | None = None,
                   run_writer_id: str | None = None, interventions: tuple[Intervention, ...] = (),
                   knockouts: tuple[AttentionKnockout, ...] = (), num_steps: int = 10, seed: int = 0,
                   dtype: str | None = None) -> Policy:
@@ -97,7 +97,7 @@ def create_policy(config_name: str = DEFAULT_CONFIG, checkpoint_dir: str | None 
     transforms = LiberoTransforms(model_cfg, PromptTokenizer(tok_path, model_cfg.max_token_len), norm_stats,
                                   quantile_norm=cfg.quantile_norm, delta_actions=cfg.delta_actions,
                                   default_prompt=default_prompt)
-    records = tuple(r if isinstance(r, Record) else Record.parse(r) for r in record)
+    records = tuple(r if isinstance(r, Record) else Record.parse(r) for r in record_sites or ())
     recorder = None
     if record_dir is not None:
         if not records:

@@ -1,0 +1,28 @@
+# Two commands for a newcomer: `make demo` (main job on the embedded tiny policy) and `make test`.
+# Both create .venv idempotently: the stamp file is rebuilt only when the dependency list changes.
+PYTHON ?= python3
+VENV := .venv
+STAMP := $(VENV)/.installed
+
+.PHONY: setup demo test bench clean-venv
+
+$(STAMP): pyproject.toml scripts/install_libero.sh
+	test -x $(VENV)/bin/python || $(PYTHON) -m venv $(VENV)
+	$(VENV)/bin/pip install -q --upgrade pip
+	$(VENV)/bin/pip install -q -e '.[test]'
+	bash scripts/install_libero.sh $(VENV)
+	touch $(STAMP)
+
+setup: $(STAMP)
+
+demo: setup
+	$(VENV)/bin/python scripts/quickstart.py
+
+test: setup
+	$(VENV)/bin/python -m pytest -q
+
+bench: setup
+	for b in benchmarks/bench_*.py; do echo "== $$b"; $(VENV)/bin/python $$b || exit 1; done
+
+clean-venv:
+	rm -rf $(VENV) .venv-client

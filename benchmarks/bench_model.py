@@ -1,0 +1,74 @@
+"""Latency of jit-compiled ``sample_actions`` (median of N runs after warm-up).
+
+    python benchmarks/bench_model.py                      # tiny Pi0 and Pi0.5 on this machine
+    python benchmarks/bench_model.py --full               # + bf16 pi05_libero-sized random weights (GPU machine)
+
+Last printed line: one JSON object {config: {"median_ms", "p90_ms", "compile_s", "device"}, ...}.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import tyro
+
+from openpi.models.config import Pi0Config, tiny_config
+from openpi.models.model import Pi0Model, make_observation
+
+
+@dataclasses.dataclass
+class Args:
+    runs: int = 20
+    full: bool = False
+    """also time a bf16 Pi0.5 of pi05_libero size with random weights (needs ~8 GB of accelerator memory)"""
+
+
+def _random_params(config: Pi0Config, dtype) -> dict:
+    from openpi.models.param_shapes import abstract_params
+    key = jax.random.key(0)
+    leaves, treedef = jax.tree.flatten(abstract_params(config))
+    keys = jax.random.split(key, len(leaves))
+    return jax.tree.unflatten(treedef, [0.02 * jax.random.normal(k, l.shape, dtype) for k, l in zip(keys, leaves)])
+
+
+def time_config(name: str, config: Pi0Config, params: dict, runs: int) -> dict:
+    rng = np.random.default_rng(0)
+    obs = make_observation({k: rng.integers(0, 256, (1, 224, 224, 3), dtype=np.uint8) for k in config.image_keys},
+                           {k: np.array([k != "right_wrist_0_rgb"]) for k in config.image_keys},
+                           np.zeros((1, config.action_dim), np.float32),
+                           rng.integers(1, 100, (1, config.max_token_len)), np.arange(config.max_token_len)[None] < 20)
+    model = Pi0Model(config, params)
+    noise = jnp.asarray(rng.standard_normal((1, config.action_horizon, config.action_dim)), jnp.float32)
+    start = time.perf_counter()
+    jax.block_until_ready(model.sample_actions(obs, noise)[0])
+    compile_s = time.perf_counter() - start
+    times = []
+    for _ in range(runs):
+        start = time.perf_counter()
+        jax.block_until_ready(model.sample_actions(obs, noise)[0])
+        times.append((time.perf_counter() - start) * 1000)
+    result = {"median_ms": float(np.median(times)), "p90_ms": float(np.percentile(times, 90)),
+              "compile_s": compile_s, "device": str(jax.devices()[0])}
+    print(f"{name}: median {result['median_ms']:.1f} ms, p90 {result['p90_ms']:.1f} ms, "
+          f"compile {compile_s:.1f} s on {result['device']}")
+    return result
+
+
+def main(args: Args) -> None:
+    from openpi.models.param_shapes import init_params
+    results = {}
+    for name, cfg in (("pi0_tiny", tiny_config(max_token_len=48)), ("pi05_tiny", tiny_config(pi05=True, max_token_len=64))):
+        results[name] = time_config(name, cfg, init_params(cfg), args.runs)
+    if args.full:
+        cfg = Pi0Config(pi05=True, action_horizon=10, max_token_len=200, dtype="bfloat16")
+        results["pi05_libero_bf16_random"] = time_config("pi05_libero (bf16, random)", cfg,
+                                                         _random_params(cfg, jnp.bfloat16), args.runs)
+    print(json.dumps(results))
+
+
+if __name__ == "__main__":
+    main(tyro.cli(Args))

@@ -1,0 +1,96 @@
+"""Serve a policy over websocket with openpi's wire protocol (the official ``openpi-client`` works unchanged).
+
+Same command shape as openpi's ``scripts/serve_policy.py``:
+
+    python scripts/serve_policy.py                                   # embedded default (tiny CPU policy)
+    python scripts/serve_policy.py --env LIBERO --port 8000 policy:default
+    python scripts/serve_policy.py policy:checkpoint --policy.config pi0_libero --policy.dir /ckpt/pi0_libero
+    python scripts/serve_policy.py --record-dir out/acts --record llm.layer.11.resid_post llm.layer.11.attn.probs
+
+Health check: ``curl http://localhost:8000/healthz``. Protocol and error behaviour: docs/serving.md.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+import logging
+import socket
+from typing import Any
+
+import tyro
+
+from openpi.serving.websocket_server import LIBERO_REQUIRED_KEYS, WebsocketPolicyServer
+
+
+class EnvMode(enum.Enum):
+    """Environment the served policy is for; decides which observation keys every request must carry."""
+
+    LIBERO = "libero"
+
+
+ENV_REQUIRED_KEYS: dict[EnvMode, tuple[str, ...]] = {EnvMode.LIBERO: LIBERO_REQUIRED_KEYS}
+
+
+@dataclasses.dataclass
+class Checkpoint:
+    """Load a policy from a trained checkpoint."""
+
+    config: str
+    """Named config, e.g. pi0_libero, pi05_libero, pi0_tiny."""
+    dir: str
+    """Checkpoint directory (holds params/ and assets/)."""
+
+
+@dataclasses.dataclass
+class Default:
+    """The embedded default policy (create_policy's defaults: the tiny CPU config)."""
+
+
+@dataclasses.dataclass
+class Args:
+    env: EnvMode = EnvMode.LIBERO
+    """Environment the policy serves."""
+    default_prompt: str | None = None
+    """Prompt used when a request carries none."""
+    host: str = "0.0.0.0"
+    port: int = 8000
+    record_dir: str | None = None
+    """Directory for the activation store; recording is off without it."""
+    record: tuple[str, ...] = ()
+    """Hook sites to record (e.g. llm.layer.11.resid_post); needs --record-dir."""
+    policy: Checkpoint | Default = dataclasses.field(default_factory=Default)
+
+
+def policy_kwargs(args: Args) -> dict[str, Any]:
+    """Keyword arguments for ``openpi.policies.policy_config.create_policy`` (kept separate to be testable)."""
+    if args.record and args.record_dir is None:
+        raise ValueError(f"--record {' '.join(args.record)} needs --record-dir DIR to say where activations go")
+    kwargs: dict[str, Any] = {"default_prompt": args.default_prompt}
+    if isinstance(args.policy, Checkpoint):
+        kwargs.update(config_name=args.policy.config, checkpoint_dir=args.policy.dir)
+    if args.record_dir is not None:
+        kwargs.update(record_dir=args.record_dir, record_sites=tuple(args.record) or None)
+    return kwargs
+
+
+def create_policy(args: Args) -> Any:
+    # Imported here so the server (and --help) never needs the model code.
+    from openpi.policies import policy_config
+
+    return policy_config.create_policy(**policy_kwargs(args))
+
+
+def main(args: Args) -> None:
+    policy = create_policy(args)
+    logging.info("serving policy on port %d of %s, metadata %s", args.port, socket.gethostname(), policy.metadata)
+    server = WebsocketPolicyServer(policy, host=args.host, port=args.port, required_keys=ENV_REQUIRED_KEYS[args.env])
+    try:
+        server.serve_forever()
+    finally:
+        policy.close()  # flush recordings still buffered
+
+
+if __name__ == "__main__":
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", force=True)
+    main(tyro.cli(Args))
