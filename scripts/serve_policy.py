@@ -15,7 +15,9 @@ from __future__ import annotations
 import dataclasses
 import enum
 import logging
+import signal
 import socket
+import sys
 from typing import Any
 
 import tyro
@@ -81,7 +83,15 @@ def create_policy(args: Args) -> Any:
     return policy_config.create_policy(**policy_kwargs(args))
 
 
+def _exit_on_signals() -> None:
+    """SIGINT/SIGTERM end the server through the normal exit path, so buffered recordings are flushed. A server
+    started in the background of a non-interactive shell inherits an *ignored* SIGINT: restore it explicitly."""
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(0))
+
+
 def main(args: Args) -> None:
+    _exit_on_signals()
     policy = create_policy(args)
     logging.info("serving policy on port %d of %s, metadata %s", args.port, socket.gethostname(), policy.metadata)
     server = WebsocketPolicyServer(policy, host=args.host, port=args.port, required_keys=ENV_REQUIRED_KEYS[args.env])

@@ -1,0 +1,683 @@
+"""LIBERO evaluation loop: episodes of a policy in LIBERO, written as records that analyses join by key.
+
+The loop follows openpi's LIBERO client (fixed initial states, settle steps, query the policy when the action
+queue is empty and execute the first ``replan_steps`` actions of each chunk, success = the env's ``done``) and
+adds what analyses need: per-episode JSON records, unique videos, optional frames + instance masks exactly as
+the policy saw them, ``meta/*`` join keys on every request, sharding and resume.
+
+Output layout (``<out>`` = ``RolloutConfig.out_dir``, ``<stem>`` = ``<run_id>__<suite>__task<task_id>__ep<episode>``)::
+
+    <out>/runs/<run_id>.json          settings of the run (checked on resume: changed settings are refused)
+    <out>/episodes/<stem>.json        one record per finished episode (its existence = episode done)
+    <out>/episodes/_errors/<stem>[__N].json   earlier records of episodes retried after a policy error
+    <out>/frames/<stem>.npz           with save_frames
+    <out>/results/<run_id>.json       success table over every episode of the run found on disk
+    <video_dir>/<stem>__<success|failure>[__N].mp4    never overwritten
+
+Episode record (``<out>/episodes/<stem>.json``), schema ``vla-interp/libero-episode/1``:
+    run_id, suite, task_id, episode, init_state_index, seed: identity of the episode (episode i uses initial state i)
+    prompt: instruction sent to the policy; original_prompt: the task's instruction
+    success (bool): the env reported done; status: "complete" | "policy_error"
+    failure_reason: null on success, "max_steps" when the step budget ran out, "policy_error: <text>" when a
+        request failed, "bad_policy_reply: <text>" when the reply had no usable (H, 7) ``actions``
+    steps: executed policy steps T (settle steps not counted); max_steps, settle_steps, replan_steps, resize_size
+    actions: T x 7 executed actions (after any random-action perturbation); states: T x 8 policy state per step
+    chunks: list of {env_step, replan_index, actions: H x 7} -- every chunk the policy returned
+    perturbations: {config, prompt, visual, random_actions, object_shift} (see openpi.envs.perturbations)
+    objects_of_interest: BDDL names; object_matches: [{name, instance, instance_id, kind}]
+    instance_names: {"<id>": name} of segmentation instances (0 = background); warnings: [str]
+    video, frames: paths relative to ``<out>`` (absolute when outside it), or null
+    timing: {reset_s, env_s, policy_s, total_s, policy_calls}; finished_at: ISO 8601 UTC time
+``env_step`` counts policy steps from 0 (the first step after settling); ``replan_index`` counts policy queries
+from 0 within the episode. Every request carries ``meta/run_id, meta/suite, meta/task_id, meta/episode,
+meta/env_step, meta/replan_index``.
+
+Frames (``<out>/frames/<stem>.npz``, with save_frames; one row per executed step, exactly what the policy was
+or would have been sent at that step): ``agentview (T,S,S,3) uint8``, ``wrist (T,S,S,3) uint8``,
+``agentview_seg (T,S,S) int32``, ``wrist_seg (T,S,S) int32``, ``env_step (T,) int32``, ``replan_index (T,) int32``
+(the chunk the executed action came from), ``queried (T,) bool`` (a request was sent at this step),
+``instance_names`` (0-d str: JSON {"<id>": name}), ``objects_of_interest`` (0-d str: JSON [names]),
+``object_instance_ids`` (0-d str: JSON {name: id}).
+
+Summary (``<out>/results/<run_id>.json``): {run_id, suites: {suite: {episodes, successes, errors, success_rate,
+tasks: {"<task_id>": {prompt, episodes, successes, errors, success_rate}}}}, total: {episodes, successes, errors,
+success_rate}, expected_episodes, missing_episodes}; ``errors`` counts policy_error episodes (also failures).
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import datetime
+import glob
+import json
+import logging
+import os
+import pathlib
+import re
+import tempfile
+import time
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any, Protocol
+
+import numpy as np
+import tqdm
+
+from openpi.envs import libero_env
+from openpi.envs import perturbations as pert
+
+logger = logging.getLogger(__name__)
+
+EPISODE_SCHEMA = "vla-interp/libero-episode/1"
+RUN_SCHEMA = "vla-interp/libero-run/1"
+SUMMARY_SCHEMA = "vla-interp/libero-summary/1"
+_RUN_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9.\-]*(_[A-Za-z0-9.\-]+)*$")
+
+
+class PolicyLike(Protocol):
+    """Anything with openpi's ``infer``: observation dict in, dict with ``actions`` (H, 7) out."""
+
+    def infer(self, obs: dict) -> dict: ...
+
+
+class PolicyReplyError(ValueError):
+    """The policy answered, but without a usable action chunk."""
+
+
+# --------------------------------------------------------------------------------------------------
+# Planning: which episodes, which shard, where they go
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True, order=True)
+class EpisodeSpec:
+    suite: str
+    task_id: int
+    episode: int
+
+    @property
+    def init_state_index(self) -> int:
+        return self.episode
+
+
+def plan_episodes(suite: str, task_ids: Sequence[int], num_trials: int) -> list[EpisodeSpec]:
+    """Task-major list of episodes (episode i of a task starts from the suite's initial state i)."""
+    if num_trials < 1:
+        raise ValueError(f"num_trials must be >= 1, got {num_trials}")
+    if len(set(task_ids)) != len(task_ids):
+        raise ValueError(f"task ids repeat: {list(task_ids)}")
+    return [EpisodeSpec(suite, int(t), e) for t in task_ids for e in range(num_trials)]
+
+
+def shard_episodes(episodes: Sequence[EpisodeSpec], shard_index: int, num_shards: int) -> list[EpisodeSpec]:
+    """Round-robin split: shard k gets episodes k, k+n, k+2n, ... (every episode in exactly one shard)."""
+    if num_shards < 1 or not 0 <= shard_index < num_shards:
+        raise ValueError(f"need 0 <= shard_index < num_shards, got shard_index={shard_index}, num_shards={num_shards}")
+    return list(episodes[shard_index::num_shards])
+
+
+def validate_run_id(run_id: str) -> str:
+    if not _RUN_ID_RE.match(run_id) or "__" in run_id:
+        raise ValueError(
+            f"run_id {run_id!r} must use letters, digits, '.', '-', single '_' (no '__', no '/', no spaces)"
+        )
+    return run_id
+
+
+def episode_stem(run_id: str, spec: EpisodeSpec) -> str:
+    return f"{run_id}__{spec.suite}__task{spec.task_id}__ep{spec.episode}"
+
+
+def unique_path(directory: pathlib.Path, base: str, suffix: str) -> pathlib.Path:
+    """``<dir>/<base><suffix>``, or ``<base>__2<suffix>``, ``__3``... -- the first name not taken."""
+    path = directory / f"{base}{suffix}"
+    k = 2
+    while path.exists():
+        path = directory / f"{base}__{k}{suffix}"
+        k += 1
+    return path
+
+
+# --------------------------------------------------------------------------------------------------
+# Configuration
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class RolloutConfig:
+    run_id: str
+    out_dir: pathlib.Path
+    video_dir: pathlib.Path
+    seed: int = 7
+    resize_size: int = 224
+    replan_steps: int = 5
+    settle_steps: int = 10
+    max_steps: int | None = None  # None: the suite's default
+    save_frames: bool = False
+    save_video: bool = True
+    video_fps: int = 10
+    retry_errors: bool = True
+    max_consecutive_errors: int = 3
+    perturb: pert.PerturbationConfig = dataclasses.field(default_factory=pert.PerturbationConfig)
+
+    def __post_init__(self) -> None:
+        validate_run_id(self.run_id)
+        self.out_dir = pathlib.Path(self.out_dir)
+        self.video_dir = pathlib.Path(self.video_dir)
+        for name in ("resize_size", "replan_steps", "video_fps", "max_consecutive_errors"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.settle_steps < 0:
+            raise ValueError(f"settle_steps must be >= 0, got {self.settle_steps}")
+        if self.max_steps is not None and self.max_steps < 1:
+            raise ValueError(f"max_steps must be >= 1, got {self.max_steps}")
+        self.perturb.validate()
+
+    def steps_for(self, suite: str) -> int:
+        return self.max_steps if self.max_steps is not None else libero_env.max_steps_for_suite(suite)
+
+    def settings(self) -> dict[str, Any]:
+        """What must stay the same for episodes of one run id to be comparable (checked on resume)."""
+        return {
+            "seed": self.seed,
+            "resize_size": self.resize_size,
+            "replan_steps": self.replan_steps,
+            "settle_steps": self.settle_steps,
+            "max_steps": self.max_steps,
+            "perturb": self.perturb.to_json(),
+        }
+
+    def episode_json(self, spec: EpisodeSpec) -> pathlib.Path:
+        return self.out_dir / "episodes" / f"{episode_stem(self.run_id, spec)}.json"
+
+    def frames_npz(self, spec: EpisodeSpec) -> pathlib.Path:
+        return self.out_dir / "frames" / f"{episode_stem(self.run_id, spec)}.npz"
+
+
+# --------------------------------------------------------------------------------------------------
+# Atomic file helpers
+# --------------------------------------------------------------------------------------------------
+
+
+def _umask_mode() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return 0o666 & ~mask
+
+
+def _atomic_write_text(path: pathlib.Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.chmod(tmp, _umask_mode())  # mkstemp makes 0600 files; records should be as readable as any other output
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def _atomic_savez(path: pathlib.Path, arrays: dict[str, np.ndarray]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=".npz")
+    os.chmod(tmp, _umask_mode())
+    try:
+        with os.fdopen(fd, "wb") as f:
+            np.savez_compressed(f, **arrays)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def _write_video(path: pathlib.Path, frames: Sequence[np.ndarray], fps: int) -> None:
+    import imageio.v2 as imageio  # lazy: ffmpeg plugin
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.stem}.tmp{path.suffix}")
+    try:
+        imageio.mimwrite(tmp, list(frames), fps=fps, macro_block_size=1)
+        if path.exists():  # a concurrent writer took the name meanwhile: never overwrite
+            raise FileExistsError(path)
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def _json_default(o: Any) -> Any:
+    if isinstance(o, np.ndarray):
+        return o.tolist()
+    if isinstance(o, np.generic):
+        return o.item()
+    if isinstance(o, pathlib.Path):
+        return str(o)
+    raise TypeError(f"not JSON serialisable: {type(o).__name__}")
+
+
+def to_jsonable(obj: Any) -> Any:
+    """Round-trip through JSON: numpy arrays/scalars become lists/numbers, anything else unknown its repr."""
+
+    def default(o: Any) -> Any:
+        try:
+            return _json_default(o)
+        except TypeError:
+            return repr(o)
+
+    return json.loads(json.dumps(obj, default=default))
+
+
+# --------------------------------------------------------------------------------------------------
+# Run config (resume guard)
+# --------------------------------------------------------------------------------------------------
+
+
+def check_or_write_run_config(cfg: RolloutConfig, extra: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Write ``<out>/runs/<run_id>.json`` or, when it exists, refuse settings that differ from the stored ones."""
+    path = cfg.out_dir / "runs" / f"{cfg.run_id}.json"
+    settings = to_jsonable(cfg.settings())
+    if path.exists():
+        try:
+            stored = json.loads(path.read_text())
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"run config {path} is not valid JSON ({exc}); fix or remove it") from exc
+        old = stored.get("settings", {})
+        diffs = [f"{k}: stored {old.get(k)!r} vs now {settings.get(k)!r}" for k in settings if old.get(k) != settings.get(k)]
+        if diffs:
+            raise ValueError(
+                f"run id {cfg.run_id!r} already exists in {path} with different settings ({'; '.join(diffs)}); "
+                "use another --run-id"
+            )
+        return stored
+    record = {"schema": RUN_SCHEMA, "run_id": cfg.run_id, "settings": settings, **to_jsonable(extra or {})}
+    record["created_at"] = _now()
+    _atomic_write_text(path, json.dumps(record, indent=1))
+    return record
+
+
+def _now() -> str:
+    return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+
+
+# --------------------------------------------------------------------------------------------------
+# One episode
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class EpisodeResult:
+    record: dict[str, Any]
+    video_frames: list[np.ndarray]
+    frames: dict[str, np.ndarray] | None
+
+
+def action_chunk_from_reply(reply: Any, replan_steps: int) -> np.ndarray:
+    """Validate a policy reply and return its ``actions`` as a float64 (H, 7) array."""
+    if not isinstance(reply, dict) or "actions" not in reply:
+        keys = sorted(reply) if isinstance(reply, dict) else type(reply).__name__
+        raise PolicyReplyError(f"reply has no 'actions' (got {keys})")
+    try:
+        chunk = np.asarray(reply["actions"], dtype=np.float64)
+    except (TypeError, ValueError) as exc:
+        raise PolicyReplyError(f"'actions' is not numeric: {exc}") from exc
+    if chunk.ndim != 2 or chunk.shape[1] != 7:
+        raise PolicyReplyError(f"'actions' must have shape (H, 7), got {chunk.shape}")
+    if chunk.shape[0] < replan_steps:
+        raise PolicyReplyError(f"'actions' has {chunk.shape[0]} rows, fewer than replan_steps={replan_steps}")
+    if not np.all(np.isfinite(chunk)):
+        raise PolicyReplyError("'actions' contains NaN or infinity")
+    return chunk
+
+
+def run_episode(
+    env: libero_env.LiberoTaskEnv,
+    policy: PolicyLike,
+    spec: EpisodeSpec,
+    cfg: RolloutConfig,
+    *,
+    other_prompts: Sequence[str] = (),
+) -> EpisodeResult:
+    """Run one episode; policy failures end it as failed with the reason recorded (never raised, never silent)."""
+    if (spec.suite, spec.task_id) != (env.info.suite, env.info.task_id):
+        raise ValueError(f"episode {spec} given an env for {env.info.suite} task {env.info.task_id}")
+    if cfg.save_frames and not env.segmentation:
+        raise ValueError("save_frames needs an environment created with segmentation=True")
+    t_start = time.perf_counter()
+    max_steps = cfg.steps_for(spec.suite)
+    plan = pert.plan_episode(
+        cfg.perturb,
+        seed=cfg.seed,
+        suite=spec.suite,
+        task_id=spec.task_id,
+        episode=spec.episode,
+        prompt=env.prompt,
+        other_prompts=other_prompts,
+    )
+
+    obs = env.reset(spec.init_state_index)
+    if plan.object_shift is not None:
+        plan.apply_object_shift(env.raw, env.objects_of_interest)
+        obs = env.refresh_observation()
+    obs = env.settle(obs, cfg.settle_steps)
+    reset_s = time.perf_counter() - t_start
+
+    actions: list[np.ndarray] = []
+    states: list[np.ndarray] = []
+    chunks: list[dict[str, Any]] = []
+    video: list[np.ndarray] = []
+    frame_rows: dict[str, list] = collections.defaultdict(list)
+    queue: collections.deque[np.ndarray] = collections.deque()
+    success = False
+    failure: str | None = None
+    status = "complete"
+    env_s = policy_s = 0.0
+    replan_index = -1
+
+    for env_step in range(max_steps):
+        frame = env.policy_frame(obs, cfg.resize_size, with_masks=cfg.save_frames)
+        if plan.visual.applies_to("agentview"):
+            frame.image, frame.image_seg = plan.visual.apply(frame.image, frame.image_seg)
+        if plan.visual.applies_to("wrist"):
+            frame.wrist_image, frame.wrist_seg = plan.visual.apply(frame.wrist_image, frame.wrist_seg)
+        queried = not queue
+        if queried:
+            replan_index += 1
+            request = frame.request(
+                plan.prompt,
+                meta={
+                    "run_id": cfg.run_id,
+                    "suite": spec.suite,
+                    "task_id": spec.task_id,
+                    "episode": spec.episode,
+                    "env_step": env_step,
+                    "replan_index": replan_index,
+                },
+            )
+            t0 = time.perf_counter()
+            try:
+                reply = policy.infer(request)
+                chunk = action_chunk_from_reply(reply, cfg.replan_steps)
+            except PolicyReplyError as exc:
+                failure, status = f"bad_policy_reply: {exc}", "policy_error"
+            except Exception as exc:  # noqa: BLE001 -- any transport/server failure ends the episode, recorded
+                failure, status = f"policy_error: {type(exc).__name__}: {exc}", "policy_error"
+            policy_s += time.perf_counter() - t0
+            if failure is not None:
+                logger.warning("%s: %s", episode_stem(cfg.run_id, spec), failure)
+                break
+            chunks.append({"env_step": env_step, "replan_index": replan_index, "actions": chunk})
+            queue.extend(chunk[: cfg.replan_steps])
+
+        action, _ = plan.random_actions(queue.popleft(), env_step)
+        actions.append(action)
+        states.append(frame.state)
+        if cfg.save_video:
+            video.append(np.concatenate([frame.image, frame.wrist_image], axis=1))
+        if cfg.save_frames:
+            frame_rows["agentview"].append(frame.image)
+            frame_rows["wrist"].append(frame.wrist_image)
+            frame_rows["agentview_seg"].append(frame.image_seg)
+            frame_rows["wrist_seg"].append(frame.wrist_seg)
+            frame_rows["env_step"].append(env_step)
+            frame_rows["replan_index"].append(replan_index)
+            frame_rows["queried"].append(queried)
+
+        t0 = time.perf_counter()
+        obs, _reward, done, _info = env.step(action)
+        env_s += time.perf_counter() - t0
+        if done:
+            success = True
+            break
+    else:
+        failure = "max_steps"
+
+    instance_names = {str(k): v for k, v in env.instance_names.items()}
+    record: dict[str, Any] = {
+        "schema": EPISODE_SCHEMA,
+        "run_id": cfg.run_id,
+        "suite": spec.suite,
+        "task_id": spec.task_id,
+        "episode": spec.episode,
+        "init_state_index": spec.init_state_index,
+        "seed": cfg.seed,
+        "prompt": plan.prompt,
+        "original_prompt": env.prompt,
+        "success": success,
+        "status": status,
+        "failure_reason": None if success else failure,
+        "steps": len(actions),
+        "max_steps": max_steps,
+        "settle_steps": cfg.settle_steps,
+        "replan_steps": cfg.replan_steps,
+        "resize_size": cfg.resize_size,
+        "actions": np.asarray(actions, dtype=np.float64).reshape(-1, 7),
+        "states": np.asarray(states, dtype=np.float64).reshape(-1, 8),
+        "chunks": chunks,
+        "perturbations": {"config": cfg.perturb.to_json(), **plan.describe()},
+        "objects_of_interest": env.objects_of_interest,
+        "object_matches": [m.to_json() for m in env.object_matches],
+        "instance_names": instance_names,
+        "warnings": list(env.warnings) + ([plan.prompt_info["warning"]] if "warning" in plan.prompt_info else []),
+        "video": None,
+        "frames": None,
+        "timing": {
+            "reset_s": round(reset_s, 4),
+            "env_s": round(env_s, 4),
+            "policy_s": round(policy_s, 4),
+            "total_s": round(time.perf_counter() - t_start, 4),
+            "policy_calls": replan_index + 1,
+        },
+        "finished_at": _now(),
+    }
+    frames = None
+    if cfg.save_frames:
+        size = cfg.resize_size
+        frames = {
+            "agentview": np.asarray(frame_rows["agentview"], dtype=np.uint8).reshape(-1, size, size, 3),
+            "wrist": np.asarray(frame_rows["wrist"], dtype=np.uint8).reshape(-1, size, size, 3),
+            "agentview_seg": np.asarray(frame_rows["agentview_seg"], dtype=np.int32).reshape(-1, size, size),
+            "wrist_seg": np.asarray(frame_rows["wrist_seg"], dtype=np.int32).reshape(-1, size, size),
+            "env_step": np.asarray(frame_rows["env_step"], dtype=np.int32),
+            "replan_index": np.asarray(frame_rows["replan_index"], dtype=np.int32),
+            "queried": np.asarray(frame_rows["queried"], dtype=bool),
+            "instance_names": np.asarray(json.dumps(instance_names)),
+            "objects_of_interest": np.asarray(json.dumps(env.objects_of_interest)),
+            "object_instance_ids": np.asarray(json.dumps(env.object_instance_ids)),
+        }
+    return EpisodeResult(record, video, frames)
+
+
+def write_episode(result: EpisodeResult, cfg: RolloutConfig) -> dict[str, Any]:
+    """Write video (unique name), frames, then the JSON record (last: its existence marks the episode done)."""
+    rec = result.record
+    spec = EpisodeSpec(rec["suite"], rec["task_id"], rec["episode"])
+    stem = episode_stem(cfg.run_id, spec)
+    json_path = cfg.episode_json(spec)
+    if cfg.save_video and result.video_frames:
+        tag = "success" if rec["success"] else "failure"
+        video_path = unique_path(cfg.video_dir, f"{stem}__{tag}", ".mp4")
+        _write_video(video_path, result.video_frames, cfg.video_fps)
+        rec["video"] = _relative_or_absolute(video_path, cfg.out_dir)
+    if result.frames is not None:
+        frames_path = cfg.frames_npz(spec)
+        _atomic_savez(frames_path, result.frames)
+        rec["frames"] = _relative_or_absolute(frames_path, cfg.out_dir)
+    _atomic_write_text(json_path, json.dumps(rec, default=_json_default))
+    return rec
+
+
+def _relative_or_absolute(path: pathlib.Path, root: pathlib.Path) -> str:
+    try:
+        return str(path.resolve().relative_to(root.resolve()))
+    except ValueError:
+        return str(path.resolve())
+
+
+def episode_status(path: pathlib.Path) -> str:
+    """'missing', 'complete' or 'policy_error' for an episode record path (unreadable records raise)."""
+    if not path.exists():
+        return "missing"
+    try:
+        status = json.loads(path.read_text()).get("status", "complete")
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"episode record {path} is not valid JSON ({exc}); move it away to rerun the episode") from exc
+    return str(status)
+
+
+def _archive_error_record(cfg: RolloutConfig, spec: EpisodeSpec) -> None:
+    """Keep the record (and frames) of an episode that failed on a policy error before it is rerun."""
+    stem = episode_stem(cfg.run_id, spec)
+    err_dir = cfg.out_dir / "episodes" / "_errors"
+    err_dir.mkdir(parents=True, exist_ok=True)
+    target = unique_path(err_dir, stem, ".json")
+    os.replace(cfg.episode_json(spec), target)
+    frames = cfg.frames_npz(spec)
+    if frames.exists():
+        os.replace(frames, target.with_suffix(".npz"))
+
+
+# --------------------------------------------------------------------------------------------------
+# Many episodes
+# --------------------------------------------------------------------------------------------------
+
+EnvFactory = Callable[[str, int, bool, int], libero_env.LiberoTaskEnv]
+
+
+def default_env_factory(suite: str, task_id: int, segmentation: bool, seed: int) -> libero_env.LiberoTaskEnv:
+    return libero_env.LiberoTaskEnv(suite, task_id, segmentation=segmentation, seed=seed)
+
+
+def evaluate(
+    cfg: RolloutConfig,
+    policy: PolicyLike,
+    episodes: Sequence[EpisodeSpec],
+    *,
+    expected: Sequence[EpisodeSpec] | None = None,
+    env_factory: EnvFactory | None = None,
+    close_envs: bool = True,
+    run_extra: dict[str, Any] | None = None,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Run (this shard's) episodes, skipping finished ones; write records and the run's summary; return it.
+
+    ``expected`` is the whole plan over all shards (for the summary's missing count); default ``episodes``.
+    One environment per task is created (with segmentation when frames are saved) and reused across episodes.
+    """
+    check_or_write_run_config(cfg, run_extra)
+    factory = env_factory or default_env_factory
+    pending: list[EpisodeSpec] = []
+    for spec in episodes:
+        status = episode_status(cfg.episode_json(spec))
+        if status == "missing" or (status == "policy_error" and cfg.retry_errors):
+            pending.append(spec)
+    skipped = len(episodes) - len(pending)
+    if skipped:
+        logger.info("resume: %d of %d episodes already have a record", skipped, len(episodes))
+
+    prompts_cache: dict[str, list[str]] = {}
+    consecutive_errors = 0
+    done = successes = 0
+    bar = tqdm.tqdm(total=len(episodes), initial=skipped, desc=f"{cfg.run_id}", disable=not progress, unit="ep")
+    env: libero_env.LiberoTaskEnv | None = None
+    try:
+        for spec in pending:
+            if env is None or (env.info.suite, env.info.task_id) != (spec.suite, spec.task_id):
+                if env is not None and close_envs:
+                    env.close()
+                env = factory(spec.suite, spec.task_id, cfg.save_frames, cfg.seed)
+            if cfg.perturb.prompt_mode == "other_task" and spec.suite not in prompts_cache:
+                prompts_cache[spec.suite] = libero_env.suite_task_prompts(spec.suite)
+            if cfg.episode_json(spec).exists():
+                _archive_error_record(cfg, spec)
+            result = run_episode(env, policy, spec, cfg, other_prompts=prompts_cache.get(spec.suite, ()))
+            rec = write_episode(result, cfg)
+            done += 1
+            successes += int(rec["success"])
+            bar.set_postfix_str(f"task {spec.task_id} ep {spec.episode} success {successes}/{done}")
+            bar.update(1)
+            if rec["status"] == "policy_error":
+                consecutive_errors += 1
+                if consecutive_errors >= cfg.max_consecutive_errors:
+                    raise RuntimeError(
+                        f"aborting after {consecutive_errors} consecutive policy errors; last: {rec['failure_reason']}"
+                    )
+            else:
+                consecutive_errors = 0
+    finally:
+        bar.close()
+        if env is not None and close_envs:
+            env.close()
+        summary = summarize(cfg.out_dir, cfg.run_id, expected if expected is not None else episodes)
+        _atomic_write_text(cfg.out_dir / "results" / f"{cfg.run_id}.json", json.dumps(summary, indent=1))
+    return summary
+
+
+def _rate(successes: int, episodes: int) -> float | None:
+    return round(successes / episodes, 6) if episodes else None
+
+
+def summarize(out_dir: pathlib.Path, run_id: str, expected: Iterable[EpisodeSpec] | None = None) -> dict[str, Any]:
+    """Success table over every episode record of ``run_id`` under ``out_dir`` (suite -> task)."""
+    validate_run_id(run_id)
+    paths = sorted(glob.glob(str(pathlib.Path(out_dir) / "episodes" / f"{glob.escape(run_id)}__*.json")))
+    suites: dict[str, dict[str, Any]] = {}
+    seen: set[EpisodeSpec] = set()
+    for p in paths:
+        try:
+            rec = json.loads(pathlib.Path(p).read_text())
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"episode record {p} is not valid JSON: {exc}") from exc
+        if rec.get("run_id") != run_id:
+            continue
+        seen.add(EpisodeSpec(rec["suite"], int(rec["task_id"]), int(rec["episode"])))
+        s = suites.setdefault(rec["suite"], {"episodes": 0, "successes": 0, "errors": 0, "tasks": {}})
+        t = s["tasks"].setdefault(
+            str(rec["task_id"]), {"prompt": rec.get("original_prompt"), "episodes": 0, "successes": 0, "errors": 0}
+        )
+        for bucket in (s, t):
+            bucket["episodes"] += 1
+            bucket["successes"] += int(bool(rec["success"]))
+            bucket["errors"] += int(rec.get("status") == "policy_error")
+    total = {"episodes": 0, "successes": 0, "errors": 0}
+    for s in suites.values():
+        s["tasks"] = dict(sorted(s["tasks"].items(), key=lambda kv: int(kv[0])))
+        for t in s["tasks"].values():
+            t["success_rate"] = _rate(t["successes"], t["episodes"])
+        s["success_rate"] = _rate(s["successes"], s["episodes"])
+        for k in total:
+            total[k] += s[k]
+    total["success_rate"] = _rate(total["successes"], total["episodes"])
+    expected_set = set(expected) if expected is not None else None
+    return {
+        "schema": SUMMARY_SCHEMA,
+        "run_id": run_id,
+        "suites": dict(sorted(suites.items())),
+        "total": total,
+        "expected_episodes": None if expected_set is None else len(expected_set),
+        "missing_episodes": None if expected_set is None else len(expected_set - seen),
+        "written_at": _now(),
+    }
+
+
+def format_summary(summary: dict[str, Any]) -> str:
+    """Plain-text success table (suite / task / successes / episodes / rate)."""
+    lines = [f"run {summary['run_id']}", f"{'suite':<16} {'task':>4} {'succ':>5} {'eps':>5} {'err':>4} {'rate':>7}  prompt"]
+
+    def pct(rate: float | None) -> str:
+        return "   n/a" if rate is None else f"{100 * rate:6.1f}%"
+
+    for suite, s in summary["suites"].items():
+        for task_id, t in s["tasks"].items():
+            lines.append(
+                f"{suite:<16} {task_id:>4} {t['successes']:>5} {t['episodes']:>5} {t['errors']:>4} {pct(t['success_rate'])}  "
+                f"{(t['prompt'] or '')[:60]}"
+            )
+        lines.append(f"{suite:<16} {'all':>4} {s['successes']:>5} {s['episodes']:>5} {s['errors']:>4} {pct(s['success_rate'])}")
+    tot = summary["total"]
+    lines.append(f"{'total':<16} {'':>4} {tot['successes']:>5} {tot['episodes']:>5} {tot['errors']:>4} {pct(tot['success_rate'])}")
+    if summary.get("missing_episodes"):
+        lines.append(f"missing: {summary['missing_episodes']} of {summary['expected_episodes']} planned episodes have no record")
+    return "\n".join(lines)

@@ -1,0 +1,140 @@
+"""evaluate_attention_iou.py and example_attention_viz.py on a synthetic recorded run with planted answers."""
+from __future__ import annotations
+
+import csv
+import json
+import pathlib
+import runpy
+import types
+
+import numpy as np
+import pytest
+from test_recorded_run import REPLAN, T, make_run, rewrite_frames
+
+from openpi.interp.recorded_run import JoinError
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+
+def script(name: str) -> types.SimpleNamespace:
+    return types.SimpleNamespace(**runpy.run_path(str(ROOT / name)))
+
+
+EPISODES = [
+    # original prompt: episodes 0, 1 attend to the object and succeed; episode 2 looks elsewhere and fails
+    {"run_id": "orig", "task_id": 0, "episode": 0, "success": True, "attend": True, "visual": 0.6},
+    {"run_id": "orig", "task_id": 0, "episode": 1, "success": True, "attend": True, "visual": 0.6},
+    {"run_id": "orig", "task_id": 1, "episode": 0, "success": False, "attend": False, "visual": 0.6},
+    # empty prompt: more visual attention, all fail
+    {"run_id": "empty", "task_id": 0, "episode": 0, "success": False, "attend": True, "visual": 0.9,
+     "prompt_mode": "empty"},
+    {"run_id": "empty", "task_id": 0, "episode": 1, "success": False, "attend": True, "visual": 0.9,
+     "prompt_mode": "empty"},
+]
+
+
+@pytest.fixture(scope="module")
+def evaluated(tmp_path_factory):
+    root = tmp_path_factory.mktemp("run")
+    store, rollouts = make_run(root, EPISODES)
+    mod = script("evaluate_attention_iou.py")
+    out = root / "out"
+    summary = mod.main(mod.Args(store=store, rollouts=rollouts, out=out, n_boot=50, overlays=True, video=True))
+    return mod, store, rollouts, out, summary
+
+
+def _episode(out: pathlib.Path, stem: str) -> dict:
+    return json.loads((out / "episodes" / f"{stem}.json").read_text())
+
+
+def test_planted_iou_recovered(evaluated):
+    _, _, _, out, _ = evaluated
+    good = _episode(out, "orig__libero_spatial__task0__ep0")
+    bad = _episode(out, "orig__libero_spatial__task1__ep0")
+    assert good["mean"]["iou_topk"] == pytest.approx(1.0) and good["mean"]["pointing_accuracy"] == 1.0
+    assert good["mean"]["soft_mass"] == pytest.approx(1.0)  # all base-camera mass on the object
+    assert bad["mean"]["iou_topk"] == pytest.approx(0.0) and bad["mean"]["soft_mass"] == pytest.approx(0.0)
+    q = good["queries"][1]
+    assert q["env_step"] == 2 and q["phase"] == "early" and len(q["per_layer"]) == 2
+    assert q["layer_mean"]["objects"]["5"]["iou_topk"] == pytest.approx(1.0)
+    assert q["layer_mean"]["baselines"]["uniform"]["iou_topk"] < 0.5
+    assert q["fraction"]["visual"] == pytest.approx(0.6) and q["fraction"]["instruction"] == pytest.approx(0.24)
+    assert good["warnings"] == []
+
+
+def test_summaries(evaluated):
+    _, _, _, out, summary = evaluated
+    svf = summary["success_vs_failure"]["orig"]
+    assert svf["success"]["n_episodes"] == 2 and svf["failure"]["n_episodes"] == 1
+    assert svf["difference"]["iou_topk"] == pytest.approx(1.0)
+    lc = summary["language_corruption"]["modes"]["empty"]
+    assert lc["n_pairs"] == 2 and lc["delta_success_rate"] == pytest.approx(-1.0)
+    assert lc["visual_fraction"]["delta"] == pytest.approx(0.3)
+    assert set(lc["by_phase"]) == {"early", "mid", "late"}
+    assert lc["by_phase"]["late"]["delta"] == pytest.approx(0.3)
+    rows = list(csv.DictReader(open(out / "summary_tasks.csv")))
+    r = next(r for r in rows if r["run_id"] == "orig" and r["task_id"] == "0" and r["layer"] == "mean")
+    assert float(r["iou_topk"]) == pytest.approx(1.0) and float(r["success_rate"]) == 1.0 and r["n_episodes"] == "2"
+    suites = list(csv.DictReader(open(out / "summary_suites.csv")))
+    expected = {(a, b) for a in ("orig", "empty") for b in ("mean", "0", "1")}
+    assert {(r["run_id"], r["layer"]) for r in suites} == expected
+    for name in ("evolution.png", "modality_evolution.png", "videos/orig__libero_spatial__task0__ep0.mp4",
+                 "overlays/orig__libero_spatial__task0__ep0/s0006.png"):
+        assert (out / name).stat().st_size > 0
+
+
+def test_resume_skips_done_episodes_and_refuses_changed_settings(evaluated):
+    mod, store, rollouts, out, _ = evaluated
+    path = out / "episodes" / "orig__libero_spatial__task0__ep0.json"
+    before = path.stat().st_mtime_ns
+    mod.main(mod.Args(store=store, rollouts=rollouts, out=out, n_boot=20))
+    assert path.stat().st_mtime_ns == before
+    with pytest.raises(ValueError, match="settings"):
+        mod.main(mod.Args(store=store, rollouts=rollouts, out=out, layers=(1,), n_boot=20))
+
+
+def test_shuffled_images_give_low_iou_and_no_object_warns(tmp_path):
+    store, rollouts = make_run(tmp_path, [EPISODES[0], EPISODES[1] | {"no_object": True}])
+    path = rollouts / "frames" / "orig__libero_spatial__task0__ep0.npz"
+    with np.load(path) as z:  # images and masks move, env_step stays: the frames no longer match the queries
+        shift = (np.arange(T) + REPLAN) % T
+        rewrite_frames(path, agentview_seg=z["agentview_seg"][shift], agentview=z["agentview"][shift])
+    mod = script("evaluate_attention_iou.py")
+    summary = mod.main(mod.Args(store=store, rollouts=rollouts, out=tmp_path / "out", n_boot=10))
+    shuffled = _episode(tmp_path / "out", "orig__libero_spatial__task0__ep0")
+    assert shuffled["mean"]["iou_topk"] == pytest.approx(0.0)
+    none = _episode(tmp_path / "out", "orig__libero_spatial__task0__ep1")
+    assert "no object of interest" in none["warnings"][0] and none["mean"]["iou_topk"] is None
+    assert any("no object of interest" in w for w in summary["warnings"])
+    assert summary["language_corruption"] is None
+
+
+def test_missing_frames_file_errors_before_writing(tmp_path):
+    store, rollouts = make_run(tmp_path, EPISODES[:2])
+    (rollouts / "frames" / "orig__libero_spatial__task0__ep1.npz").unlink()
+    mod = script("evaluate_attention_iou.py")
+    with pytest.raises(JoinError, match="no frames file"):
+        mod.main(mod.Args(store=store, rollouts=rollouts, out=tmp_path / "out"))
+    assert not (tmp_path / "out").exists()
+
+
+def test_example_viz_all_modes(tmp_path):
+    store, rollouts = make_run(tmp_path, EPISODES[:1], per_head=True)
+    mod = script("example_attention_viz.py")
+    out = tmp_path / "viz"
+    info = mod.main(mod.Args(store=store, rollouts=rollouts, out=out, mode="all", env_step=2, heads=(1,)))
+    for name in ("image/s0002.png", "text/s0002.png", "combined/s0002.png", "viz.json"):
+        assert (out / name).stat().st_size > 0
+    q = info["queries"][0]
+    assert q["env_step"] == 2 and q["fraction"]["base_0_rgb"] == pytest.approx(0.42)
+    assert q["top_patch"] in (2, 3, 6, 7)  # quadrant (0, 2): the planted object patches of query 1
+    whole = mod.main(mod.Args(store=store, rollouts=rollouts, out=tmp_path / "viz2", mode="image", video=True))
+    assert [q["env_step"] for q in whole["queries"]] == [0, 2, 4, 6]
+    assert (tmp_path / "viz2" / "image.mp4").stat().st_size > 0
+
+
+def test_example_viz_heads_need_per_head_recording(tmp_path):
+    store, rollouts = make_run(tmp_path, EPISODES[:1])
+    mod = script("example_attention_viz.py")
+    with pytest.raises(ValueError, match="per-head"):
+        mod.main(mod.Args(store=store, rollouts=rollouts, out=tmp_path / "v", heads=(0,)))

@@ -1,0 +1,193 @@
+"""Joining a recorded run (store rows from the real StoreWriter/StoreRecorder) with a synthetic rollout folder.
+
+Planted layout: a 4x4 patch grid on 32x32 images; instance 5 (the object of interest) fills one 2x2-patch
+quadrant that changes with every policy query; "attending" episodes put the base camera's attention on that
+quadrant. The helpers here are imported by test_evaluate_attention_iou.py.
+"""
+from __future__ import annotations
+
+import json
+import pathlib
+
+import numpy as np
+import pytest
+
+from openpi.interp.hooks import Record
+from openpi.interp.recorded_run import JoinError, RecordedRun, query_joint_indices
+from openpi.interp.recorder import StoreRecorder
+from openpi.interp.store import StoreWriter
+
+GRID, IMG, T, REPLAN, HEADS = 4, 32, 8, 2, 2
+OBJ_ID, OTHER_ID = 5, 7
+QUADRANTS = [(0, 0), (0, 2), (2, 0), (2, 2)]  # top-left patch of the object per query (env steps 0, 2, 4, 6)
+TABLE = {"model": "pi0", "seq_len": 60, "prefix_len": 56, "grid": [GRID, GRID],
+         "spans": {"base_0_rgb": [0, 16], "left_wrist_0_rgb": [16, 32], "right_wrist_0_rgb": [32, 48],
+                   "instruction": [49, 53], "template": [[48, 49], [53, 54]], "pad": [54, 56],
+                   "state": [56, 57], "actions": [57, 60]},
+         "camera_valid": {"base_0_rgb": True, "left_wrist_0_rgb": True, "right_wrist_0_rgb": False}}
+
+
+def object_patches(query_index: int) -> list[int]:
+    r, c = QUADRANTS[query_index % 4]
+    return [(r + dr) * GRID + (c + dc) for dr in (0, 1) for dc in (0, 1)]
+
+
+def attention_row(query_index: int, attend: bool, visual: float, state_query: bool = False) -> np.ndarray:
+    """One (keys,) probability row: base camera mass on the object (attend) or on the opposite quadrant."""
+    row = np.zeros(60)
+    patches = object_patches(query_index if attend else query_index + 3)
+    if state_query:  # the state token looks only at the wrist camera (must be dropped by the join)
+        row[16:32] = 1.0 / 16
+        return row
+    row[patches] = 0.7 * visual / len(patches)
+    row[16:32] = 0.3 * visual / 16
+    rest = 1.0 - visual
+    row[49:53] = 0.6 * rest / 4
+    row[48] = row[53] = 0.1 * rest
+    row[56] = 0.1 * rest
+    row[57:60] = 0.1 * rest / 3
+    return row
+
+
+def make_run(root: pathlib.Path, episodes: list[dict], *, selector: str = "actions", per_head: bool = False,
+             layers=(0, 1), steps=(0, 1), frames: bool = True) -> tuple[pathlib.Path, pathlib.Path]:
+    """Store (real writer + recorder) and rollout folder (real file format) for the given episodes.
+
+    Each episode dict: run_id, task_id, episode, success, attend, visual (fraction), prompt_mode.
+    """
+    store, rollouts = root / "store", root / "rollouts"
+    writer = StoreWriter(store, {"name": "synthetic"}, writer_id="w0", shard_rows=7)
+    reduce = "" if per_head else "&reduce=heads"
+    rec = Record.parse(f"llm.layer.*.attn.probs?tokens={selector}&steps={','.join(map(str, steps))}{reduce}")
+    recorder = StoreRecorder(writer, (rec,), None, num_steps=max(steps) + 1)
+    for ep in episodes:
+        suite = ep.get("suite", "libero_spatial")
+        stem = f"{ep['run_id']}__{suite}__task{ep['task_id']}__ep{ep['episode']}"
+        queried = [s for s in range(T) if s % REPLAN == 0]
+        for qi, step in enumerate(queried):
+            act = np.stack([attention_row(qi, ep["attend"], ep["visual"])] * 3)
+            if selector in ("", "suffix"):
+                act = np.concatenate([attention_row(qi, ep["attend"], ep["visual"], state_query=True)[None], act])
+            one = np.broadcast_to(act, (HEADS, *act.shape)) if per_head else act
+            value = np.stack([one] * len(steps))[:, None].astype(np.float32)  # (steps, batch, ...)
+            meta = {"run_id": ep["run_id"], "suite": suite, "task_id": ep["task_id"], "episode": ep["episode"],
+                    "env_step": step, "replan_index": qi}
+            recorder({f"llm.layer.{i}.attn.probs": value for i in layers}, TABLE, meta, np.zeros((3, 7)))
+        seg = np.zeros((T, IMG, IMG), np.int32)
+        seg[:, 24:32, 0:8] = OTHER_ID
+        images = np.zeros((T, IMG, IMG, 3), np.uint8)
+        for s in range(T):
+            r, c = QUADRANTS[(s // REPLAN) % 4]
+            seg[s, r * 8:(r + 2) * 8, c * 8:(c + 2) * 8] = OBJ_ID
+            images[s, ..., 0] = (seg[s] == OBJ_ID) * 200
+        ids = {} if ep.get("no_object") else {"akita_black_bowl_1": OBJ_ID}
+        (rollouts / "episodes").mkdir(parents=True, exist_ok=True)
+        record = {"schema": "vla-interp/libero-episode/1", "run_id": ep["run_id"], "suite": suite,
+                  "task_id": ep["task_id"], "episode": ep["episode"], "init_state_index": ep["episode"],
+                  "prompt": "" if ep.get("prompt_mode", "original") == "empty" else "pick up the bowl",
+                  "original_prompt": "pick up the bowl", "success": ep["success"], "status": "complete",
+                  "steps": T, "chunks": [{"env_step": s, "replan_index": i, "actions": [[0.0] * 7] * 3}
+                                         for i, s in enumerate(queried)],
+                  "perturbations": {"config": {"prompt_mode": ep.get("prompt_mode", "original")}},
+                  "objects_of_interest": ["akita_black_bowl_1"], "frames": f"frames/{stem}.npz"}
+        (rollouts / "episodes" / f"{stem}.json").write_text(json.dumps(record))
+        if frames:
+            (rollouts / "frames").mkdir(parents=True, exist_ok=True)
+            np.savez_compressed(rollouts / "frames" / f"{stem}.npz", agentview=images, wrist=images.copy(),
+                                agentview_seg=seg, wrist_seg=seg.copy(), env_step=np.arange(T, dtype=np.int32),
+                                replan_index=np.arange(T, dtype=np.int32) // REPLAN,
+                                queried=np.arange(T) % REPLAN == 0,
+                                instance_names=np.asarray(json.dumps({"0": "bg", "5": "akita_black_bowl_1",
+                                                                      "7": "plate_1"})),
+                                objects_of_interest=np.asarray(json.dumps(["akita_black_bowl_1"])),
+                                object_instance_ids=np.asarray(json.dumps(ids)))
+    recorder.close()
+    return store, rollouts
+
+
+def rewrite_frames(path: pathlib.Path, **changes) -> None:
+    with np.load(path, allow_pickle=False) as z:
+        arrays = {k: z[k] for k in z.files}
+    arrays.update(changes)
+    np.savez_compressed(path, **arrays)
+
+
+EP = {"run_id": "r0", "task_id": 0, "episode": 0, "success": True, "attend": True, "visual": 0.8}
+
+
+def test_join_selects_action_queries_and_frames(tmp_path):
+    store, rollouts = make_run(tmp_path, [EP], selector="")  # rows hold the state query too
+    run = RecordedRun(store, rollouts)
+    qs = list(run.queries())
+    assert [q.env_step for q in qs] == [0, 2, 4, 6]
+    q = qs[1]
+    assert q.attention.shape == (2, 2, 1, 3, 60) and q.axes == ("steps", "layers", "heads", "queries", "keys")
+    # the state query (wrist-only) is dropped: every kept query has the planted base-camera mass
+    np.testing.assert_allclose(q.attention[..., :16].sum(-1), 0.7 * 0.8, atol=1e-6)
+    assert set(np.flatnonzero(q.attention[0, 0, 0, 0, :16])) == set(object_patches(1))
+    assert q.masks["base_0_rgb"][0, 16] == OBJ_ID and q.frame_row == 2  # quadrant (0, 2) at env step 2
+    assert q.object_ids == {"akita_black_bowl_1": OBJ_ID} and q.success and q.prompt == "pick up the bowl"
+    assert not q.per_head
+
+
+def test_join_is_by_env_step_not_row_order(tmp_path):
+    store, rollouts = make_run(tmp_path, [EP])
+    path = next((rollouts / "frames").glob("*.npz"))
+    with np.load(path) as z:
+        perm = np.random.default_rng(0).permutation(T)
+        rewrite_frames(path, **{k: z[k][perm] for k in ("agentview", "wrist", "agentview_seg", "wrist_seg",
+                                                         "env_step", "replan_index", "queried")})
+    for q in RecordedRun(store, rollouts, reduce=("steps", "heads", "queries")).queries():
+        qi = q.env_step // REPLAN
+        cov = q.masks["base_0_rgb"].reshape(GRID, 8, GRID, 8).transpose(0, 2, 1, 3).reshape(16, -1)
+        assert set(np.flatnonzero((cov == OBJ_ID).all(1))) == set(object_patches(qi))
+        assert q.attention.shape == (2, 60)
+
+
+def test_reduce_and_per_head(tmp_path):
+    store, rollouts = make_run(tmp_path, [EP], per_head=True, layers=(0, 3), steps=(1,))
+    run = RecordedRun(store, rollouts, layers=[3], reduce=("queries",))
+    q = next(run.queries())
+    assert q.per_head and q.attention.shape == (1, 1, HEADS, 60) and q.layers == [3] and q.steps == [1]
+
+
+def test_missing_frames_file_is_a_clear_error(tmp_path):
+    store, rollouts = make_run(tmp_path, [EP, EP | {"episode": 1}])
+    (rollouts / "frames" / "r0__libero_spatial__task0__ep1.npz").unlink()
+    with pytest.raises(JoinError, match=r"ep1 have no frames file"):
+        RecordedRun(store, rollouts).episode_keys()
+    run = RecordedRun(store, rollouts, on_missing="skip")
+    assert [k.episode for k in run.episode_keys()] == [0] and "skipped" in run.warnings[0]
+
+
+def test_missing_episode_record_and_env_step(tmp_path):
+    store, rollouts = make_run(tmp_path, [EP])
+    path = next((rollouts / "frames").glob("*.npz"))
+    rewrite_frames(path, env_step=np.arange(T, dtype=np.int32) + 100)
+    with pytest.raises(JoinError, match="no row for env_step 0"):
+        list(RecordedRun(store, rollouts).queries())
+    rewrite_frames(path, env_step=np.arange(T, dtype=np.int32), queried=np.ones(T, bool) & (np.arange(T) != 4))
+    with pytest.raises(JoinError, match="env_step 4 is not marked as a policy query"):
+        list(RecordedRun(store, rollouts).queries())
+    next((rollouts / "episodes").glob("*.json")).unlink()
+    with pytest.raises(JoinError, match="no episode record"):
+        RecordedRun(store, rollouts).episode_keys()
+
+
+def test_bad_selection_errors(tmp_path):
+    store, rollouts = make_run(tmp_path, [EP])
+    with pytest.raises(JoinError, match=r"layers \[7\] are not recorded"):
+        RecordedRun(store, rollouts, layers=[7])
+    with pytest.raises(JoinError, match="no rows for episode"):
+        list(RecordedRun(store, rollouts, steps=[5]).queries())
+    with pytest.raises(JoinError, match="include no action token"):
+        from openpi.interp.recorded_run import row_layout
+        row_layout((1, 60), "state", TABLE, None, "llm.layer.0.attn.probs")
+
+
+def test_query_joint_indices():
+    assert query_joint_indices("", TABLE).tolist() == [56, 57, 58, 59]
+    assert query_joint_indices("actions", TABLE).tolist() == [57, 58, 59]
+    assert query_joint_indices("57:59", TABLE).tolist() == [57, 58]
+    with pytest.raises(JoinError):
+        query_joint_indices("nonsense", TABLE)
