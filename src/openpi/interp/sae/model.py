@@ -1,0 +1,377 @@
+"""TopK / BatchTopK sparse autoencoder: parameters, encoder and decoder (JAX).
+
+Conventions (shared with SAELens so saved weights load there, see `io.py`):
+
+    pre   = (x_s - b_dec) @ W_enc + b_enc            x_s = input_scale * x_raw
+    TopK:      codes = relu(top-k of pre per row)
+    BatchTopK: training keeps the k * batch largest relu(pre) of the whole batch;
+               inference keeps relu(pre) where pre > threshold (a JumpReLU with a learned scalar)
+    x_hat_s = codes @ W_dec + b_dec                   x_hat_raw = x_hat_s / input_scale
+
+`W_enc` is (d_in, d_sae), `W_dec` is (d_sae, d_in) with unit-norm rows ("decoder columns" in the
+d_in x d_sae convention of the papers). The decoder never forms the dense (batch, d_sae) code matrix
+during training: it gathers the k active rows of `W_dec`, so its cost scales with k, not d_sae.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Literal
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+Arch = Literal["topk", "batchtopk"]
+Params = dict[str, jax.Array]
+
+ARCHS: tuple[str, ...] = ("topk", "batchtopk")
+
+
+@dataclasses.dataclass(frozen=True)
+class SAESpec:
+    """Static description of an SAE (everything but the weights)."""
+
+    d_in: int
+    d_sae: int
+    arch: Arch
+    k: int
+    input_scale: float = 1.0
+
+    def __post_init__(self) -> None:
+        if self.arch not in ARCHS:
+            raise ValueError(f"unknown SAE architecture {self.arch!r}; expected one of {ARCHS}")
+        if self.d_in < 1 or self.d_sae < 1:
+            raise ValueError(f"d_in and d_sae must be positive, got d_in={self.d_in}, d_sae={self.d_sae}")
+        if not 1 <= self.k <= self.d_sae:
+            raise ValueError(f"k must satisfy 1 <= k <= d_sae (dictionary size); got k={self.k}, d_sae={self.d_sae}")
+        if not (np.isfinite(self.input_scale) and self.input_scale > 0):
+            raise ValueError(f"input_scale must be a positive finite number, got {self.input_scale}")
+
+
+def unit_rows(w: jax.Array, eps: float = 1e-12) -> jax.Array:
+    """Rows of `w` scaled to unit L2 norm (all-zero rows stay zero)."""
+    return w / jnp.maximum(jnp.linalg.norm(w, axis=-1, keepdims=True), eps)
+
+
+def init_params(key: jax.Array, d_in: int, d_sae: int, b_dec: jax.Array | np.ndarray | None = None) -> Params:
+    """Random unit-norm decoder rows, encoder tied to the decoder's transpose, zero encoder bias.
+
+    `b_dec` should come from the data (geometric median or mean of scaled rows): without it TopK SAEs on
+    activations with a large mean end with most latents dead.
+    """
+    w_dec = unit_rows(jax.random.normal(key, (d_sae, d_in), jnp.float32))
+    bd = jnp.zeros((d_in,), jnp.float32) if b_dec is None else jnp.asarray(b_dec, jnp.float32).reshape(d_in)
+    return {"W_enc": w_dec.T, "b_enc": jnp.zeros((d_sae,), jnp.float32), "W_dec": w_dec, "b_dec": bd}
+
+
+def pre_activations(params: Params, x: jax.Array) -> jax.Array:
+    """Encoder pre-activations (batch, d_sae) for scaled inputs: one dense matmul."""
+    return (x - params["b_dec"]) @ params["W_enc"] + params["b_enc"]
+
+
+def topk_codes(pre: jax.Array, k: int) -> tuple[jax.Array, jax.Array]:
+    """Per-row TopK: values (batch, k) after ReLU and their latent indices (batch, k)."""
+    vals, idx = jax.lax.top_k(pre, k)
+    return jax.nn.relu(vals), idx
+
+
+def jumprelu_codes(pre: jax.Array, threshold: jax.Array) -> jax.Array:
+    """Dense inference codes of a BatchTopK SAE: relu(pre) where pre > threshold (SAELens' JumpReLU)."""
+    return jnp.where(pre > threshold, jax.nn.relu(pre), 0.0)
+
+
+def decode_gather(params: Params, vals: jax.Array, idx: jax.Array) -> jax.Array:
+    """Reconstruction from per-row sparse codes by gathering the active decoder rows: O(batch * k * d_in)."""
+    rows = params["W_dec"][idx]  # (batch, k, d_in)
+    return jnp.einsum("bk,bkd->bd", vals, rows) + params["b_dec"]
+
+
+def decode_dense(params: Params, codes: jax.Array) -> jax.Array:
+    """Reconstruction from dense codes (batch, d_sae)."""
+    return codes @ params["W_dec"] + params["b_dec"]
+
+
+def reconstruct(params: Params, spec: SAESpec, x_scaled: jax.Array, threshold: jax.Array | None) -> jax.Array:
+    """Inference reconstruction in scaled units (TopK per row; BatchTopK via its threshold)."""
+    pre = pre_activations(params, x_scaled)
+    if spec.arch == "topk":
+        vals, idx = topk_codes(pre, spec.k)
+        return decode_gather(params, vals, idx)
+    if threshold is None:
+        raise ValueError("a BatchTopK SAE needs its inference threshold to encode single rows")
+    return decode_dense(params, jumprelu_codes(pre, threshold))
+
+
+# ----------------------------------------------------------------------------------------------------
+# Training forward pass: dense selection, sparse gathers
+# ----------------------------------------------------------------------------------------------------
+# Training keeps the encoder as rows `E = W_enc.T` (d_sae, d_in) so the encoder vector of a latent is a
+# contiguous row. The dense matmul only *selects* latents (no gradient flows through it); the selected
+# pre-activations are recomputed from gathered encoder rows and the reconstruction sums gathered decoder
+# rows, one active slot at a time (a scan over the k slots, so the (batch, k, d_in) block is never
+# materialised). Both are custom-VJP ops whose weight gradients are either scatter-adds of batch * k rows
+# ("scatter": O(batch * k * d_in), right for GPUs) or one dense (d_sae x batch) @ (batch x d_in) product of
+# the scattered sparse coefficients ("dense": fastest on CPUs, whose XLA scatter-add of rows is slow).
+
+BACKWARD_MODES = ("auto", "dense", "scatter")
+
+
+def resolve_backward(mode: str) -> str:
+    """'auto' -> 'dense' on CPU, 'scatter' elsewhere."""
+    if mode not in BACKWARD_MODES:
+        raise ValueError(f"backward mode must be one of {BACKWARD_MODES}, got {mode!r}")
+    if mode == "auto":
+        return "dense" if jax.default_backend() == "cpu" else "scatter"
+    return mode
+
+
+def train_params_from(params: Params) -> Params:
+    """Training layout {E, b_enc, W_dec, b_dec} from SAELens-layout params."""
+    return {"E": params["W_enc"].T, "b_enc": params["b_enc"], "W_dec": params["W_dec"], "b_dec": params["b_dec"]}
+
+
+def params_from_train(tp: Params) -> Params:
+    """SAELens-layout params from the training layout."""
+    return {"W_enc": tp["E"].T, "b_enc": tp["b_enc"], "W_dec": tp["W_dec"], "b_dec": tp["b_dec"]}
+
+
+def _gather_sum(w: jax.Array, coef: jax.Array, idx: jax.Array) -> jax.Array:
+    """sum_j coef[b, j] * w[idx[b, j]] -> (batch, d), one slot j at a time."""
+
+    def body(acc, j):
+        return acc + coef[:, j, None] * w[idx[:, j]], None
+
+    return jax.lax.scan(body, jnp.zeros((coef.shape[0], w.shape[1]), w.dtype), jnp.arange(idx.shape[1]))[0]
+
+
+def _gather_dot(w: jax.Array, v: jax.Array, idx: jax.Array) -> jax.Array:
+    """w[idx[b, j]] . v[b] -> (batch, k), one slot j at a time."""
+
+    def body(carry, j):
+        return carry, jnp.sum(w[idx[:, j]] * v, axis=-1)
+
+    return jax.lax.scan(body, 0, jnp.arange(idx.shape[1]))[1].T
+
+
+def _row_grad(coef: jax.Array, idx: jax.Array, v: jax.Array, n: int, mode: str) -> jax.Array:
+    """d/dw of sum_{b,j} coef[b, j] * (w[idx[b, j]] . v[b]) -> (n, d)."""
+    b, k = idx.shape
+    if mode == "dense":
+        sparse = jnp.zeros((b, n), coef.dtype).at[jnp.arange(b)[:, None], idx].add(coef)
+        return sparse.T @ v
+    return jnp.zeros((n, v.shape[1]), v.dtype).at[idx.reshape(-1)].add((coef[:, :, None] * v[:, None, :]).reshape(b * k, -1))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def sparse_decode(w_dec: jax.Array, vals: jax.Array, idx: jax.Array, mode: str) -> jax.Array:
+    """sum_j vals[b, j] * w_dec[idx[b, j]] (no bias): the sparse decoder, O(batch * k * d_in) forward."""
+    return _gather_sum(w_dec, vals, idx)
+
+
+def _sparse_decode_fwd(w_dec, vals, idx, mode):
+    return _gather_sum(w_dec, vals, idx), (w_dec, vals, idx)
+
+
+def _sparse_decode_bwd(mode, res, g):
+    w_dec, vals, idx = res
+    return _row_grad(vals, idx, g, w_dec.shape[0], mode), _gather_dot(w_dec, g, idx), None
+
+
+sparse_decode.defvjp(_sparse_decode_fwd, _sparse_decode_bwd)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
+def sparse_pre(e: jax.Array, b_enc: jax.Array, xc: jax.Array, idx: jax.Array, mode: str) -> jax.Array:
+    """Pre-activations of latents idx (batch, k): e[idx] . xc + b_enc[idx], from gathered encoder rows."""
+    return _gather_dot(e, xc, idx) + b_enc[idx]
+
+
+def _sparse_pre_fwd(e, b_enc, xc, idx, mode):
+    return sparse_pre(e, b_enc, xc, idx, mode), (e, xc, idx)
+
+
+def _sparse_pre_bwd(mode, res, g):
+    e, xc, idx = res
+    g_e = _row_grad(g, idx, xc, e.shape[0], mode)
+    g_b = jnp.zeros((e.shape[0],), g.dtype).at[idx.reshape(-1)].add(g.reshape(-1))
+    return g_e, g_b, _gather_sum(e, g, idx), None
+
+
+sparse_pre.defvjp(_sparse_pre_fwd, _sparse_pre_bwd)
+
+
+def select_pre(tp: Params, xc: jax.Array) -> jax.Array:
+    """Dense pre-activations used only to choose latents (gradient stopped)."""
+    return jax.lax.stop_gradient(xc @ tp["E"].T + tp["b_enc"])
+
+
+def batchtopk_select(pre: jax.Array, k: int, width: int) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """BatchTopK selection as per-row slots: (mask (batch, width), latent idx (batch, width), overflow flag).
+
+    The k * batch largest relu(pre) of the batch are found among each row's `width` largest; `overflow` is
+    true when some row may hold more than `width` of them (then the caller must use the exact dense path).
+    """
+    b, n = pre.shape
+    vals, idx = jax.lax.top_k(pre, width)
+    vals = jax.nn.relu(vals)
+    tau = jax.lax.top_k(vals.reshape(-1), k * b)[0][-1]
+    mask = (vals >= tau) & (vals > 0)
+    overflow = (width < n) & jnp.any((vals[:, -1] >= tau) & (vals[:, -1] > 0))
+    return mask, idx, overflow
+
+
+def kth_largest_nonneg(v: jax.Array, kth: int) -> jax.Array:
+    """Exact kth-largest of a non-negative float32 vector by bisection on its bit patterns (32 passes).
+
+    Much cheaper on CPU than a top-k with a huge k; non-negative IEEE floats order like their int32 bits.
+    """
+    bits = jax.lax.bitcast_convert_type(v.astype(jnp.float32), jnp.int32)
+
+    def body(_, lohi):
+        lo, hi = lohi  # invariant: count(bits >= lo) >= kth > count(bits >= hi)
+        mid = lo + (hi - lo) // 2
+        ok = jnp.sum(bits >= mid) >= kth
+        return jnp.where(ok, mid, lo), jnp.where(ok, hi, mid)
+
+    lo, _ = jax.lax.fori_loop(0, 32, body, (jnp.int32(0), jnp.int32(0x7F800001)))
+    return jax.lax.bitcast_convert_type(lo, jnp.float32)
+
+
+def train_forward(tp: Params, x: jax.Array, arch: str, k: int, mode: str = "dense", width: int | None = None):
+    """Training-mode forward: (x_hat, code values (batch, m), latent indices (batch, m)).
+
+    TopK: m = k. BatchTopK: m = `width` slots per row (unused slots hold value 0); when a row would need more
+    slots the exact dense BatchTopK is used for that batch instead.
+    """
+    xc = x - tp["b_dec"]
+    pre = select_pre(tp, xc)
+    if arch == "topk":
+        _, idx = jax.lax.top_k(pre, k)
+        vals = jax.nn.relu(sparse_pre(tp["E"], tp["b_enc"], xc, idx, mode))
+        return sparse_decode(tp["W_dec"], vals, idx, mode) + tp["b_dec"], vals, idx
+    b, n = pre.shape
+    width = min(n, width or 4 * k)
+    mask, idx, overflow = batchtopk_select(pre, k, width)
+
+    def sparse_path():
+        vals = jnp.where(mask, jax.nn.relu(sparse_pre(tp["E"], tp["b_enc"], xc, idx, mode)), 0.0)
+        return sparse_decode(tp["W_dec"], vals, idx, mode) + tp["b_dec"], vals, idx
+
+    def dense_path():
+        full = xc @ tp["E"].T + tp["b_enc"]
+        tau = kth_largest_nonneg(jax.nn.relu(pre).reshape(-1), k * b)
+        codes = jnp.where((pre >= tau) & (pre > 0), jax.nn.relu(full), 0.0)
+        vals, idx2 = jax.lax.top_k(codes, width)  # report the largest slots (metrics only)
+        return codes @ tp["W_dec"] + tp["b_dec"], vals, idx2
+
+    return jax.lax.cond(overflow, dense_path, sparse_path)
+
+
+class SparseAutoencoder:
+    """A trained SAE with numpy in / numpy out helpers working on raw (unscaled) activations.
+
+    `params` live in the scaled space (inputs multiplied by `spec.input_scale`); `threshold` is the
+    per-latent inference threshold of a BatchTopK SAE (None for TopK).
+    """
+
+    def __init__(self, spec: SAESpec, params: Params, threshold: np.ndarray | None = None) -> None:
+        expected = {
+            "W_enc": (spec.d_in, spec.d_sae),
+            "b_enc": (spec.d_sae,),
+            "W_dec": (spec.d_sae, spec.d_in),
+            "b_dec": (spec.d_in,),
+        }
+        for name, shape in expected.items():
+            if name not in params:
+                raise KeyError(f"SAE parameters lack {name!r}")
+            if tuple(params[name].shape) != shape:
+                raise ValueError(f"SAE parameter {name} has shape {tuple(params[name].shape)}, expected {shape}")
+        if spec.arch == "batchtopk":
+            if threshold is None:
+                raise ValueError("a BatchTopK SAE needs its inference threshold (none given)")
+            threshold = np.broadcast_to(np.asarray(threshold, np.float32), (spec.d_sae,)).copy()
+        self.spec = spec
+        self.params = {k: jnp.asarray(v, jnp.float32) for k, v in params.items()}
+        self.threshold = None if threshold is None else np.asarray(threshold, np.float32)
+        self._thr = None if self.threshold is None else jnp.asarray(self.threshold)
+    # --- public API -----------------------------------------------------------------------------
+    def encode(self, x: np.ndarray) -> np.ndarray:
+        """Dense codes (batch, d_sae) for raw rows x (batch, d_in)."""
+        return np.asarray(_encode_dense(self.params, self._thr, self._check(x), self.spec))
+
+    def encode_sparse(self, x: np.ndarray, width: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """Sparse codes as (values, latent indices), each (batch, width); unused slots hold value 0.
+
+        TopK: width = k exactly. BatchTopK inference: the number of active latents varies per row, so the
+        `width` largest are examined (default 4k); rows with more active latents than `width` are truncated
+        (use `encode` for exact dense codes).
+        """
+        w = self.spec.k if self.spec.arch == "topk" else min(self.spec.d_sae, width or 4 * self.spec.k)
+        vals, idx = _encode_sparse(self.params, self._thr, self._check(x), self.spec, w)
+        return np.asarray(vals), np.asarray(idx)
+
+    def triples(self, x: np.ndarray, max_dense: int = 1 << 24) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Exact non-zero codes of raw rows as (row, latent, value) arrays (rows local to `x`).
+
+        TopK uses the k-wide sparse encoder; BatchTopK (variable count per row) encodes densely in
+        sub-chunks of at most `max_dense` code entries.
+        """
+        x = np.asarray(x, np.float32)
+        if self.spec.arch == "topk":
+            vals, idx = self.encode_sparse(x)
+            r = np.repeat(np.arange(x.shape[0]), vals.shape[1])
+            v, j = vals.reshape(-1), idx.reshape(-1)
+            keep = v > 0
+            return r[keep], j[keep].astype(np.int64), v[keep]
+        step = max(1, max_dense // self.spec.d_sae)
+        rs, js, vs = [], [], []
+        for s in range(0, x.shape[0], step):
+            codes = self.encode(x[s : s + step])
+            r, j = np.nonzero(codes)
+            rs.append(r + s)
+            js.append(j.astype(np.int64))
+            vs.append(codes[r, j])
+        if not rs:
+            return np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0, np.float32)
+        return np.concatenate(rs), np.concatenate(js), np.concatenate(vs)
+
+    def decode(self, codes: np.ndarray) -> np.ndarray:
+        """Raw-unit reconstruction from dense codes (batch, d_sae)."""
+        codes = np.asarray(codes, np.float32)
+        if codes.ndim != 2 or codes.shape[1] != self.spec.d_sae:
+            raise ValueError(f"codes must be (batch, {self.spec.d_sae}), got {codes.shape}")
+        return np.asarray(_decode_dense(self.params, jnp.asarray(codes))) / self.spec.input_scale
+
+    def reconstruct(self, x: np.ndarray) -> np.ndarray:
+        """Raw-unit reconstruction of raw rows (inference encoder)."""
+        return self.decode(self.encode(x))
+
+    def _check(self, x: np.ndarray) -> jax.Array:
+        x = np.asarray(x, np.float32)
+        if x.ndim != 2 or x.shape[1] != self.spec.d_in:
+            raise ValueError(f"activations must be (batch, {self.spec.d_in}), got {x.shape}")
+        return jnp.asarray(x)
+
+
+@functools.partial(jax.jit, static_argnums=(3, 4))
+def _encode_sparse(params: Params, thr: jax.Array | None, x: jax.Array, spec: SAESpec, width: int):
+    pre = pre_activations(params, x * spec.input_scale)
+    if spec.arch == "topk":
+        return topk_codes(pre, spec.k)
+    # JumpReLU inference: examine the `width` largest, zero those not above their threshold.
+    vals, idx = jax.lax.top_k(pre, width)
+    return jnp.where(vals > thr[idx], jax.nn.relu(vals), 0.0), idx
+
+
+@functools.partial(jax.jit, static_argnums=(3,))
+def _encode_dense(params: Params, thr: jax.Array | None, x: jax.Array, spec: SAESpec) -> jax.Array:
+    pre = pre_activations(params, x * spec.input_scale)
+    if spec.arch == "topk":
+        vals, idx = topk_codes(pre, spec.k)
+        return jnp.zeros_like(pre).at[jnp.arange(pre.shape[0])[:, None], idx].set(vals)
+    return jumprelu_codes(pre, thr)
+
+
+_decode_dense = jax.jit(decode_dense)

@@ -1,0 +1,110 @@
+"""Synthetic data with planted answers, for tests and benchmarks of the SAE tools.
+
+* `planted_dictionary`: rows = sparse non-negative combinations of known unit atoms + a large mean + noise.
+* `planted_rollouts`: episodes with key columns, executed actions, frames and prompts on disk (the layout of
+  docs/conventions.md) whose activations are built from orthonormal atoms with planted behaviour:
+  atom 0 follows the x action (relu(2 * a_x)), atom 1 fires only in task 1, atom 2 fires at env step
+  `event_step` of every episode (decaying over a few steps), the other atoms fire at random.
+"""
+
+from __future__ import annotations
+
+import json
+import pathlib
+
+import numpy as np
+
+from openpi.interp.sae import data as sae_data
+from openpi.interp.sae import model as sae_model
+
+
+def planted_dictionary(d: int = 48, n_atoms: int = 96, rows: int = 20000, active: int = 4, seed: int = 0, offset: float = 3.0, noise: float = 0.01) -> tuple[np.ndarray, np.ndarray]:
+    """(X (rows, d) float32, atoms (n_atoms, d) unit rows): each row mixes `active` random atoms with
+    coefficients in [0.5, 2], plus a shared random mean of norm ~offset*sqrt(d) and Gaussian noise."""
+    rng = np.random.default_rng(seed)
+    atoms = rng.normal(size=(n_atoms, d))
+    atoms /= np.linalg.norm(atoms, axis=1, keepdims=True)
+    idx = np.argsort(rng.random((rows, n_atoms)), axis=1)[:, :active]
+    coef = rng.uniform(0.5, 2.0, size=(rows, active))
+    x = np.einsum("ra,rad->rd", coef, atoms[idx])
+    x += rng.normal(size=d) * offset + noise * rng.normal(size=(rows, d))
+    return x.astype(np.float32), atoms
+
+
+def orthonormal_atoms(n_atoms: int, d: int, seed: int = 0) -> np.ndarray:
+    """(n_atoms, d) orthonormal rows (n_atoms <= d)."""
+    q, _ = np.linalg.qr(np.random.default_rng(seed).normal(size=(d, n_atoms)))
+    return q.T.astype(np.float32)
+
+
+def exact_sae(atoms: np.ndarray, k: int, arch: str = "topk", threshold: float = 0.05) -> sae_model.SparseAutoencoder:
+    """An SAE whose encoder and decoder are the given orthonormal atoms (it recovers their codes exactly)."""
+    n, d = atoms.shape
+    params = {"W_enc": atoms.T.copy(), "b_enc": np.zeros(n, np.float32), "W_dec": atoms.copy(), "b_dec": np.zeros(d, np.float32)}
+    spec = sae_model.SAESpec(d_in=d, d_sae=n, arch=arch, k=k)
+    return sae_model.SparseAutoencoder(spec, params, None if arch == "topk" else np.full(n, threshold, np.float32))
+
+
+def planted_rollouts(
+    root: str | pathlib.Path,
+    n_episodes: int = 12,
+    steps: int = 40,
+    d: int = 32,
+    n_atoms: int = 16,
+    tokens: int = 2,
+    event_step: int = 15,
+    frame_size: int = 16,
+    seed: int = 0,
+) -> dict:
+    """Write `root/activations.npy`, `root/keys.npz`, `root/episodes/*.json`, `root/frames/*.npz`.
+
+    Rows are ordered randomly (so nothing may rely on row order). Frames encode (episode, env_step) in their
+    pixels: red = episode index, green = env step. Returns paths, atoms, codes and per-row ground truth.
+    """
+    root = pathlib.Path(root)
+    (root / "episodes").mkdir(parents=True, exist_ok=True)
+    (root / "frames").mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    atoms = orthonormal_atoms(n_atoms, d, seed)
+    prompts = {0: "pick up the bowl", 1: "open the drawer", 2: "turn on the stove"}
+    cols: dict[str, list] = {c: [] for c in sae_data.KEY_COLUMNS}
+    codes_list, x_list = [], []
+    for e in range(n_episodes):
+        suite = "libero_spatial" if e % 2 == 0 else "libero_goal"
+        task = e % 3
+        run_id = "runA"
+        t = np.arange(steps)
+        phase = rng.uniform(0, 2 * np.pi, size=7)
+        acts = 0.8 * np.sin(t[:, None] / 5.0 + phase[None, :])
+        acts[:, 6] = np.where(np.sin(t / 7.0 + phase[6]) > 0, 1.0, -1.0)
+        stem = sae_data.episode_stem(run_id, suite, task, e)
+        rec = {"run_id": run_id, "suite": suite, "task_id": task, "episode": e, "prompt": prompts[task], "success": bool(e % 4 != 0), "steps": steps, "seed": seed, "init_state_index": e, "actions": acts.tolist(), "chunks": [], "states": np.zeros((steps, 8)).tolist(), "failure_reason": None}
+        (root / "episodes" / f"{stem}.json").write_text(json.dumps(rec))
+        img = np.zeros((steps, frame_size, frame_size, 3), np.uint8)
+        img[..., 0] = e
+        img[..., 1] = t[:, None, None]
+        np.savez(root / "frames" / f"{stem}.npz", agentview=img, wrist=img[..., ::-1].copy(), env_step=t, agentview_seg=np.zeros((steps, frame_size, frame_size), np.int32), wrist_seg=np.zeros((steps, frame_size, frame_size), np.int32))
+        for tok in range(tokens):
+            c = np.zeros((steps, n_atoms), np.float32)
+            c[:, 0] = np.maximum(0.0, 2.0 * acts[:, 0])
+            if task == 1:
+                c[:, 1] = 1.0 + 0.1 * tok
+            c[:, 2] = np.where(t >= event_step, 3.0 * np.exp(-(t - event_step) / 1.5), 0.0) * (1.0 + 0.05 * e)
+            rnd = rng.random((steps, n_atoms - 3)) < 0.15
+            c[:, 3:] = rnd * rng.uniform(0.3, 1.0, size=rnd.shape)
+            codes_list.append(c)
+            x_list.append(c @ atoms + 0.001 * rng.normal(size=(steps, d)))
+            for name, val in (("run_id", run_id), ("suite", suite), ("task_id", task), ("episode", e), ("replan_index", 0), ("denoise_step", 9), ("span", "actions")):
+                cols[name].extend([val] * steps)
+            cols["env_step"].extend(t.tolist())
+            cols["token_index"].extend([tok] * steps)
+    codes = np.concatenate(codes_list)
+    x = np.concatenate(x_list).astype(np.float32)
+    perm = rng.permutation(x.shape[0])
+    keys = {c: np.asarray(v)[perm] for c, v in cols.items()}
+    keys["run_id"] = keys["run_id"].astype("U16")
+    keys["suite"] = keys["suite"].astype("U32")
+    keys["span"] = keys["span"].astype("U16")
+    np.save(root / "activations.npy", x[perm])
+    np.savez(root / "keys.npz", **keys)
+    return {"activations": root / "activations.npy", "keys": root / "keys.npz", "episodes": root / "episodes", "frames": root / "frames", "atoms": atoms, "codes": codes[perm], "event_step": event_step}
