@@ -333,6 +333,10 @@ def test_serve_policy_cli_forwards_to_create_policy(monkeypatch):
     fake = types.ModuleType("openpi.policies.policy_config")
     fake.create_policy = lambda **kwargs: calls.append(kwargs) or EchoPolicy()
     monkeypatch.setitem(sys.modules, "openpi.policies.policy_config", fake)
+    # `from openpi.policies import policy_config` reads the package attribute first when the real module was
+    # already imported by another test: patch that too, so the test does not depend on test order.
+    import openpi.policies
+    monkeypatch.setattr(openpi.policies, "policy_config", fake, raising=False)
 
     default = tyro.cli(script.Args, args=[])
     assert isinstance(default.policy, script.Default) and default.port == 8000 and default.env == script.EnvMode.LIBERO
