@@ -243,17 +243,16 @@ class ActivationStore:
 
     def iter_batches(self, site: str, batch_size: int = 1024, *, where: Filter = None, shuffle: bool = False,
                      seed: int = 0, dtype=None) -> Iterator[tuple[np.ndarray, dict[str, np.ndarray]]]:
-        """Yield (rows, keys) batches. Holds at most two shards in memory; ``shuffle`` permutes shard order and
-        rows within a two-shard window (deterministic for a seed)."""
+        """Yield (rows, keys) batches. Holds at most about two shards in memory; ``shuffle`` permutes shard order
+        and rows within a window of at least two batches (deterministic for a seed)."""
         self._check_site(site)
         rng = np.random.default_rng(seed)
         order = rng.permutation(len(self.shards)) if shuffle else np.arange(len(self.shards))
-        pending_x: list[np.ndarray] = []
-        pending_k: list[dict[str, np.ndarray]] = []
-        pending = 0
+        window = 2 * batch_size if shuffle else batch_size
+        xs: np.ndarray | None = None
+        ks: dict[str, np.ndarray] = {}
         for i in order:
-            shard = self.shards[i]
-            with self._open(shard) as z:
+            with self._open(self.shards[i]) as z:
                 keys = self._shard_keys(z, site)
                 if keys is None:
                     continue
@@ -261,24 +260,25 @@ class ActivationStore:
                 if not keep.any():
                     continue
                 x = z[_site_file_key(site, "data")][keep]
-            pending_x.append(x if dtype is None else x.astype(dtype))
-            pending_k.append({k: v[keep] for k, v in keys.items()})
-            pending += len(x)
-            while pending >= 2 * batch_size or (pending >= batch_size and not shuffle):
-                xs, ks = np.concatenate(pending_x), {k: np.concatenate([p[k] for p in pending_k]) for k in pending_k[0]}
-                if shuffle:
-                    perm = rng.permutation(len(xs))
-                    xs, ks = xs[perm], {k: v[perm] for k, v in ks.items()}
+            x = x if dtype is None else x.astype(dtype)
+            keys = {k: v[keep] for k, v in keys.items()}
+            xs = x if xs is None else np.concatenate([xs, x])
+            ks = keys if not ks else {k: np.concatenate([ks[k], keys[k]]) for k in ks}
+            while len(xs) >= window:
+                xs, ks = self._maybe_shuffle(xs, ks, shuffle, rng)
                 yield xs[:batch_size], {k: v[:batch_size] for k, v in ks.items()}
-                pending_x, pending_k = [xs[batch_size:]], [{k: v[batch_size:] for k, v in ks.items()}]
-                pending -= batch_size
-        if pending:
-            xs, ks = np.concatenate(pending_x), {k: np.concatenate([p[k] for p in pending_k]) for k in pending_k[0]}
-            if shuffle:
-                perm = rng.permutation(len(xs))
-                xs, ks = xs[perm], {k: v[perm] for k, v in ks.items()}
+                xs, ks = xs[batch_size:], {k: v[batch_size:] for k, v in ks.items()}
+        if xs is not None and len(xs):
+            xs, ks = self._maybe_shuffle(xs, ks, shuffle, rng)
             for start in range(0, len(xs), batch_size):
                 yield xs[start:start + batch_size], {k: v[start:start + batch_size] for k, v in ks.items()}
+
+    @staticmethod
+    def _maybe_shuffle(xs: np.ndarray, ks: dict[str, np.ndarray], shuffle: bool, rng: np.random.Generator):
+        if not shuffle:
+            return xs, ks
+        perm = rng.permutation(len(xs))
+        return xs[perm], {k: v[perm] for k, v in ks.items()}
 
     def read(self, site: str, where: Filter = None) -> tuple[np.ndarray, dict[str, np.ndarray]]:
         """Everything selected at once (only for selections known to fit in memory)."""

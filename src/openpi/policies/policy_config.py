@@ -70,7 +70,7 @@ def _find_tokenizer(checkpoint_dir: pathlib.Path | None, tokenizer: str | None) 
 def create_policy(config_name: str = DEFAULT_CONFIG, checkpoint_dir: str | None = None, *,
                   default_prompt: str | None = None, tokenizer: str | None = None,
                   record_sites: tuple[str, ...] | list[str] | None = (), record_dir: str | None = None,
-                  run_writer_id: str | None = None, interventions: tuple[Intervention, ...] = (),
+                  writer_id: str | None = None, interventions: tuple[Intervention, ...] = (),
                   knockouts: tuple[AttentionKnockout, ...] = (), num_steps: int = 10, seed: int = 0,
                   dtype: str | None = None) -> Policy:
     """Build a Policy from a named config; with ``record_dir`` every inference's recordings go to a store."""
@@ -104,7 +104,7 @@ def create_policy(config_name: str = DEFAULT_CONFIG, checkpoint_dir: str | None 
             raise ValueError("record_dir given but no sites to record (pass --record SITE ...)")
         from openpi.interp.recorder import StoreRecorder
         from openpi.interp.store import StoreWriter
-        writer = StoreWriter(record_dir, {"name": config_name, **model_cfg.to_dict()}, writer_id=run_writer_id,
+        writer = StoreWriter(record_dir, {"name": config_name, **model_cfg.to_dict()}, writer_id=writer_id,
                              shard_rows=4096)
         recorder = StoreRecorder(writer, records, TokenLayout(model_cfg), num_steps)
     metadata = {"config": config_name, "model": model_cfg.model_type, "trained": trained,
