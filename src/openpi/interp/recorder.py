@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import fnmatch
 import threading
+import time
 from typing import Any
 
 import numpy as np
@@ -42,8 +43,10 @@ def _token_indices(table: dict, name: str, n_tokens: int, selected: np.ndarray |
 class StoreRecorder:
     """Callable passed to ``Policy(recorder=...)``; thread-safe (the server runs inference off the event loop)."""
 
-    def __init__(self, writer: StoreWriter, records, layout, num_steps: int) -> None:
+    def __init__(self, writer: StoreWriter, records, layout, num_steps: int, flush_every_s: float = 30.0) -> None:
         self.writer = writer
+        self.flush_every_s = flush_every_s  # bounds what a killed server loses, however slow the traffic
+        self._last_flush = time.monotonic()
         self.num_steps = num_steps
         self.records = records
         self.layout = layout
@@ -77,6 +80,9 @@ class StoreRecorder:
             for name, value in recordings.items():
                 self._add_site(name, np.asarray(value), table, base)
             self.writer.commit()
+            if time.monotonic() - self._last_flush > self.flush_every_s:
+                self.writer.flush()
+                self._last_flush = time.monotonic()
 
     def _add_site(self, name: str, value: np.ndarray, table: dict, base: dict) -> None:
         rec = self._record_for(name)
