@@ -81,7 +81,22 @@ def make_policy(args: Args) -> Any:
         return SyntheticPolicy(args.horizon)
     from openpi.policies import policy_config  # lazy: only the real-policy mode needs the model code
 
-    return policy_config.create_policy(config_name=args.config_name, checkpoint_dir=args.checkpoint_dir)
+    return FixedNoisePolicy(policy_config.create_policy(config_name=args.config_name,
+                                                        checkpoint_dir=args.checkpoint_dir), args.seed)
+
+
+class FixedNoisePolicy:
+    """The real policy with the same flow-matching noise on every call, so the websocket and in-process answers to
+    one observation can be compared exactly (the policy otherwise draws fresh noise per call)."""
+
+    def __init__(self, policy: Any, seed: int) -> None:
+        self.policy = policy
+        self.metadata = policy.metadata
+        cfg = policy.model.config
+        self.noise = np.random.default_rng(seed).standard_normal((cfg.action_horizon, cfg.action_dim)).astype(np.float32)
+
+    def infer(self, obs: dict) -> dict:
+        return self.policy.infer(obs, noise=self.noise)
 
 
 def time_calls(fn, obs: dict, n: int, warmup: int, desc: str) -> tuple[np.ndarray, list[dict]]:
