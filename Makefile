@@ -6,11 +6,13 @@ STAMP := $(VENV)/.installed
 
 .PHONY: setup demo test bench clean-venv
 
-$(STAMP): pyproject.toml scripts/install_libero.sh
+$(STAMP): pyproject.toml scripts/install_libero.sh scripts/install_report_deps.sh
 	test -x $(VENV)/bin/python || $(PYTHON) -m venv $(VENV)
 	$(VENV)/bin/pip install -q --upgrade pip
 	$(VENV)/bin/pip install -q -e '.[test]'
 	bash scripts/install_libero.sh $(VENV)
+	# headless Chromium renders report/index.html in the report test
+	bash scripts/install_report_deps.sh
 	touch $(STAMP)
 
 setup: $(STAMP)

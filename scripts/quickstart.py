@@ -2,6 +2,7 @@
 episodes, run the analyses on what was recorded, and write one report folder with an index.html.
 
     python scripts/quickstart.py [--out report] [--trials 2] [--max-steps 40]
+    python scripts/quickstart.py --fast --out /tmp/qs   # CI: 1 trial of tasks 0-2, 15 steps, shorter SAE training
     python scripts/quickstart.py --config pi05_libero --checkpoint-dir /ckpt/pi05_libero --trials 10  # GPU machine
 
 Each stage is a separate command (the same ones the README lists), so a stage that fails is reported with its
@@ -9,8 +10,8 @@ log and the others still run; the exit code is non-zero when any stage failed.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
-import html
 import json
 import os
 import pathlib
@@ -21,7 +22,10 @@ import sys
 import time
 import urllib.request
 
+import numpy as np
 import tyro
+
+from openpi import report
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 PY = sys.executable
@@ -38,6 +42,12 @@ class Args:
     max_steps: int = 40
     layer: int = -1
     """action-expert layer for SAE/probes (-1 = last)"""
+    fast: bool = False
+    """CI mode: overrides to 1 trial of tasks 0, 1, 2 (probes need >= 3 episodes), 15 steps, 200 SAE steps"""
+
+
+FAST = {"task_ids": (0, 1, 2), "trials": 1, "max_steps": 15}
+FAST_SAE_STEPS = 200
 
 
 def _free_port() -> int:
@@ -66,6 +76,67 @@ class Stages:
         self.results.append({"stage": name, "ok": ok, "seconds": round(secs, 1), "log": str(log.relative_to(self.out))})
         print(f"[quickstart] {name}: {'ok' if ok else 'FAILED (see ' + str(log) + ')'} in {secs:.0f} s", flush=True)
         return ok
+
+    def run_inline(self, name: str, fn, *fn_args) -> bool:
+        """Run a small in-process step like a stage: its prints and traceback go to logs/<name>.log."""
+        import traceback
+
+        log = self.out / "logs" / f"{name}.log"
+        print(f"[quickstart] {name}: {getattr(fn, '__name__', fn)}", flush=True)
+        start = time.monotonic()
+        with open(log, "w") as f, contextlib.redirect_stdout(f):
+            try:
+                fn(*fn_args)
+                ok = True
+            except Exception:  # noqa: BLE001 - a failed step is reported with its log, the others still run
+                traceback.print_exc(file=f)
+                ok = False
+        secs = time.monotonic() - start
+        self.results.append({"stage": name, "ok": ok, "seconds": round(secs, 1), "log": str(log.relative_to(self.out))})
+        print(f"[quickstart] {name}: {'ok' if ok else 'FAILED (see ' + str(log) + ')'} in {secs:.0f} s", flush=True)
+        return ok
+
+
+def trajectories_from_export(export_dir: pathlib.Path, out_dir: pathlib.Path) -> dict:
+    """Geometry input from a last-denoising-step export: one point per policy query (mean over its action tokens).
+
+    Writes ``T.npy`` (episodes, max queries, d; NaN rows pad shorter episodes), ``success.npy`` (episodes,) and
+    ``trajectories.json`` ({episodes: [[run_id, suite, task_id, episode], ...], n_queries: [...], d}).
+    Episodes are sorted by key; points by replan_index (a key join, never row order).
+    """
+    x = np.load(export_dir / "X.npy", mmap_mode="r")
+    keys = np.load(export_dir / "keys.npz")
+    success_path = export_dir / "success.npy"
+    if not success_path.is_file():
+        raise FileNotFoundError(f"{success_path} missing: export with --episodes-dir to get success flags")
+    success = np.load(success_path)
+    need = ("run_id", "suite", "task_id", "episode", "replan_index")
+    missing = [k for k in need if k not in keys.files]
+    if missing:
+        raise KeyError(f"{export_dir / 'keys.npz'} lacks key columns {missing} (has {keys.files})")
+    n = x.shape[0]
+    if len(keys["run_id"]) != n or len(success) != n:
+        raise ValueError(f"{export_dir}: X.npy has {n} rows, keys.npz {len(keys['run_id'])}, success.npy {len(success)}")
+    ep_key = [tuple(str(keys[k][i]) if k in ("run_id", "suite") else int(keys[k][i]) for k in need[:4]) for i in range(n)]
+    episodes = sorted(set(ep_key))
+    index = {e: j for j, e in enumerate(episodes)}
+    ep = np.array([index[e] for e in ep_key])
+    rep = keys["replan_index"].astype(np.int64)
+    queries = [np.unique(rep[ep == j]) for j in range(len(episodes))]
+    T = np.full((len(episodes), max(len(q) for q in queries), x.shape[1]), np.nan, dtype=np.float32)
+    S = np.zeros(len(episodes), dtype=bool)
+    for j, q in enumerate(queries):
+        for t, r in enumerate(q):
+            rows = np.flatnonzero((ep == j) & (rep == r))
+            T[j, t] = np.asarray(x[rows], dtype=np.float64).mean(axis=0)
+        S[j] = bool(success[ep == j][0])
+    out_dir.mkdir(parents=True, exist_ok=True)
+    np.save(out_dir / "T.npy", T)
+    np.save(out_dir / "success.npy", S)
+    info = {"episodes": [list(e) for e in episodes], "n_queries": [int(len(q)) for q in queries], "d": int(x.shape[1])}
+    (out_dir / "trajectories.json").write_text(json.dumps(info, indent=1))
+    print(json.dumps({"T": list(T.shape), "successes": int(S.sum())}))
+    return info
 
 
 def serve_and_evaluate(args: Args, stages: Stages, records: list[str]) -> None:
@@ -100,41 +171,9 @@ def serve_and_evaluate(args: Args, stages: Stages, records: list[str]) -> None:
         log.close()
 
 
-def write_index(args: Args, stages: Stages) -> pathlib.Path:
-    out = args.out
-    sections = {"Evaluation": ["rollouts/results", "videos"], "Attention": ["attention"], "SAE": ["sae"],
-                "Probes": ["probes"], "Action PCA": ["pca"], "Recording": ["store/store.json"], "Logs": ["logs"]}
-    parts = ["<!doctype html><html><head><meta charset='utf-8'><title>vla-interp report</title>",
-             "<style>body{font-family:sans-serif;max-width:1100px;margin:auto}img{max-width:480px;margin:4px}"
-             "td,th{padding:2px 8px}</style></head><body><h1>vla-interp report</h1>",
-             f"<p>Policy <b>{html.escape(args.config)}</b>"
-             f"{' (embedded default: UNTRAINED random weights, structure only)' if not args.checkpoint_dir else ''}; "
-             f"suite {html.escape(args.suite)}, tasks {list(args.task_ids)}, {args.trials} trial(s), "
-             f"max {args.max_steps} steps.</p><h2>Stages</h2><table><tr><th>stage</th><th>status</th><th>s</th></tr>"]
-    for r in stages.results:
-        parts.append(f"<tr><td>{r['stage']}</td><td>{'ok' if r['ok'] else 'FAILED'}</td><td>{r['seconds']}</td>"
-                     f"<td><a href='{r['log']}'>log</a></td></tr>")
-    parts.append("</table>")
-    for title, roots in sections.items():
-        files = []
-        for root in roots:
-            p = out / root
-            files += sorted(p.rglob("*")) if p.is_dir() else ([p] if p.exists() else [])
-        files = [f for f in files if f.is_file() and f.suffix in (".png", ".json", ".csv", ".mp4", ".html", ".log")]
-        if not files:
-            continue
-        parts.append(f"<h2>{title}</h2>")
-        for f in files[:60]:
-            rel = html.escape(str(f.relative_to(out)))
-            parts.append(f"<div><a href='{rel}'><img src='{rel}' alt='{rel}'></a><br>{rel}</div>" if f.suffix == ".png"
-                         else f"<div><a href='{rel}'>{rel}</a></div>")
-    parts.append("</body></html>")
-    index = out / "index.html"
-    index.write_text("\n".join(parts))
-    return index
-
-
 def main(args: Args) -> int:
+    if args.fast:
+        args = dataclasses.replace(args, **FAST)
     args.out.mkdir(parents=True, exist_ok=True)
     stages = Stages(args.out)
     os.environ.setdefault("MPLBACKEND", "Agg")
@@ -144,7 +183,7 @@ def main(args: Args) -> int:
     store, rollouts = args.out / "store", args.out / "rollouts"
     if (ROOT / "evaluate_attention_iou.py").exists():
         stages.run("attention_iou", [PY, "evaluate_attention_iou.py", "--store", str(store), "--rollouts",
-                                     str(rollouts), "--out", str(args.out / "attention")])
+                                     str(rollouts), "--out", str(args.out / "attention"), "--overlays"])
     from openpi.policies.policy_config import get_config
     depth = get_config(args.config).model.expert.depth
     layer = args.layer % depth
@@ -155,15 +194,21 @@ def main(args: Args) -> int:
                                        "--out", str(all_steps)]):
         stages.run("sae", [PY, "train_save.py", "--activations", str(all_steps / "X.npy"), "--arch", "topk",
                            "--k", "8", "--num-latents", "128", "--holdout-block", "32", "--out", str(args.out / "sae"),
-                           "--overwrite"])
+                           "--overwrite", *(["--steps", str(FAST_SAE_STEPS)] if args.fast else [])])
     if stages.run("export_last_step", [PY, "export_activations.py", "--store", str(store), "--site", site,
                                        "--denoise-step", "9", "--episodes-dir", str(rollouts), "--out", str(last_step)]):
         stages.run("probes", [PY, "linear_probe.py", "--features", str(last_step / "X.npy"), "--targets",
                               str(last_step / "actions.npy"), "--groups", str(last_step / "groups.npy"),
                               "--n-folds", "2", "--out", str(args.out / "probes")])
+        geo_in = args.out / "export" / "geometry_input"
+        if stages.run_inline("geometry_input", trajectories_from_export, last_step, geo_in):
+            stages.run("geometry", [PY, "geometry.py", "--trajectories", str(geo_in / "T.npy"), "--success",
+                                    str(geo_in / "success.npy"), "--axes", "query", "--n-boot", "200",
+                                    "--out", str(args.out / "geometry"), "--no-progress"])
     stages.run("action_pca", [PY, "action_pca.py", "--episodes-dir", str(rollouts), "--out", str(args.out / "pca")])
-    index = write_index(args, stages)
     (args.out / "stages.json").write_text(json.dumps(stages.results, indent=1))
+    index = report.write_report(args.out)
+    report.print_summary(args.out)
     failed = [r["stage"] for r in stages.results if not r["ok"]]
     print(f"[quickstart] report: {index}" + (f"; FAILED stages: {failed}" if failed else "; all stages ok"))
     return 1 if failed else 0

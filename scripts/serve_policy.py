@@ -61,6 +61,8 @@ class Args:
     """Directory for the activation store; recording is off without it."""
     record: tuple[str, ...] = ()
     """Hook sites to record (e.g. llm.layer.11.resid_post); needs --record-dir."""
+    writer_id: str | None = None
+    """Name of this server's store shards (e.g. shard$SLURM_ARRAY_TASK_ID); default: a random id."""
     policy: Checkpoint | Default = dataclasses.field(default_factory=Default)
 
 
@@ -73,6 +75,8 @@ def policy_kwargs(args: Args) -> dict[str, Any]:
         kwargs.update(config_name=args.policy.config, checkpoint_dir=args.policy.dir)
     if args.record_dir is not None:
         kwargs.update(record_dir=args.record_dir, record_sites=tuple(args.record) or None)
+        if args.writer_id is not None:
+            kwargs["writer_id"] = args.writer_id
     return kwargs
 
 

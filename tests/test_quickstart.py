@@ -1,0 +1,106 @@
+"""The quickstart: its geometry-input step on a planted export, and (slow, real LIBERO) the reduced CI run of the
+same command, checking every stage and the report's files."""
+from __future__ import annotations
+
+import html.parser
+import importlib.util
+import json
+import os
+import pathlib
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+
+def _load_quickstart():
+    spec = importlib.util.spec_from_file_location("quickstart_script", ROOT / "scripts" / "quickstart.py")
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = mod  # dataclasses need the module registered
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_trajectories_from_export_joins_by_key(tmp_path):
+    """Rows in scrambled order, two episodes of different length: each point must be the mean of exactly its
+    query's rows, episodes sorted by key, the shorter one NaN-padded, success taken per episode."""
+    qs = _load_quickstart()
+    rng = np.random.default_rng(0)
+    d, tokens = 5, 3
+    rows, keys, succ, expect = [], {k: [] for k in ("run_id", "suite", "task_id", "episode", "replan_index")}, [], {}
+    for ep, n_q, ok in ((1, 2, 1), (0, 3, 0)):
+        for q in range(n_q):
+            centre = rng.normal(size=d) * 10
+            expect[(ep, q)] = centre
+            for t in range(tokens):
+                rows.append(centre + (t - 1) * 0.5)  # token offsets -0.5, 0, +0.5 average out to the centre
+                for k, v in (("run_id", "r"), ("suite", "s"), ("task_id", 0), ("episode", ep), ("replan_index", q)):
+                    keys[k].append(v)
+                succ.append(ok)
+    perm = rng.permutation(len(rows))
+    exp = tmp_path / "export"
+    exp.mkdir()
+    np.save(exp / "X.npy", np.asarray(rows, np.float32)[perm])
+    np.savez(exp / "keys.npz", **{k: np.asarray(v)[perm] for k, v in keys.items()})
+    np.save(exp / "success.npy", np.asarray(succ)[perm])
+    info = qs.trajectories_from_export(exp, tmp_path / "geo")
+    T = np.load(tmp_path / "geo" / "T.npy")
+    S = np.load(tmp_path / "geo" / "success.npy")
+    assert T.shape == (2, 3, d)
+    assert info["episodes"] == [["r", "s", 0, 0], ["r", "s", 0, 1]] and info["n_queries"] == [3, 2]
+    for q in range(3):
+        np.testing.assert_allclose(T[0, q], expect[(0, q)], atol=1e-5)
+    for q in range(2):
+        np.testing.assert_allclose(T[1, q], expect[(1, q)], atol=1e-5)
+    assert np.isnan(T[1, 2]).all()
+    assert S.tolist() == [False, True]
+
+
+def test_trajectories_from_export_names_missing_success(tmp_path):
+    qs = _load_quickstart()
+    exp = tmp_path / "export"
+    exp.mkdir()
+    np.save(exp / "X.npy", np.zeros((2, 3), np.float32))
+    np.savez(exp / "keys.npz", run_id=np.array(["r", "r"]))
+    with pytest.raises(FileNotFoundError, match="success.npy"):
+        qs.trajectories_from_export(exp, tmp_path / "geo")
+    assert not (tmp_path / "geo").exists()
+
+
+class _Refs(html.parser.HTMLParser):
+    def __init__(self) -> None:
+        super().__init__()
+        self.refs: list[str] = []
+
+    def handle_starttag(self, tag, attrs):
+        self.refs += [v for k, v in attrs if k in ("href", "src") and v and not v.startswith("#")]
+
+
+@pytest.mark.libero
+@pytest.mark.slow
+def test_quickstart_fast_end_to_end(tmp_path):
+    out = tmp_path / "qs"
+    env = dict(os.environ, MPLBACKEND="Agg")
+    proc = subprocess.run([sys.executable, "scripts/quickstart.py", "--fast", "--out", str(out)], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=900)
+    tail = (proc.stdout + proc.stderr)[-4000:]
+    stages = json.loads((out / "stages.json").read_text())
+    failed = [s["stage"] for s in stages if not s["ok"]]
+    assert not failed, f"failed stages {failed}; logs in {out / 'logs'}; output tail:\n{tail}"
+    assert proc.returncode == 0, tail
+    assert {s["stage"] for s in stages} >= {"libero_eval", "attention_iou", "sae", "probes", "geometry", "action_pca"}
+    rec = json.loads((out / "report.json").read_text())
+    assert {s["id"]: s["status"] for s in rec["sections"]} == {
+        k: "ok" for k in ("evaluation", "attention", "sae", "probes", "geometry", "pca", "overview")}
+    parser = _Refs()
+    parser.feed((out / "index.html").read_text())
+    assert len(parser.refs) > 20
+    for r in parser.refs:
+        assert (out / r).is_file(), f"index.html links {r}, which does not exist"
+    results = json.loads(next((out / "rollouts" / "results").glob("*.json")).read_text())
+    assert results["total"]["episodes"] == 3
+    assert list((out / "attention" / "overlays").rglob("*.png")), "no attention overlays"
+    assert "vla-interp report" in proc.stdout and "SAE: held-out FVU" in proc.stdout
