@@ -7,7 +7,7 @@ import pytest
 
 from openpi.models import checkpoint
 from openpi.models.config import Pi0Config, tiny_config
-from openpi.models.normalize import NormStats, compute_norm_stats, load_norm_stats, normalize, save_norm_stats, unnormalize
+from openpi.models.normalize import compute_norm_stats, load_norm_stats, normalize, save_norm_stats, unnormalize
 from openpi.models.param_shapes import abstract_params, init_params, param_shapes
 from openpi.models.params_util import flatten
 from openpi.models.tokenizer import EMBEDDED_TOKENIZER, PromptTokenizer

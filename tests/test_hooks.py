@@ -1,5 +1,4 @@
 """Recording and intervention through named hook points on the tiny Pi0 and Pi0.5."""
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest

@@ -3,7 +3,6 @@ same command, checking every stage and the report's files."""
 from __future__ import annotations
 
 import html.parser
-import importlib.util
 import json
 import os
 import pathlib
@@ -13,21 +12,14 @@ import sys
 import numpy as np
 import pytest
 
+from openpi.interp.export import trajectories_from_export
+
 ROOT = pathlib.Path(__file__).resolve().parents[1]
-
-
-def _load_quickstart():
-    spec = importlib.util.spec_from_file_location("quickstart_script", ROOT / "scripts" / "quickstart.py")
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = mod  # dataclasses need the module registered
-    spec.loader.exec_module(mod)
-    return mod
 
 
 def test_trajectories_from_export_joins_by_key(tmp_path):
     """Rows in scrambled order, two episodes of different length: each point must be the mean of exactly its
     query's rows, episodes sorted by key, the shorter one NaN-padded, success taken per episode."""
-    qs = _load_quickstart()
     rng = np.random.default_rng(0)
     d, tokens = 5, 3
     rows, keys, succ, expect = [], {k: [] for k in ("run_id", "suite", "task_id", "episode", "replan_index")}, [], {}
@@ -46,7 +38,7 @@ def test_trajectories_from_export_joins_by_key(tmp_path):
     np.save(exp / "X.npy", np.asarray(rows, np.float32)[perm])
     np.savez(exp / "keys.npz", **{k: np.asarray(v)[perm] for k, v in keys.items()})
     np.save(exp / "success.npy", np.asarray(succ)[perm])
-    info = qs.trajectories_from_export(exp, tmp_path / "geo")
+    info = trajectories_from_export(exp, tmp_path / "geo")
     T = np.load(tmp_path / "geo" / "T.npy")
     S = np.load(tmp_path / "geo" / "success.npy")
     assert T.shape == (2, 3, d)
@@ -60,13 +52,12 @@ def test_trajectories_from_export_joins_by_key(tmp_path):
 
 
 def test_trajectories_from_export_names_missing_success(tmp_path):
-    qs = _load_quickstart()
     exp = tmp_path / "export"
     exp.mkdir()
     np.save(exp / "X.npy", np.zeros((2, 3), np.float32))
     np.savez(exp / "keys.npz", run_id=np.array(["r", "r"]))
     with pytest.raises(FileNotFoundError, match="success.npy"):
-        qs.trajectories_from_export(exp, tmp_path / "geo")
+        trajectories_from_export(exp, tmp_path / "geo")
     assert not (tmp_path / "geo").exists()
 
 

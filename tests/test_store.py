@@ -1,5 +1,4 @@
 """Activation store: keyed rows, atomic shards, several writers, bounded streaming, clear errors."""
-import json
 import os
 import signal
 import subprocess

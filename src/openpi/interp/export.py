@@ -89,3 +89,45 @@ def _export_targets(episodes_dir: pathlib.Path, keys: dict[str, np.ndarray], out
     prompts = {str(g): index[k]["prompt"] for k, g in group_of.items()}
     (out / "prompts.json").write_text(json.dumps(prompts, indent=1))
     return {"episodes": len(group_of), "targets": ["actions", "states", "gripper_closed", "task_id", "success"]}
+
+
+def trajectories_from_export(export_dir: pathlib.Path, out_dir: pathlib.Path) -> dict:
+    """Geometry input from a last-denoising-step export: one point per policy query (mean over its action tokens).
+
+    Writes ``T.npy`` (episodes, max queries, d; NaN rows pad shorter episodes), ``success.npy`` (episodes,) and
+    ``trajectories.json`` ({episodes: [[run_id, suite, task_id, episode], ...], n_queries: [...], d}).
+    Episodes are sorted by key; points by replan_index (a key join, never row order).
+    """
+    x = np.load(export_dir / "X.npy", mmap_mode="r")
+    keys = np.load(export_dir / "keys.npz")
+    success_path = export_dir / "success.npy"
+    if not success_path.is_file():
+        raise FileNotFoundError(f"{success_path} missing: export with --episodes-dir to get success flags")
+    success = np.load(success_path)
+    need = ("run_id", "suite", "task_id", "episode", "replan_index")
+    missing = [k for k in need if k not in keys.files]
+    if missing:
+        raise KeyError(f"{export_dir / 'keys.npz'} lacks key columns {missing} (has {keys.files})")
+    n = x.shape[0]
+    if len(keys["run_id"]) != n or len(success) != n:
+        raise ValueError(f"{export_dir}: X.npy has {n} rows, keys.npz {len(keys['run_id'])}, success.npy {len(success)}")
+    ep_key = [tuple(str(keys[k][i]) if k in ("run_id", "suite") else int(keys[k][i]) for k in need[:4]) for i in range(n)]
+    episodes = sorted(set(ep_key))
+    index = {e: j for j, e in enumerate(episodes)}
+    ep = np.array([index[e] for e in ep_key])
+    rep = keys["replan_index"].astype(np.int64)
+    queries = [np.unique(rep[ep == j]) for j in range(len(episodes))]
+    T = np.full((len(episodes), max(len(q) for q in queries), x.shape[1]), np.nan, dtype=np.float32)
+    S = np.zeros(len(episodes), dtype=bool)
+    for j, q in enumerate(queries):
+        for t, r in enumerate(q):
+            rows = np.flatnonzero((ep == j) & (rep == r))
+            T[j, t] = np.asarray(x[rows], dtype=np.float64).mean(axis=0)
+        S[j] = bool(success[ep == j][0])
+    out_dir.mkdir(parents=True, exist_ok=True)
+    np.save(out_dir / "T.npy", T)
+    np.save(out_dir / "success.npy", S)
+    info = {"episodes": [list(e) for e in episodes], "n_queries": [int(len(q)) for q in queries], "d": int(x.shape[1])}
+    (out_dir / "trajectories.json").write_text(json.dumps(info, indent=1))
+    print(json.dumps({"T": list(T.shape), "successes": int(S.sum())}))
+    return info

@@ -61,7 +61,6 @@ def forward(
     cfg = cfgs[0]
     num_heads, num_kv, head_dim = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
     lengths = [0 if x is None else x.shape[1] for x in xs]
-    dtype = next(x.dtype for x in xs if x is not None)
     new_k, new_v = [], []
     for i in range(cfg.depth):
         layer = jax.tree.map(lambda a: a[i], params["layers"])
