@@ -65,9 +65,6 @@ def _sae_dirs(pattern: str) -> list[pathlib.Path]:
     dirs = sorted(pathlib.Path(p) for p in glob.glob(pattern) if (pathlib.Path(p) / sae_io.CFG_NAME).is_file())
     if not dirs:
         raise FileNotFoundError(f"no SAE folder (with {sae_io.CFG_NAME}) matches {pattern!r}")
-    names = [_safe(d.name) for d in dirs]
-    if len(set(names)) != len(names):
-        names = [_safe(str(d)) for d in dirs]
     return dirs
 
 

@@ -25,6 +25,7 @@ import dataclasses
 import importlib.util
 import json
 import pathlib
+import shutil
 import sys
 import tempfile
 import time
@@ -77,12 +78,19 @@ def import_reference():
 
 
 def main(args: Args) -> dict:
+    tmp = pathlib.Path(tempfile.mkdtemp(prefix="bench_sae_"))
+    try:
+        return _run(args, tmp)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _run(args: Args, tmp: pathlib.Path) -> dict:
     torch, top_k, batch_top_k, ref_name = import_reference()
     from openpi.interp.sae import metrics as sae_metrics
     from openpi.interp.sae import synthetic
     from openpi.interp.sae import train as sae_train
 
-    tmp = pathlib.Path(tempfile.mkdtemp(prefix="bench_sae_"))
     path = args.activations
     if path is None:
         x, _ = synthetic.planted_dictionary(d=args.d, n_atoms=args.num_latents // 2, rows=args.rows, active=max(1, args.k // 2), seed=args.seed)

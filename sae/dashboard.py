@@ -50,7 +50,7 @@ def run(args: Args) -> pathlib.Path:
     if args.frames_dir is not None:
         stats = sae_frames.write_thumbnails({f["feature"]: f["top"] for f in rep["features"]}, args.frames_dir, args.out / "thumbs", args.out)
         rep["frames"] = stats
-    index = sae_dashboard.build_dashboard(rep, args.out, str(args.sae), "fire_rate" if args.sort_by not in mining.SORT_KEYS else args.sort_by)
+    index = sae_dashboard.build_dashboard(rep, args.out, str(args.sae), args.sort_by)
     print(f"wrote {index} ({len(rep['features'])} feature pages)")
     return index
 

@@ -30,7 +30,6 @@ import math
 import os
 import pathlib
 import shutil
-import time
 from collections.abc import Callable, Iterator
 from typing import Literal, Protocol
 
@@ -262,7 +261,7 @@ class IndexedRowSource:
 
     def sample_train(self, n: int, seed: int) -> np.ndarray:
         rng = np.random.default_rng([seed, 2])
-        rows = np.sort(rng.choice(self.train_rows, size=min(n, self.n_train), replace=False))
+        rows = self.train_rows[np.sort(rng.choice(self.n_train, size=min(n, self.n_train), replace=False))]
         return np.asarray(self.x[rows], np.float32)
 
     def fingerprint(self) -> dict:
@@ -453,35 +452,31 @@ def _fingerprint(cfg: TrainConfig, source: BatchSource) -> str:
 
 
 def save_checkpoint(ckpt_dir: pathlib.Path, state: dict, extra: dict) -> None:
-    """Atomically write the state pytree (npz) and JSON extras; the previous checkpoint stays until replaced."""
+    """Write the state pytree and JSON extras as one npz, atomically (tmp file + rename): a kill at any
+    moment leaves either the previous or the new checkpoint, never a mix."""
     ckpt_dir.mkdir(parents=True, exist_ok=True)
     leaves = jax.tree_util.tree_leaves(state)
     arrays = {f"leaf_{i:04d}": np.asarray(v) for i, v in enumerate(leaves)}
+    arrays["extra_json"] = np.frombuffer(json.dumps(extra).encode(), np.uint8)
     tmp = ckpt_dir / "state.npz.tmp"
     with open(tmp, "wb") as f:
         np.savez(f, **arrays)
-    tmp_json = ckpt_dir / "extra.json.tmp"
-    tmp_json.write_text(json.dumps(extra))
-    # Write order: state first, then extra (which names the step); both replaced atomically.
     os.replace(tmp, ckpt_dir / "state.npz")
-    os.replace(tmp_json, ckpt_dir / "extra.json")
 
 
 def load_checkpoint(ckpt_dir: pathlib.Path, template: dict) -> tuple[dict, dict] | None:
-    """(state, extras) from `ckpt_dir`, or None when there is no complete checkpoint."""
-    if not (ckpt_dir / "state.npz").is_file() or not (ckpt_dir / "extra.json").is_file():
+    """(state, extras) from `ckpt_dir`, or None when there is no checkpoint."""
+    path = ckpt_dir / "state.npz"
+    if not path.is_file():
         return None
-    extra = json.loads((ckpt_dir / "extra.json").read_text())
-    with np.load(ckpt_dir / "state.npz") as z:
-        leaves = [z[f"leaf_{i:04d}"] for i in range(len(z.files))]
+    with np.load(path) as z:
+        extra = json.loads(z["extra_json"].tobytes().decode())
+        leaves = [z[f"leaf_{i:04d}"] for i in range(len(z.files) - 1)]
     treedef = jax.tree_util.tree_structure(template)
     tmpl_leaves = jax.tree_util.tree_leaves(template)
     if len(leaves) != len(tmpl_leaves) or any(a.shape != b.shape for a, b in zip(leaves, tmpl_leaves)):
-        raise ValueError(f"{ckpt_dir}: checkpoint does not match the model being trained (different shapes)")
-    state = jax.tree_util.tree_unflatten(treedef, [jnp.asarray(v) for v in leaves])
-    if int(state["step"]) != int(extra["step"]):
-        raise ValueError(f"{ckpt_dir}: state.npz (step {int(state['step'])}) and extra.json (step {extra['step']}) disagree")
-    return state, extra
+        raise ValueError(f"{path}: checkpoint does not match the model being trained (different shapes)")
+    return jax.tree_util.tree_unflatten(treedef, [jnp.asarray(v) for v in leaves]), extra
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -519,6 +514,7 @@ def train(
             )
         logger.info("%s: already finished, loading it", out)
         return TrainResult(sae_io.load_sae(out), prev, completed=True)
+    r = resolve(cfg, source.d, source.n_train)  # raises on impossible settings before anything is written
     ckpt_dir = out / CHECKPOINT_DIR
     if overwrite and out.exists():
         for name in (sae_io.CFG_NAME, sae_io.WEIGHTS_NAME, "metrics.json"):
@@ -526,7 +522,6 @@ def train(
         shutil.rmtree(ckpt_dir, ignore_errors=True)
     out.mkdir(parents=True, exist_ok=True)
 
-    r = resolve(cfg, source.d, source.n_train)
     step_fn = make_train_step(r, cfg.arch, cfg)
     eval_fn = make_eval_fn(r, cfg.arch, cfg.batchtopk_width)
 

@@ -1,0 +1,45 @@
+"""Held-out SAE metrics on hand-checked cases."""
+
+import numpy as np
+import pytest
+
+from openpi.interp.sae import metrics
+
+
+def test_fvu_uses_per_dimension_mean_of_eval_rows():
+    x = np.array([[1.0, 10.0], [3.0, 10.0], [5.0, 13.0]])
+    # per-dim mean (3, 11): total variance = (4 + 0 + 4) + (1 + 1 + 4) = 14
+    x_hat = x + np.array([[1.0, 0.0], [0.0, -1.0], [0.0, 0.0]])  # SSE = 2
+    assert metrics.fvu(x, x_hat) == pytest.approx(2 / 14)
+    assert metrics.fvu(x, np.tile(x.mean(0), (3, 1))) == pytest.approx(1.0)
+    assert metrics.fvu(x, x) == 0.0
+    # A useless reconstruction (the mean of *another* set) is worse than 1, and scale does not matter.
+    assert metrics.fvu(x, np.zeros_like(x)) > 1
+    assert metrics.fvu(7 * x, 7 * x_hat) == pytest.approx(2 / 14)
+
+
+def test_l0_dead_dense_and_streaming_equals_one_shot():
+    codes = np.array([[0.0, 2.0, 0.0, 1.0], [0.0, 3.0, 0.0, 0.0], [0.0, 1.0, 0.5, 0.0], [0.0, 4.0, 0.0, 0.0]])
+    x = np.arange(8.0).reshape(4, 2)
+    acc = metrics.EvalAccumulator(d_in=2, d_sae=4, dense_threshold=0.5)
+    acc.add(x[:2], x[:2] * 0.9, codes[:2])
+    acc.add(x[2:], x[2:] * 0.9, codes[2:])
+    r = acc.result()
+    assert r["l0"] == pytest.approx(6 / 4)
+    assert r["dead_fraction"] == pytest.approx(1 / 4)  # latent 0 never fires
+    assert r["dense_fraction"] == pytest.approx(1 / 4)  # latent 1 fires on 4/4 > 0.5 of rows
+    assert r["n_rows"] == 4
+    assert r["fvu"] == pytest.approx(metrics.fvu(x, x * 0.9))
+    assert "mean_eval" in r["fvu_formula"]
+    sp = metrics.EvalAccumulator(d_in=2, d_sae=4, dense_threshold=0.5)
+    vals = np.array([[2.0, 1.0], [3.0, 0.0], [1.0, 0.5], [4.0, 0.0]])
+    idx = np.array([[1, 3], [1, 0], [1, 2], [1, 2]])  # value-0 slots do not count as firing
+    sp.add_sparse(x, x * 0.9, vals, idx)
+    assert sp.result() == r
+
+
+def test_empty_eval_set_is_an_error():
+    with pytest.raises(ValueError, match="no evaluation rows"):
+        metrics.EvalAccumulator(3, 5).result()
+    with pytest.raises(ValueError, match=r"must both be \(batch, 3\)"):
+        metrics.EvalAccumulator(3, 5).add(np.zeros((2, 3)), np.zeros((2, 4)), np.zeros((2, 5)))
