@@ -150,9 +150,15 @@ def main(args: Args) -> int:
     all_steps, last_step = args.out / "export" / f"expert1_layer{layer}_all", args.out / "export" / f"expert1_layer{layer}"
     if stages.run("export_all_steps", [PY, "export_activations.py", "--store", str(store), "--site", site,
                                        "--out", str(all_steps)]):
-        stages.run("sae", [PY, "train_save.py", "--activations", str(all_steps / "X.npy"), "--arch", "topk",
-                           "--k", "8", "--num-latents", "128", "--holdout-block", "32", "--out", str(args.out / "sae"),
-                           "--overwrite", *(["--steps", str(FAST_SAE_STEPS)] if args.fast else [])])
+        if stages.run("sae", [PY, "train_save.py", "--activations", str(all_steps / "X.npy"), "--arch", "topk",
+                              "--k", "8", "--num-latents", "128", "--holdout-block", "32",
+                              "--out", str(args.out / "sae"), "--overwrite",
+                              *(["--steps", str(FAST_SAE_STEPS)] if args.fast else [])]):
+            stages.run("sae_dashboard", [PY, "sae/dashboard.py", "--sae", str(args.out / "sae"),
+                                         "--activations", str(all_steps / "X.npy"), "--keys",
+                                         str(all_steps / "keys.npz"), "--episodes-dir", str(rollouts / "episodes"),
+                                         "--frames-dir", str(rollouts / "frames"), "--num-features", "16",
+                                         "--out", str(args.out / "sae" / "dashboard")])
     if stages.run("export_last_step", [PY, "export_activations.py", "--store", str(store), "--site", site,
                                        "--denoise-step", "9", "--episodes-dir", str(rollouts), "--out", str(last_step)]):
         stages.run("probes", [PY, "linear_probe.py", "--features", str(last_step / "X.npy"), "--targets",
