@@ -55,7 +55,8 @@ def get_config(name: str) -> PolicyConfig:
     return CONFIGS[name]
 
 
-def _find_tokenizer(checkpoint_dir: pathlib.Path | None, tokenizer: str | None) -> pathlib.Path:
+def find_tokenizer(checkpoint_dir: pathlib.Path | None, tokenizer: str | None) -> pathlib.Path:
+    """PaliGemma tokenizer: explicit path, then $OPENPI_TOKENIZER, then inside the checkpoint directory."""
     candidates = [tokenizer, os.environ.get(TOKENIZER_ENV)]
     if checkpoint_dir is not None:
         candidates += [checkpoint_dir / "paligemma_tokenizer.model", checkpoint_dir / "assets" / "paligemma_tokenizer.model"]
@@ -82,7 +83,7 @@ def create_policy(config_name: str = DEFAULT_CONFIG, checkpoint_dir: str | None 
             raise ValueError(f"config {config_name!r} needs --policy.dir pointing at an openpi checkpoint directory")
         params = checkpoint.load_params(ckpt, model_cfg)
         norm_stats = load_norm_stats(ckpt / "assets" / cfg.asset_id / "norm_stats.json")
-        tok_path = _find_tokenizer(ckpt, tokenizer)
+        tok_path = find_tokenizer(ckpt, tokenizer)
         trained = True
     elif ckpt is not None:
         params = checkpoint.load_params(ckpt, model_cfg)

@@ -1,0 +1,446 @@
+"""Flow-matching training of a Pi0-family model on demonstration directories, with checkpoints that serve.
+
+Why here and not openpi's trainer: our model is the pure-JAX re-implementation in ``openpi.models``; training it
+with exactly the inputs ``create_policy`` builds at serving time (the same ``LiberoTransforms``) means a checkpoint
+we write is served without any conversion.
+
+Pipeline per batch: random (episode, step) frames from the demo directories (memory-mapped, so data larger than
+memory streams) -> ``LiberoTransforms.inputs`` (images, normalised state, tokenised prompt: identical to serving)
+-> target chunk = actions[t : t + horizon] (the last action repeated past the episode end), minus the state for
+the first 6 dims when the policy config predicts deltas, normalised with the demos' norm stats, zero-padded to
+``action_dim`` -> ``pi0.compute_loss`` (noise ~ N(0, 1), t ~ Beta(1.5, 1)) -> AdamW (global-norm clipping,
+linear warmup then cosine decay).
+
+Output layout (``out_dir``)::
+
+    train_config.json                  settings (resume refuses a different schedule/model, naming each change)
+    assets/physical-intelligence/libero/norm_stats.json   computed once from the demos
+    <step>/params                      Orbax, openpi's released layout -> create_policy(config, "<out>/<step>")
+    <step>/assets/physical-intelligence/libero/norm_stats.json
+    <step>/train_state                 Orbax: optimizer state leaves, step, rng (for resume)
+    <step>/train_meta.json             written last, after an atomic rename: its presence = complete checkpoint
+    metrics.jsonl                      one JSON object per logged step: step, loss, grad_norm, lr, steps_per_s,
+                                       elapsed_s (entries past the resumed checkpoint are dropped on resume)
+    loss.png                           loss curve (log scale) with the learning rate
+"""
+from __future__ import annotations
+
+import concurrent.futures
+import dataclasses
+import functools
+import json
+import logging
+import pathlib
+import shutil
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import orbax.checkpoint as ocp
+from tqdm import tqdm
+
+from openpi.models import checkpoint, pi0
+from openpi.models.config import Pi0Config
+from openpi.models.model import make_observation
+from openpi.models.normalize import NormStats, compute_norm_stats, load_norm_stats, normalize, save_norm_stats
+from openpi.models.param_shapes import init_params, param_shapes
+from openpi.models.tokenizer import EMBEDDED_TOKENIZER, PromptTokenizer
+from openpi.policies import policy_config as pc
+from openpi.policies.libero_policy import IMAGE_KEY, PROMPT_KEY, STATE_KEY, WRIST_KEY, LiberoTransforms
+from openpi.training import demos as demo_io
+
+logger = logging.getLogger(__name__)
+NORM_STATS_REL = pathlib.Path("assets") / pc.LIBERO_ASSET_ID / "norm_stats.json"
+DELTA_DIMS = 6
+
+
+# ------------------------------------------------------------------------------------------------ data
+
+
+class DemoDataset:
+    """Every step of every demo under the given roots, sampled as (frame, state, action chunk, prompt)."""
+
+    def __init__(self, roots: Sequence[str | pathlib.Path], horizon: int) -> None:
+        paths = [p for r in roots for p in demo_io.list_demos(r)]
+        if not paths:
+            raise ValueError(f"no complete demos found under {[str(r) for r in roots]}")
+        self.episodes = [demo_io.read_demo(p, mmap=True) for p in paths]
+        self.paths = paths
+        self.horizon = horizon
+        sizes = {ep.agentview.shape[1] for ep in self.episodes}
+        if len(sizes) != 1:
+            raise ValueError(f"demos mix image sizes {sorted(sizes)}; generate them with one --resize-size")
+        self.index = np.concatenate([np.stack([np.full(ep.steps, i), np.arange(ep.steps)], 1)
+                                     for i, ep in enumerate(self.episodes)])
+
+    def __len__(self) -> int:
+        return len(self.index)
+
+    def chunk(self, episode: int, t: int) -> np.ndarray:
+        """actions[t : t + horizon] (horizon, 7), the last action repeated past the end of the episode."""
+        acts = self.episodes[episode].actions
+        rows = np.minimum(np.arange(t, t + self.horizon), len(acts) - 1)
+        return np.asarray(acts[rows], np.float32)
+
+    def item(self, i: int) -> dict[str, Any]:
+        e, t = (int(x) for x in self.index[i])
+        ep = self.episodes[e]
+        return {IMAGE_KEY: np.asarray(ep.agentview[t]), WRIST_KEY: np.asarray(ep.wrist[t]),
+                STATE_KEY: np.asarray(ep.states[t], np.float32), PROMPT_KEY: ep.prompt,
+                "actions": self.chunk(e, t)}
+
+    def all_states_actions(self, delta_actions: bool) -> tuple[np.ndarray, np.ndarray]:
+        """Every state (N, 8) and every per-step training action (N, 7), the latter in model space (deltas)."""
+        states = np.concatenate([np.asarray(ep.states, np.float32) for ep in self.episodes])
+        actions = np.concatenate([np.asarray(ep.actions, np.float32) for ep in self.episodes])
+        if delta_actions:
+            actions = actions.copy()
+            actions[:, :DELTA_DIMS] -= states[:, :DELTA_DIMS]
+        return states, actions
+
+
+def compute_demo_norm_stats(dataset: DemoDataset, delta_actions: bool) -> dict[str, NormStats]:
+    states, actions = dataset.all_states_actions(delta_actions)
+    return {"state": compute_norm_stats(states), "actions": compute_norm_stats(actions)}
+
+
+def action_targets(chunk: np.ndarray, raw_state: np.ndarray, transforms: LiberoTransforms) -> np.ndarray:
+    """Env actions (H, 7) -> what the model must output (H, action_dim): the inverse of ``transforms.outputs``."""
+    chunk = np.asarray(chunk, np.float32).copy()
+    if transforms.delta_actions:
+        chunk[:, :DELTA_DIMS] -= raw_state[:DELTA_DIMS]
+    if transforms.norm_stats is not None:
+        chunk = normalize(chunk, transforms.norm_stats["actions"], transforms.quantile_norm)
+    out = np.zeros((chunk.shape[0], transforms.config.action_dim), np.float32)
+    out[:, : chunk.shape[1]] = chunk
+    return out
+
+
+def make_batch(items: list[dict[str, Any]], transforms: LiberoTransforms) -> tuple[pi0.Observation, np.ndarray]:
+    """Demo items -> (model Observation, target actions (B, H, action_dim)), preprocessed as at serving time."""
+    inputs = [transforms.inputs({k: v for k, v in it.items() if k != "actions"}) for it in items]
+    keys = transforms.config.image_keys
+    obs = make_observation({k: np.stack([x["images"][k] for x in inputs]) for k in keys},
+                           {k: np.array([x["image_masks"][k] for x in inputs]) for k in keys},
+                           np.stack([x["state"] for x in inputs]),
+                           np.stack([x["tokenized_prompt"] for x in inputs]),
+                           np.stack([x["tokenized_prompt_mask"] for x in inputs]))
+    targets = np.stack([action_targets(it["actions"], x["raw_state"], transforms) for it, x in zip(items, inputs)])
+    return obs, targets
+
+
+# ------------------------------------------------------------------------------------------------ config
+
+
+@dataclasses.dataclass
+class TrainConfig:
+    demo_dirs: tuple[str, ...]
+    out_dir: str
+    policy_config: str = "pi0_tiny"
+    init_checkpoint: str | None = None  # openpi checkpoint to fine-tune from (else seeded random init)
+    tokenizer: str | None = None  # PaliGemma tokenizer for real configs (see create_policy)
+    dtype: str | None = None  # override the config's compute dtype
+    num_steps: int = 2000
+    batch_size: int = 8
+    peak_lr: float = 3e-4
+    end_lr: float = 3e-5
+    warmup_steps: int = 100
+    weight_decay: float = 1e-10
+    clip_grad_norm: float = 1.0
+    b1: float = 0.9
+    b2: float = 0.95
+    seed: int = 0
+    save_every: int = 500
+    keep_last: int | None = 3  # delete older step directories (None: keep all)
+    log_every: int = 10
+
+    def __post_init__(self) -> None:
+        self.demo_dirs = tuple(str(d) for d in self.demo_dirs)
+        for name in ("num_steps", "batch_size", "save_every", "log_every"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if not 0 <= self.warmup_steps < self.num_steps:
+            raise ValueError(f"warmup_steps must be in [0, num_steps={self.num_steps}), got {self.warmup_steps}")
+        if self.keep_last is not None and self.keep_last < 1:
+            raise ValueError(f"keep_last must be >= 1 or None, got {self.keep_last}")
+
+    def fixed(self) -> dict[str, Any]:
+        """Settings a resumed run must share with the run that wrote the checkpoints."""
+        d = dataclasses.asdict(self)
+        for k in ("out_dir", "save_every", "keep_last", "log_every", "demo_dirs", "tokenizer"):
+            d.pop(k)
+        return d
+
+
+def model_config(cfg: TrainConfig) -> Pi0Config:
+    base = pc.get_config(cfg.policy_config).model
+    return base if cfg.dtype is None else dataclasses.replace(base, dtype=cfg.dtype)
+
+
+def count_params(config: Pi0Config) -> int:
+    return int(sum(np.prod(s) for s in param_shapes(config).values()))
+
+
+OPTIMIZER_FIELDS = ("peak_lr", "end_lr", "warmup_steps", "num_steps", "weight_decay", "clip_grad_norm", "b1", "b2")
+
+
+def make_optimizer(cfg: TrainConfig) -> tuple[optax.GradientTransformation, optax.Schedule]:
+    return _optimizer(tuple(getattr(cfg, f) for f in OPTIMIZER_FIELDS))
+
+
+@functools.lru_cache(maxsize=8)
+def _optimizer(settings: tuple) -> tuple[optax.GradientTransformation, optax.Schedule]:
+    o = dict(zip(OPTIMIZER_FIELDS, settings))
+    schedule = optax.warmup_cosine_decay_schedule(init_value=o["peak_lr"] / (o["warmup_steps"] + 1),
+                                                  peak_value=o["peak_lr"], warmup_steps=o["warmup_steps"],
+                                                  decay_steps=o["num_steps"], end_value=o["end_lr"])
+    opt = optax.chain(optax.clip_by_global_norm(o["clip_grad_norm"]),
+                      optax.adamw(schedule, b1=o["b1"], b2=o["b2"], weight_decay=o["weight_decay"]))
+    return opt, schedule
+
+
+@functools.lru_cache(maxsize=8)
+def make_train_step(config: Pi0Config, optimizer: optax.GradientTransformation):
+    """jit(params, opt_state, obs, targets, rng) -> (params, opt_state, {loss, grad_norm}).
+
+    Cached per (config, optimizer) so a resumed run in the same process reuses the compiled step (~30 s on CPU).
+    """
+
+    def loss_fn(params, obs, targets, rng):
+        return jnp.mean(pi0.compute_loss(config, params, obs, targets, rng=rng))
+
+    def step(params, opt_state, obs, targets, rng):
+        loss, grads = jax.value_and_grad(loss_fn)(params, obs, targets, rng)
+        updates, opt_state = optimizer.update(grads, opt_state, params)
+        params = optax.apply_updates(params, updates)
+        return params, opt_state, {"loss": loss, "grad_norm": optax.global_norm(grads)}
+
+    return jax.jit(step, donate_argnums=(0, 1))
+
+
+# ------------------------------------------------------------------------------------------------ checkpoints
+
+
+def step_dirs(out_dir: pathlib.Path) -> list[tuple[int, pathlib.Path]]:
+    """Complete checkpoints (with train_meta.json), oldest first."""
+    if not out_dir.is_dir():
+        return []
+    found = [(int(p.name), p) for p in out_dir.iterdir() if p.is_dir() and p.name.isdigit()
+             and (p / "train_meta.json").is_file()]
+    return sorted(found)
+
+
+def save_checkpoint(out_dir: pathlib.Path, step: int, params, opt_state, rng, norm_stats: dict[str, NormStats],
+                    meta: dict[str, Any], tokenizer_path: pathlib.Path | None = None) -> pathlib.Path:
+    """Write ``<out>/<step>/`` via a temporary directory renamed into place (a killed save leaves no checkpoint)."""
+    final = out_dir / str(step)
+    if final.exists():
+        raise FileExistsError(f"checkpoint {final} already exists; refusing to overwrite it")
+    tmp = out_dir / f".tmp-{step}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    checkpoint.save_params(tmp, jax.device_get(params))
+    leaves = jax.tree_util.tree_leaves(opt_state)
+    state = {"opt_state": {str(i): np.asarray(x) for i, x in enumerate(leaves)},
+             "step": np.asarray(step, np.int64), "rng": np.asarray(jax.random.key_data(rng))}
+    ocp.PyTreeCheckpointer().save((tmp / "train_state").resolve(), state)
+    save_norm_stats(tmp / NORM_STATS_REL, norm_stats)
+    if tokenizer_path is not None and tokenizer_path != EMBEDDED_TOKENIZER:
+        shutil.copy(tokenizer_path, tmp / "assets" / "paligemma_tokenizer.model")
+    (tmp / "train_meta.json").write_text(json.dumps({"step": step, **meta}, indent=1))
+    tmp.rename(final)
+    return final
+
+
+def load_train_state(step_dir: pathlib.Path, opt_state_template) -> tuple[Any, jax.Array, int]:
+    """(opt_state, rng, step) from ``<step>/train_state``; leaf count and shapes must match the optimizer."""
+    restored = ocp.PyTreeCheckpointer().restore((step_dir / "train_state").resolve())
+    leaves, treedef = jax.tree_util.tree_flatten(opt_state_template)
+    stored = restored["opt_state"]
+    if len(stored) != len(leaves):
+        raise checkpoint.CheckpointError(f"{step_dir}/train_state holds {len(stored)} optimizer arrays, the "
+                                         f"optimizer has {len(leaves)}: different optimizer settings?")
+    new = []
+    for i, ref in enumerate(leaves):
+        arr = np.asarray(stored[str(i)])
+        if arr.shape != np.shape(ref):
+            raise checkpoint.CheckpointError(f"{step_dir}/train_state: optimizer array {i} has shape {arr.shape}, "
+                                             f"expected {np.shape(ref)}")
+        new.append(jnp.asarray(arr, dtype=jnp.asarray(ref).dtype))
+    rng = jax.random.wrap_key_data(jnp.asarray(restored["rng"]))
+    return jax.tree_util.tree_unflatten(treedef, new), rng, int(restored["step"])
+
+
+def prune(out_dir: pathlib.Path, keep_last: int | None) -> None:
+    if keep_last is None:
+        return
+    for _, path in step_dirs(out_dir)[:-keep_last]:
+        shutil.rmtree(path)
+
+
+# ------------------------------------------------------------------------------------------------ metrics
+
+
+def read_metrics(path: pathlib.Path) -> list[dict[str, Any]]:
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def truncate_metrics(path: pathlib.Path, last_step: int) -> None:
+    """Drop entries logged after ``last_step`` (by a run killed before its next checkpoint)."""
+    rows = [r for r in read_metrics(path) if r["step"] <= last_step]
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    tmp.replace(path)
+
+
+def plot_loss(metrics: list[dict[str, Any]], path: pathlib.Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    if not metrics:
+        return
+    steps = np.array([m["step"] for m in metrics])
+    loss = np.array([m["loss"] for m in metrics])
+    fig, ax = plt.subplots(figsize=(7, 4))
+    ax.plot(steps, loss, lw=0.8, alpha=0.5, label="loss (batch)")
+    if len(loss) >= 10:
+        k = max(len(loss) // 20, 2)
+        smooth = np.convolve(loss, np.ones(k) / k, mode="valid")
+        ax.plot(steps[k - 1:], smooth, lw=1.8, label=f"loss (mean of {k})")
+    ax.set_yscale("log")
+    ax.set_xlabel("step")
+    ax.set_ylabel("flow-matching loss")
+    ax2 = ax.twinx()
+    ax2.plot(steps, [m["lr"] for m in metrics], color="grey", lw=0.8, ls="--", label="lr")
+    ax2.set_ylabel("learning rate")
+    ax.legend(loc="upper right")
+    ax.set_title("training loss")
+    fig.tight_layout()
+    tmp = path.with_name(f".{path.name}")
+    fig.savefig(tmp, dpi=110, format="png")
+    plt.close(fig)
+    tmp.replace(path)
+
+
+# ------------------------------------------------------------------------------------------------ loop
+
+
+def _check_or_write_config(out_dir: pathlib.Path, cfg: TrainConfig) -> None:
+    path = out_dir / "train_config.json"
+    fixed = cfg.fixed()
+    if path.exists():
+        old = json.loads(path.read_text()).get("fixed", {})
+        diffs = [f"{k}: {old.get(k)!r} on disk vs {v!r} now" for k, v in fixed.items() if old.get(k) != v]
+        if diffs:
+            raise ValueError(f"{out_dir} holds a run with other settings ({'; '.join(diffs)}); use another "
+                             "--out-dir")
+    else:
+        demo_io.write_json_atomic(path, {"fixed": fixed, "demo_dirs": list(cfg.demo_dirs)})
+
+
+def _tokenizer_path(cfg: TrainConfig, policy: pc.PolicyConfig) -> pathlib.Path:
+    if not policy.needs_checkpoint:
+        return pathlib.Path(cfg.tokenizer) if cfg.tokenizer else EMBEDDED_TOKENIZER
+    ckpt = pathlib.Path(cfg.init_checkpoint).expanduser() if cfg.init_checkpoint else None
+    return pc.find_tokenizer(ckpt, cfg.tokenizer)
+
+
+def train(cfg: TrainConfig, progress: bool = True, stop_at: int | None = None) -> dict[str, Any]:
+    """Train (or resume) until ``num_steps`` (or, for a time-boxed run, ``stop_at``, saving a checkpoint there).
+
+    Returns {step, first_loss, final_loss, steps_per_s, checkpoint, num_params}; losses and speed are read from
+    metrics.jsonl, so they cover earlier (resumed) runs too, and steps_per_s excludes the first (compiling) entry.
+    """
+    end = cfg.num_steps if stop_at is None else min(stop_at, cfg.num_steps)
+    out_dir = pathlib.Path(cfg.out_dir).expanduser().resolve()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    policy = pc.get_config(cfg.policy_config)
+    mcfg = model_config(cfg)
+    _check_or_write_config(out_dir, cfg)
+    dataset = DemoDataset(cfg.demo_dirs, mcfg.action_horizon)
+    stats_path = out_dir / NORM_STATS_REL
+    if stats_path.exists():
+        norm_stats = load_norm_stats(stats_path)
+    else:
+        norm_stats = compute_demo_norm_stats(dataset, policy.delta_actions)
+        save_norm_stats(stats_path, norm_stats)
+    tok_path = _tokenizer_path(cfg, policy)
+    transforms = LiberoTransforms(mcfg, PromptTokenizer(tok_path, mcfg.max_token_len), norm_stats,
+                                  quantile_norm=policy.quantile_norm, delta_actions=policy.delta_actions)
+    optimizer, schedule = make_optimizer(cfg)
+    existing = step_dirs(out_dir)
+    if existing:
+        start, last = existing[-1]
+        params = jax.tree.map(jnp.asarray, checkpoint.load_params(last, mcfg, dtype=np.float32))
+        opt_state, rng, stored = load_train_state(last, optimizer.init(params))
+        if stored != start:
+            raise checkpoint.CheckpointError(f"{last}: directory says step {start}, train_state says {stored}")
+        truncate_metrics(out_dir / "metrics.jsonl", start)
+        logger.info("resuming from %s (step %d)", last, start)
+    else:
+        start = 0
+        if cfg.init_checkpoint:
+            params = checkpoint.load_params(cfg.init_checkpoint, mcfg, dtype=np.float32)
+        else:
+            params = init_params(mcfg, seed=cfg.seed)
+        params = jax.tree.map(jnp.asarray, params)
+        opt_state = optimizer.init(params)
+        rng = jax.random.key(cfg.seed)
+    num_params = count_params(mcfg)
+    logger.info("%s: %d parameters, %d demo frames in %d episodes", cfg.policy_config, num_params, len(dataset),
+                len(dataset.episodes))
+    train_step = make_train_step(mcfg, optimizer)
+
+    def batch_for(step: int):
+        picks = np.random.default_rng([cfg.seed, step]).integers(0, len(dataset), cfg.batch_size)
+        return make_batch([dataset.item(int(i)) for i in picks], transforms)
+
+    metrics_path = out_dir / "metrics.jsonl"
+    last_loss = None
+    saved = step_dirs(out_dir)[-1][1] if existing else None
+    t_start = time.monotonic()
+    t_window, steps_window = t_start, 0
+    meta = {"policy_config": cfg.policy_config, "model": mcfg.to_dict(), "num_params": num_params,
+            "demo_dirs": list(cfg.demo_dirs), "num_frames": len(dataset)}
+    with concurrent.futures.ThreadPoolExecutor(1) as pool, open(metrics_path, "a") as log:
+        pending = pool.submit(batch_for, start) if start < end else None
+        bar = tqdm(range(start, end), initial=start, total=cfg.num_steps, desc="train", disable=not progress)
+        for step in bar:
+            obs, targets = pending.result()
+            if step + 1 < end:
+                pending = pool.submit(batch_for, step + 1)
+            rng, step_rng = jax.random.split(rng)
+            params, opt_state, info = train_step(params, opt_state, obs, jnp.asarray(targets), step_rng)
+            steps_window += 1
+            done = step + 1
+            if done % cfg.log_every == 0 or done == end or step == start:
+                loss = float(info["loss"])
+                if not np.isfinite(loss):
+                    raise FloatingPointError(f"loss became {loss} at step {done}; last checkpoint: {saved}")
+                now = time.monotonic()
+                row = {"step": done, "loss": loss, "grad_norm": float(info["grad_norm"]),
+                       "lr": float(schedule(step)), "steps_per_s": steps_window / max(now - t_window, 1e-9),
+                       "elapsed_s": now - t_start}
+                t_window, steps_window = now, 0
+                last_loss = loss
+                log.write(json.dumps(row) + "\n")
+                log.flush()
+                bar.set_postfix(loss=f"{loss:.4f}", lr=f"{row['lr']:.2e}")
+            if done % cfg.save_every == 0 or done == end:
+                saved = save_checkpoint(out_dir, done, params, opt_state, rng, norm_stats,
+                                        {**meta, "loss": last_loss}, tok_path)
+                prune(out_dir, cfg.keep_last)
+                plot_loss(read_metrics(metrics_path), out_dir / "loss.png")
+    metrics = read_metrics(metrics_path)
+    timed = [m["steps_per_s"] for m in metrics[1:]]  # the first entry includes compilation
+    return {"step": max(end, start), "first_loss": metrics[0]["loss"] if metrics else None,
+            "final_loss": metrics[-1]["loss"] if metrics else None,
+            "steps_per_s": float(np.median(timed)) if timed else None,
+            "checkpoint": str(saved) if saved else None, "num_params": num_params}

@@ -1,0 +1,124 @@
+"""Training on synthetic demo frames: the loss falls, resume is exact, and the checkpoint serves via create_policy."""
+from __future__ import annotations
+
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from openpi.models import checkpoint, pi0
+from openpi.models.normalize import compute_norm_stats, load_norm_stats
+from openpi.models.param_shapes import init_params
+from openpi.models.tokenizer import EMBEDDED_TOKENIZER, PromptTokenizer
+from openpi.policies.libero_policy import LiberoTransforms
+from openpi.policies.policy_config import create_policy
+from openpi.training import train
+from openpi.training.demos import write_synthetic_demos
+
+STEPS = 4
+
+
+def _cfg(demo_root, out_dir, **kw) -> train.TrainConfig:
+    base = dict(demo_dirs=(str(demo_root),), out_dir=str(out_dir), num_steps=STEPS, batch_size=2, peak_lr=2e-3,
+                end_lr=1e-3, warmup_steps=1, save_every=2, log_every=1, keep_last=None)
+    base.update(kw)
+    return train.TrainConfig(**base)
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """Run A: killed at step 2 (stop_at), then resumed to the end. Run B: the same in one go."""
+    root = tmp_path_factory.mktemp("train")
+    demo_root = write_synthetic_demos(root / "demos", episodes=3, steps=12)
+    a, b = root / "run_a", root / "run_b"
+    first = train.train(_cfg(demo_root, a), progress=False, stop_at=2)
+    resumed = train.train(_cfg(demo_root, a), progress=False)
+    straight = train.train(_cfg(demo_root, b), progress=False)
+    return {"demos": demo_root, "a": a, "b": b, "first": first, "resumed": resumed, "straight": straight}
+
+
+def test_resume_continues_exactly(runs):
+    a, b = runs["a"], runs["b"]
+    assert runs["first"]["step"] == 2 and runs["resumed"]["step"] == STEPS
+    assert [s for s, _ in train.step_dirs(a)] == [2, STEPS]
+    cfg = train.model_config(_cfg(runs["demos"], a))
+    pa = checkpoint.load_params(a / str(STEPS), cfg)
+    pb = checkpoint.load_params(b / str(STEPS), cfg)
+    p2 = checkpoint.load_params(a / "2", cfg)
+    moved = jax.tree.leaves(jax.tree.map(lambda x, y: float(np.abs(x - y).max()), pa, p2))
+    assert max(moved) > 0  # steps 3-4 changed the weights ...
+    for x, y in zip(jax.tree.leaves(pa), jax.tree.leaves(pb)):  # ... exactly as the uninterrupted run did
+        np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-6)
+    rows = train.read_metrics(a / "metrics.jsonl")
+    assert [r["step"] for r in rows] == list(range(1, STEPS + 1))
+    assert [r["loss"] for r in rows] == pytest.approx([r["loss"] for r in train.read_metrics(b / "metrics.jsonl")],
+                                                      rel=1e-4)
+    meta = json.loads((a / str(STEPS) / "train_meta.json").read_text())
+    assert meta["step"] == STEPS and meta["num_params"] == train.count_params(cfg) == runs["straight"]["num_params"]
+    assert (a / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_training_reduces_the_loss_on_a_fixed_batch(runs):
+    cfg = train.model_config(_cfg(runs["demos"], runs["a"]))
+    stats = load_norm_stats(runs["a"] / train.NORM_STATS_REL)
+    transforms = LiberoTransforms(cfg, PromptTokenizer(EMBEDDED_TOKENIZER, cfg.max_token_len), stats)
+    ds = train.DemoDataset([runs["demos"]], cfg.action_horizon)
+    obs, targets = train.make_batch([ds.item(i) for i in range(0, len(ds), 6)], transforms)
+    rng = np.random.default_rng(0)
+    noise = jnp.asarray(rng.normal(size=targets.shape), jnp.float32)
+    time = jnp.asarray(rng.uniform(0.05, 0.95, size=targets.shape[0]), jnp.float32)
+    loss = jax.jit(lambda p: jnp.mean(pi0.compute_loss(cfg, p, obs, jnp.asarray(targets), noise=noise, time=time)))
+    before = float(loss(jax.tree.map(jnp.asarray, init_params(cfg, seed=0))))
+    after = float(loss(jax.tree.map(jnp.asarray, checkpoint.load_params(runs["a"] / str(STEPS), cfg))))
+    assert np.isfinite(after) and after < 0.8 * before, (before, after)
+
+
+def test_checkpoint_serves_through_create_policy(runs):
+    ckpt = runs["a"] / str(STEPS)
+    policy = create_policy("pi0_tiny", str(ckpt))
+    assert policy.metadata["trained"] and policy.transforms.norm_stats is not None
+    ds = train.DemoDataset([runs["demos"]], 10)
+    item = ds.item(3)
+    out = policy.infer({k: v for k, v in item.items() if k != "actions"}, noise=np.zeros((10, 32), np.float32))
+    assert out["actions"].shape == (10, 7) and np.isfinite(out["actions"]).all()
+    # Norm stats are the demos' statistics (the gripper column of the synthetic demos is exactly +-1).
+    stats = policy.transforms.norm_stats
+    np.testing.assert_allclose(stats["actions"].mean[6], 0.0, atol=1e-6)
+    np.testing.assert_allclose(stats["state"].mean, np.concatenate([np.asarray(e.states)
+                                                                    for e in ds.episodes]).mean(0), atol=1e-5)
+
+
+def test_action_targets_invert_the_policy_outputs():
+    cfg = train.model_config(_cfg("x", "y"))
+    rng = np.random.default_rng(1)
+    chunk, state = rng.normal(size=(10, 7)).astype(np.float32), rng.normal(size=8).astype(np.float32)
+    stats = compute_norm_stats(rng.normal(2, 3, size=(50, 7)))
+    tok = PromptTokenizer(EMBEDDED_TOKENIZER, cfg.max_token_len)
+    for delta in (False, True):
+        for quantile in (False, True):
+            tr = LiberoTransforms(cfg, tok, {"actions": stats}, quantile_norm=quantile, delta_actions=delta)
+            target = train.action_targets(chunk, state, tr)
+            assert target.shape == (10, cfg.action_dim) and not target[:, 7:].any()
+            np.testing.assert_allclose(tr.outputs(target, {"raw_state": state}), chunk, rtol=1e-4, atol=1e-4)
+
+
+def test_chunks_repeat_the_last_action(tmp_path):
+    root = write_synthetic_demos(tmp_path, episodes=1, steps=6)
+    ds = train.DemoDataset([root], horizon=4)
+    acts = np.asarray(ds.episodes[0].actions)
+    np.testing.assert_array_equal(ds.chunk(0, 1), acts[1:5])
+    np.testing.assert_array_equal(ds.chunk(0, 4), acts[[4, 5, 5, 5]])
+    assert len(ds) == 6
+
+
+def test_changed_schedule_is_refused_on_resume(tmp_path):
+    root = write_synthetic_demos(tmp_path / "d", episodes=1, steps=3)
+    out = tmp_path / "run"
+    train._check_or_write_config(out.mkdir() or out, _cfg(root, out))
+    with pytest.raises(ValueError, match="peak_lr"):
+        train.train(_cfg(root, out, peak_lr=1.0), progress=False)
+    (tmp_path / "empty" / "demos").mkdir(parents=True)
+    with pytest.raises(ValueError, match="no complete demos"):
+        train.train(_cfg(tmp_path / "empty", tmp_path / "run2"), progress=False)
