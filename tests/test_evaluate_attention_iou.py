@@ -1,7 +1,10 @@
-"""evaluate_attention_iou.py and example_attention_viz.py on a synthetic recorded run with planted answers."""
+"""evaluate_attention_iou.py (thin script over openpi.interp.recorded_iou) and example_attention_viz.py on a
+synthetic recorded run with planted answers; the script is run end to end, the library is also called directly."""
 from __future__ import annotations
 
 import csv
+import dataclasses
+import inspect
 import json
 import pathlib
 import runpy
@@ -11,6 +14,7 @@ import numpy as np
 import pytest
 from test_recorded_run import REPLAN, T, make_run, rewrite_frames
 
+from openpi.interp import recorded_iou
 from openpi.interp.recorded_run import JoinError
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -116,6 +120,68 @@ def test_missing_frames_file_errors_before_writing(tmp_path):
     with pytest.raises(JoinError, match="no frames file"):
         mod.main(mod.Args(store=store, rollouts=rollouts, out=tmp_path / "out"))
     assert not (tmp_path / "out").exists()
+
+
+def test_library_matches_script(evaluated, tmp_path):
+    """The library entry point alone writes the same episode files and summary as the script did."""
+    _, store, rollouts, out, summary = evaluated
+    direct = recorded_iou.evaluate_run(store, rollouts, tmp_path / "lib", n_boot=50)
+    assert direct["counts"] == summary["counts"] and direct["success_vs_failure"] == summary["success_vs_failure"]
+    assert direct["language_corruption"] == summary["language_corruption"]
+    for p in sorted((out / "episodes").glob("*.json")):
+        assert json.loads((tmp_path / "lib" / "episodes" / p.name).read_text()) == json.loads(p.read_text())
+
+
+def test_script_defaults_match_library():
+    """Every CLI flag is a library parameter with the same default (the thin script must not drift)."""
+    params = inspect.signature(recorded_iou.evaluate_run).parameters
+    args = script("evaluate_attention_iou.py").Args
+    fields = dataclasses.fields(args)
+    assert {f.name for f in fields} == set(params)
+    for f in fields:
+        if f.default is not dataclasses.MISSING:
+            assert params[f.name].default == f.default, f.name
+
+
+def test_bad_shard_errors_before_reading(tmp_path):
+    with pytest.raises(ValueError, match="shard_index"):
+        recorded_iou.evaluate_run(tmp_path / "nostore", tmp_path / "norollouts", tmp_path / "out",
+                                  shard_index=2, num_shards=2)
+    assert not (tmp_path / "out").exists()
+
+
+def test_phase_of_thirds():
+    assert [recorded_iou.phase_of(t) for t in (0.0, 0.33, 0.34, 0.66, 0.67, 1.0)] == \
+        ["early", "early", "mid", "mid", "late", "late"]
+
+
+def _ep(mode: str, episode: int, success: bool, visual: float, run_id: str | None = None) -> dict:
+    qs = [{"phase": ph, "fraction": {"visual": visual + 0.01 * k}, "visual_linguistic_ratio": None}
+          for k, ph in enumerate(recorded_iou.PHASES)]
+    return {"run_id": run_id or mode, "prompt_mode": mode, "suite": "s", "task_id": 0, "episode": episode,
+            "success": success, "queries": qs}
+
+
+def test_language_corruption_pairs_with_original():
+    eps = [_ep("original", 0, True, 0.5), _ep("original", 1, False, 0.5),
+           _ep("shuffle", 0, False, 0.7), _ep("shuffle", 9, True, 0.1)]  # episode 9 has no original partner
+    warnings: list[str] = []
+    res = recorded_iou.language_corruption(eps, warnings)
+    m = res["modes"]["shuffle"]
+    assert res["reference_runs"] == ["original"] and m["run_ids"] == ["shuffle"] and m["n_pairs"] == 1
+    assert m["reference_success_rate"] == 1.0 and m["success_rate"] == 0.0 and m["delta_success_rate"] == -1.0
+    assert m["visual_fraction"]["delta"] == pytest.approx(0.2)
+    assert m["by_phase"]["late"]["reference"] == pytest.approx(0.52)
+    assert m["by_phase"]["late"]["delta"] == pytest.approx(0.2)
+    assert warnings == []
+
+
+def test_language_corruption_without_original_warns():
+    warnings: list[str] = []
+    assert recorded_iou.language_corruption([_ep("empty", 0, True, 0.5), _ep("shuffle", 0, True, 0.5)],
+                                            warnings) is None
+    assert "no run with prompt_mode 'original'" in warnings[0]
+    assert recorded_iou.language_corruption([_ep("original", 0, True, 0.5)], warnings) is None  # one mode only
 
 
 def test_example_viz_all_modes(tmp_path):

@@ -1,0 +1,468 @@
+"""Attention-object IoU and modality analysis of a recorded LIBERO run (activation store + rollout folder).
+
+Library side of ``evaluate_attention_iou.py`` (the script only parses flags and prints); kept here so the scoring,
+summaries and resume logic are importable and tested. Entry point: :func:`evaluate_run`.
+
+Joins every recorded policy query with the frame and instance mask it saw (openpi.interp.recorded_run), averages
+the action-query attention over the selected denoising steps, heads and action queries, and scores the chosen
+camera's share against the episode's objects of interest with openpi.interp.iou (union and per object, with the
+uniform and centre-bias baselines). Runs episode by episode (``--shard-index/--num-shards`` split episodes);
+finished episodes are skipped on a rerun, so a killed run resumes. Summaries are rebuilt from every episode file
+in OUT at the end of each run.
+
+Outputs (OUT/):
+``episodes/<stem>.json`` (schema ``vla-interp/recorded-attention-iou/1``), one per episode::
+
+    run_id, suite, task_id, episode, prompt, original_prompt, prompt_mode, success, episode_steps
+    settings      {camera, layers, denoise_steps, percentile, sigma_frac} (checked on resume)
+    object_ids    {BDDL name: instance id} (matched objects of interest); objects_scored: ids present in the masks
+    warnings      e.g. "no object of interest found in the segmentation" (then every metric is null)
+    queries       [{env_step, replan_index, frame_row, time_frac (env_step / episode_steps), phase early|mid|late,
+                    fraction {visual, instruction, template, state, actions, <camera>...} (layer mean),
+                    visual_linguistic_ratio, layer_mean {METRIC..., mask_area, camera_share, warning,
+                    baselines {uniform|center_bias: {soft_mass, iou_topk}}, objects {"<id>": {soft_mass,
+                    iou_topk, pointing_accuracy} | null}}, per_layer [{layer, same as layer_mean}]}]
+    mean          {METRIC: mean over the episode's queries (layer mean)}
+
+METRIC: soft_mass, pointing_accuracy, iou_topk, dice_topk, iou_percentile, iou_otsu, iou_ceiling_percentile,
+iou_chance_percentile (definitions: openpi.interp.iou, ATTENTION_VIZ_README.md). Undefined values are null.
+
+``summary_tasks.csv`` / ``summary_suites.csv``: one row per (run_id, prompt_mode, suite[, task_id], layer) with
+layer = ``mean`` or a layer index: n_episodes, n_queries, success_rate, mean and episode-bootstrap 95% CI of
+iou_topk and soft_mass, means of pointing_accuracy, iou_percentile, uniform/centre-bias iou_topk, visual and
+instruction fractions.
+``summary.json`` (schema ``vla-interp/recorded-attention-iou-summary/1``): {counts {episodes, expected_episodes,
+missing_episodes, queries}, warnings [str], success_vs_failure {run_id: {success|failure: {n_episodes, n_queries,
+METRIC | uniform_iou_topk | center_bias_iou_topk | visual_fraction | instruction_fraction | success: {mean,
+ci_low, ci_high, n}}, difference {iou_topk, soft_mass, pointing_accuracy, visual_fraction: success - failure} |
+null}}, modality {run_id: {prompt_modes, visual, instruction, by_phase {early|mid|late: {n_queries, visual,
+instruction, visual_linguistic_ratio}}}}, language_corruption (null unless several prompt modes)
+{reference_runs, modes {prompt_mode: {run_ids, n_pairs, reference_success_rate, success_rate,
+delta_success_rate, visual_fraction {reference, corrupted, delta}, by_phase {phase: {reference, corrupted,
+delta}}}}}}. Episodes pair by (suite, task_id, episode) with the run whose prompt_mode is ``original``.
+Figures: ``evolution.png`` (IoU top-k and soft mass over normalised episode time, success vs failure),
+``modality_evolution.png`` (visual and instruction fractions over time per prompt mode), and with
+``--overlays`` ``overlays/<stem>/s<env_step>.png``, with ``--video`` ``videos/<stem>.mp4``.
+"""
+from __future__ import annotations
+
+import csv
+import json
+import pathlib
+from collections.abc import Sequence
+from typing import Literal
+
+import numpy as np
+import tqdm
+
+from openpi.interp import attention as A
+from openpi.interp import attention_plots as plots
+from openpi.interp import iou
+from openpi.interp.recorded_run import EpisodeKey, JoinError, PolicyQuery, RecordedRun
+
+SCHEMA = "vla-interp/recorded-attention-iou/1"
+METRICS: tuple[str, ...] = ("soft_mass", "pointing_accuracy", "iou_topk", "dice_topk", "iou_percentile",
+                            "iou_otsu", "iou_ceiling_percentile", "iou_chance_percentile")
+BASE_METRICS: tuple[str, ...] = ("soft_mass", "iou_topk")
+PHASES: tuple[str, ...] = ("early", "mid", "late")
+NO_OBJECT_WARNING = "no object of interest found in the segmentation of camera {camera}; metrics are null"
+Camera = Literal["base_0_rgb", "left_wrist_0_rgb"]
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Per episode
+# --------------------------------------------------------------------------------------------------------------
+def phase_of(time_frac: float) -> str:
+    """early / mid / late third of the episode."""
+    return PHASES[min(2, int(time_frac * 3))]
+
+
+def _nan_to_none(v) -> float | None:
+    v = float(v)
+    return v if np.isfinite(v) else None
+
+
+def score_episode(queries: Sequence[PolicyQuery], camera: str, percentile: float, sigma_frac: float) -> dict:
+    """Metrics and modality fractions of one episode's queries (attention axes: layers, keys)."""
+    q0 = queries[0]
+    table = q0.table
+    if camera not in table.valid_cameras:
+        raise ValueError(f"camera {camera!r} is not a valid camera of the recording (valid: {table.valid_cameras})")
+    missing = [q.env_step for q in queries if camera not in q.masks]
+    if missing:
+        raise JoinError(f"frames of episode {q0.key.stem} have no instance masks for {camera} "
+                        f"(env steps {missing[:5]}); rerun the client with --save-frames")
+    layers = q0.layers
+    rows = np.stack([q.attention for q in queries])  # (N, L, K)
+    rows = np.concatenate([rows.mean(axis=1, keepdims=True), rows], axis=1)  # index 0 = layer mean
+    n, l1, _ = rows.shape
+    grid = table.grid
+    masks = np.stack([q.masks[camera] for q in queries])
+    warnings: list[str] = []
+    ids = sorted(set(q0.object_ids.values()))
+    present = [i for i in ids if i in set(iou.present_ids(masks))]
+    absent = [i for i in ids if i not in present]
+    if absent and present:
+        warnings.append(f"object instance ids {absent} never appear in the {camera} masks of this episode")
+    if not present:
+        warnings.append(NO_OBJECT_WARNING.format(camera=camera))
+
+    summaries = A.modality_summary(rows[:, 0], table)
+    per_query: list[dict] = []
+    for i, q in enumerate(queries):
+        frac = q.env_step / max(q.episode_steps, 1)
+        per_query.append({"env_step": q.env_step, "replan_index": q.replan_index, "frame_row": q.frame_row,
+                          "time_frac": frac, "phase": phase_of(frac),
+                          "fraction": {k.split("/", 1)[1]: _nan_to_none(v[i]) for k, v in summaries.items()
+                                       if k.startswith("fraction/")},
+                          "visual_linguistic_ratio": _nan_to_none(summaries["visual_linguistic_ratio"][i])})
+
+    def empty_entry() -> dict:
+        return {m: None for m in METRICS} | {"mask_area": None, "camera_share": None, "warning": None,
+                                             "baselines": None, "objects": {}}
+
+    entries = [[empty_entry() for _ in range(l1)] for _ in range(n)]
+    if present:
+        cam = A.camera_probs(rows.reshape(n * l1, -1), table, camera)
+        iou.validate_attention(cam, source=f"{camera} attention of episode {q0.key.stem}")
+        cover = iou.pool_objects(masks, present, grid)
+        cover_rep = {k: np.repeat(v, l1, axis=0) for k, v in cover.items()}
+        union = iou.MaskInfo.from_coverage(np.clip(sum(cover_rep.values()), 0.0, 1.0))
+        res = iou.evaluate(cam, union, percentile, sigma_frac, grid)
+        obj = {k: iou.frame_metrics(iou.normalise_rows(cam), iou.MaskInfo.from_coverage(v), percentile)
+               for k, v in cover_rep.items()}
+        share = cam.sum(axis=1)
+        for flat in range(n * l1):
+            i, j = divmod(flat, l1)
+            e = entries[i][j]
+            e.update({m: _nan_to_none(res["attention"][m][flat]) for m in METRICS})
+            e["mask_area"] = float(union.area[flat])
+            e["camera_share"] = float(share[flat])
+            e["warning"] = iou.EMPTY_MASK_WARNING if union.empty[flat] else None
+            e["baselines"] = {b: {m: _nan_to_none(res[b][m][flat]) for m in BASE_METRICS}
+                              for b in ("uniform", "center_bias")}
+            e["objects"] = {str(k): ({m: _nan_to_none(v[m][flat]) for m in iou.PER_OBJECT_FRAME_KEYS}
+                                     if cover[k][i].any() else None) for k, v in obj.items()}
+    for i, entry in enumerate(per_query):
+        entry["layer_mean"] = entries[i][0]
+        entry["per_layer"] = [{"layer": lay, **entries[i][j + 1]} for j, lay in enumerate(layers)]
+    mean = {m: _mean([e["layer_mean"][m] for e in per_query]) for m in METRICS}
+    return {"object_ids": q0.object_ids, "objects_scored": present, "warnings": warnings,
+            "queries": per_query, "mean": mean,
+            "table_warnings": A.sanity_warnings(A.modality_masses(rows[:, 0], table), table)}
+
+
+def _mean(values: Sequence[float | None]) -> float | None:
+    v = [x for x in values if x is not None]
+    return float(np.mean(v)) if v else None
+
+
+def render_episode(queries: Sequence[PolicyQuery], result: dict, out: pathlib.Path, stem: str, camera: str,
+                   overlays: bool, video: bool) -> None:
+    """Overlay PNGs (valid cameras with frames) and an MP4 of the scored camera next to the other one."""
+    table = queries[0].table
+    cams = [c for c in table.valid_cameras if c in queries[0].frames]
+    movie = []
+    for q, entry in zip(queries, result["queries"]):
+        row = q.attention.mean(axis=0)
+        heat = A.camera_heatmaps(row, table, cams)
+        m = entry["layer_mean"]
+        title = (f"{stem} step {q.env_step}  IoU(top-k) {_fmt(m['iou_topk'])}  soft mass {_fmt(m['soft_mass'])}  "
+                 f"{'success' if q.success else 'failure'}")
+        if overlays:
+            plots.plot_camera_overlays({c: q.frames[c] for c in cams}, heat, out / "overlays" / stem /
+                                       f"s{q.env_step:04d}.png", title=title,
+                                       shares={c: float(entry["fraction"].get(c) or 0.0) for c in cams})
+        if video:
+            movie.append(plots.side_by_side([plots.overlay(q.frames[c], heat[c]) for c in cams]))
+    if video and movie:
+        plots.write_mp4(movie, out / "videos" / f"{stem}.mp4", fps=5)
+
+
+def _fmt(v: float | None) -> str:
+    return "n/a" if v is None else f"{v:.3f}"
+
+
+def settings_of(run: RecordedRun, camera: str, steps: Sequence[int] | None, percentile: float,
+                sigma_frac: float) -> dict:
+    """The settings an episode file records; a resumed run must match them so files never mix settings."""
+    return {"camera": camera, "layers": list(run.layer_sites), "denoise_steps": steps,
+            "percentile": percentile, "sigma_frac": sigma_frac}
+
+
+def episode_result(run: RecordedRun, key: EpisodeKey, settings: dict) -> tuple[dict, list[PolicyQuery]]:
+    """One episode's result file contents (``settings`` from :func:`settings_of`) and its joined queries."""
+    queries = run.episode_queries(key)
+    if not queries:
+        raise JoinError(f"episode {key.stem} has no recorded policy queries")
+    q0 = queries[0]
+    scored = score_episode(queries, settings["camera"], settings["percentile"], settings["sigma_frac"])
+    result = {"schema": SCHEMA, "run_id": key.run_id, "suite": key.suite, "task_id": key.task_id,
+              "episode": key.episode, "prompt": q0.prompt, "original_prompt": q0.original_prompt,
+              "prompt_mode": q0.prompt_mode, "success": q0.success, "episode_steps": q0.episode_steps,
+              "settings": settings, **scored}
+    return result, queries
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Summaries over episodes
+# --------------------------------------------------------------------------------------------------------------
+def _episode_values(ep: dict, layer: int | None) -> dict[str, float]:
+    """Per-episode means of each metric and fraction (layer None = layer mean)."""
+    out: dict[str, float] = {}
+    qs = ep["queries"]
+    entries = [q["layer_mean"] if layer is None else next(e for e in q["per_layer"] if e["layer"] == layer)
+               for q in qs]
+    for m in METRICS:
+        v = _mean([e[m] for e in entries])
+        out[m] = np.nan if v is None else v
+    for b in ("uniform", "center_bias"):
+        v = _mean([e["baselines"][b]["iou_topk"] if e["baselines"] else None for e in entries])
+        out[f"{b}_iou_topk"] = np.nan if v is None else v
+    for f in ("visual", "instruction"):
+        v = _mean([q["fraction"].get(f) for q in qs])
+        out[f"{f}_fraction"] = np.nan if v is None else v
+    out["success"] = float(ep["success"])
+    return out
+
+
+def _stats(eps: Sequence[dict], layer: int | None, n_boot: int, seed: int) -> dict:
+    vals = [_episode_values(e, layer) for e in eps]
+    names = list(vals[0])
+    table = {k: np.array([v[k] for v in vals]) for k in names}
+    boot = iou.bootstrap_means(table, None, n_boot, seed)
+    return {"n_episodes": len(eps), "n_queries": sum(len(e["queries"]) for e in eps), **boot}
+
+
+CSV_FIELDS = ["run_id", "prompt_mode", "suite", "task_id", "layer", "n_episodes", "n_queries", "success_rate",
+              "iou_topk", "iou_topk_ci_low", "iou_topk_ci_high", "soft_mass", "soft_mass_ci_low",
+              "soft_mass_ci_high", "pointing_accuracy", "iou_percentile", "uniform_iou_topk",
+              "center_bias_iou_topk", "visual_fraction", "instruction_fraction"]
+
+
+def _csv_row(group: dict, layer, stats: dict) -> dict:
+    row = dict(group) | {"layer": "mean" if layer is None else layer, "n_episodes": stats["n_episodes"],
+                         "n_queries": stats["n_queries"], "success_rate": stats["success"]["mean"]}
+    for m in ("iou_topk", "soft_mass"):
+        row |= {m: stats[m]["mean"], f"{m}_ci_low": stats[m]["ci_low"], f"{m}_ci_high": stats[m]["ci_high"]}
+    for m in ("pointing_accuracy", "iou_percentile", "uniform_iou_topk", "center_bias_iou_topk",
+              "visual_fraction", "instruction_fraction"):
+        row[m] = stats[m]["mean"]
+    return {k: ("" if isinstance(v, float) and not np.isfinite(v) else v) for k, v in row.items()}
+
+
+def write_csv(path: pathlib.Path, rows: list[dict]) -> None:
+    """Atomic CSV write (temp file + rename) with the fixed ``CSV_FIELDS`` header."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=CSV_FIELDS, extrasaction="ignore")
+        w.writeheader()
+        w.writerows(rows)
+    tmp.replace(path)
+
+
+def summary_tables(episodes: Sequence[dict], n_boot: int, seed: int) -> tuple[list[dict], list[dict]]:
+    """(per-task rows, per-suite rows) for the CSV files; layer mean first, then each layer."""
+    layers = [e["layer"] for e in episodes[0]["queries"][0]["per_layer"]] if episodes else []
+    out = []
+    for by_task in (True, False):
+        groups: dict[tuple, list[dict]] = {}
+        for e in episodes:
+            g = (e["run_id"], e["prompt_mode"], e["suite"], e["task_id"] if by_task else "all")
+            groups.setdefault(g, []).append(e)
+        rows = []
+        for g, eps in sorted(groups.items(), key=lambda kv: tuple(str(v) for v in kv[0])):
+            info = dict(zip(("run_id", "prompt_mode", "suite", "task_id"), g))
+            for layer in [None, *layers]:
+                rows.append(_csv_row(info, layer, _stats(eps, layer, n_boot, seed)))
+        out.append(rows)
+    return out[0], out[1]
+
+
+def success_vs_failure(episodes: Sequence[dict], n_boot: int, seed: int) -> dict:
+    """Per run: episode-bootstrap stats of successful vs failed episodes and their difference of means."""
+    out = {}
+    for run_id in sorted({e["run_id"] for e in episodes}):
+        eps = [e for e in episodes if e["run_id"] == run_id]
+        part = {}
+        for label, flag in (("success", True), ("failure", False)):
+            sel = [e for e in eps if e["success"] == flag]
+            part[label] = _stats(sel, None, n_boot, seed) if sel else {"n_episodes": 0, "n_queries": 0}
+        if part["success"]["n_episodes"] and part["failure"]["n_episodes"]:
+            part["difference"] = {m: part["success"][m]["mean"] - part["failure"][m]["mean"]
+                                  for m in ("iou_topk", "soft_mass", "pointing_accuracy", "visual_fraction")}
+        else:
+            part["difference"] = None
+        out[run_id] = part
+    return out
+
+
+def _phase_fractions(eps: Sequence[dict]) -> dict:
+    """Mean modality fractions of the queries in each third of the episode."""
+    out = {}
+    for ph in PHASES:
+        qs = [q for e in eps for q in e["queries"] if q["phase"] == ph]
+        out[ph] = {"n_queries": len(qs), "visual": _mean([q["fraction"].get("visual") for q in qs]),
+                   "instruction": _mean([q["fraction"].get("instruction") for q in qs]),
+                   "visual_linguistic_ratio": _mean([q["visual_linguistic_ratio"] for q in qs])}
+    return out
+
+
+def modality_by_run(episodes: Sequence[dict]) -> dict:
+    """Per run: overall and per-phase visual / instruction attention fractions."""
+    out = {}
+    for run_id in sorted({e["run_id"] for e in episodes}):
+        eps = [e for e in episodes if e["run_id"] == run_id]
+        out[run_id] = {"prompt_modes": sorted({e["prompt_mode"] for e in eps}), "by_phase": _phase_fractions(eps),
+                       "visual": _mean([q["fraction"].get("visual") for e in eps for q in e["queries"]]),
+                       "instruction": _mean([q["fraction"].get("instruction") for e in eps for q in e["queries"]])}
+    return out
+
+
+def language_corruption(episodes: Sequence[dict], warnings: list[str]) -> dict | None:
+    """Change of visual fraction and success of each corrupted prompt mode vs the original-prompt run."""
+    modes = sorted({e["prompt_mode"] for e in episodes})
+    if len(modes) < 2:
+        return None
+    originals = {}
+    for e in episodes:
+        if e["prompt_mode"] == "original":
+            originals.setdefault((e["suite"], e["task_id"], e["episode"]), e)
+    if not originals:
+        warnings.append(f"prompt modes {modes} but no run with prompt_mode 'original': no language-corruption "
+                        "comparison")
+        return None
+    ref_runs = sorted({e["run_id"] for e in originals.values()})
+    result = {"reference_runs": ref_runs, "modes": {}}
+    for mode in (m for m in modes if m != "original"):
+        pairs = [(originals[k], e) for e in episodes if e["prompt_mode"] == mode
+                 for k in [(e["suite"], e["task_id"], e["episode"])] if k in originals]
+        if not pairs:
+            warnings.append(f"prompt mode {mode!r}: no episode pairs with an original-prompt episode "
+                            "(same suite, task and episode)")
+            continue
+        refs, cors = [p[0] for p in pairs], [p[1] for p in pairs]
+
+        def vis(eps: Sequence[dict]) -> float | None:
+            return _mean([q["fraction"].get("visual") for e in eps for q in e["queries"]])
+
+        rp, cp = _phase_fractions(refs), _phase_fractions(cors)
+        r_s, c_s = float(np.mean([e["success"] for e in refs])), float(np.mean([e["success"] for e in cors]))
+        vr, vc = vis(refs), vis(cors)
+        result["modes"][mode] = {
+            "run_ids": sorted({e["run_id"] for e in cors}), "n_pairs": len(pairs),
+            "reference_success_rate": r_s, "success_rate": c_s, "delta_success_rate": c_s - r_s,
+            "visual_fraction": {"reference": vr, "corrupted": vc,
+                                "delta": None if vr is None or vc is None else vc - vr},
+            "by_phase": {ph: {"reference": rp[ph]["visual"], "corrupted": cp[ph]["visual"],
+                              "delta": None if rp[ph]["visual"] is None or cp[ph]["visual"] is None
+                              else cp[ph]["visual"] - rp[ph]["visual"]} for ph in PHASES},
+        }
+    return result
+
+
+def _binned(eps: Sequence[dict], value, bins: int) -> np.ndarray:
+    """Mean of ``value(query)`` in equal bins of normalised episode time (NaN where a bin is empty)."""
+    sums, counts = np.zeros(bins), np.zeros(bins)
+    for e in eps:
+        for q in e["queries"]:
+            v = value(q)
+            if v is not None:
+                b = min(bins - 1, int(q["time_frac"] * bins))
+                sums[b] += v
+                counts[b] += 1
+    with np.errstate(invalid="ignore"):
+        return np.where(counts > 0, sums / np.maximum(counts, 1), np.nan)
+
+
+def plot_summaries(episodes: Sequence[dict], out: pathlib.Path, bins: int = 10) -> None:
+    """``evolution.png`` (alignment, success vs failure) and ``modality_evolution.png`` (per prompt mode)."""
+    x = (np.arange(bins) + 0.5) / bins
+    series = {}
+    for label, flag in (("success", True), ("failure", False)):
+        eps = [e for e in episodes if e["success"] == flag]
+        if eps:
+            series[f"IoU top-k ({label})"] = _binned(eps, lambda q: q["layer_mean"]["iou_topk"], bins)
+            series[f"soft mass ({label})"] = _binned(eps, lambda q: q["layer_mean"]["soft_mass"], bins)
+    plots.plot_evolution(x, series, out / "evolution.png", xlabel="episode time (fraction of steps)",
+                         ylabel="attention-object alignment", title="alignment over the episode")
+    series = {}
+    for mode in sorted({e["prompt_mode"] for e in episodes}):
+        eps = [e for e in episodes if e["prompt_mode"] == mode]
+        series[f"visual ({mode})"] = _binned(eps, lambda q: q["fraction"].get("visual"), bins)
+        series[f"instruction ({mode})"] = _binned(eps, lambda q: q["fraction"].get("instruction"), bins)
+    plots.plot_evolution(x, series, out / "modality_evolution.png", xlabel="episode time (fraction of steps)",
+                         title="modality fractions over the episode")
+
+
+def load_episode_results(out: pathlib.Path) -> list[dict]:
+    """Every episode file in ``out/episodes`` (all shards), sorted by file name."""
+    eps = []
+    for p in sorted((out / "episodes").glob("*.json")):
+        try:
+            eps.append(json.loads(p.read_text()))
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"episode result {p} is not valid JSON ({exc}); delete it to recompute") from exc
+    return eps
+
+
+def summarise(out: pathlib.Path, n_boot: int, seed: int, expected: int, warnings: list[str]) -> dict:
+    """Rebuild the CSV tables, ``summary.json`` and figures from every episode file; returns the summary."""
+    episodes = load_episode_results(out)
+    if not episodes:
+        raise ValueError(f"no episode results in {out / 'episodes'}")
+    for e in episodes:
+        warnings.extend(f"{e['run_id']}__{e['suite']}__task{e['task_id']}__ep{e['episode']}: {w}"
+                        for w in e["warnings"])
+    tasks, suites = summary_tables(episodes, n_boot, seed)
+    write_csv(out / "summary_tasks.csv", tasks)
+    write_csv(out / "summary_suites.csv", suites)
+    summary = {"schema": SCHEMA.replace("/1", "-summary/1"),
+               "counts": {"episodes": len(episodes), "expected_episodes": expected,
+                          "missing_episodes": max(0, expected - len(episodes)),
+                          "queries": sum(len(e["queries"]) for e in episodes)},
+               "success_vs_failure": success_vs_failure(episodes, n_boot, seed),
+               "modality": modality_by_run(episodes)}
+    summary["language_corruption"] = language_corruption(episodes, warnings)
+    summary["warnings"] = warnings
+    A.write_json(out / "summary.json", summary)
+    plot_summaries(episodes, out)
+    return summary
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Whole run
+# --------------------------------------------------------------------------------------------------------------
+def evaluate_run(store: pathlib.Path, rollouts: pathlib.Path, out: pathlib.Path, *,
+                 layers: Sequence[int] | None = None, steps: Sequence[int] | None = None,
+                 camera: Camera = "base_0_rgb", overlays: bool = False, video: bool = False,
+                 percentile: float = 90.0, sigma_frac: float = 0.25, n_boot: int = 1000, seed: int = 0,
+                 on_missing: Literal["error", "skip"] = "error", shard_index: int = 0,
+                 num_shards: int = 1) -> dict:
+    """Score this shard's unfinished episodes into ``out/episodes/``, then rebuild every summary from all of them.
+
+    Episode files already in ``out`` are skipped (resume) after checking that they were computed with the same
+    settings; the summaries cover every episode file present, so shards can finish in any order. Returns the
+    ``summary.json`` contents.
+    """
+    if num_shards < 1 or not 0 <= shard_index < num_shards:
+        raise ValueError(f"need 0 <= shard_index < num_shards, got {shard_index}, {num_shards}")
+    out = pathlib.Path(out)
+    run = RecordedRun(store, rollouts, layers=layers, steps=steps, reduce=("steps", "heads", "queries"),
+                      on_missing=on_missing)
+    keys = run.episode_keys()
+    mine = keys[shard_index::num_shards]
+    settings = settings_of(run, camera, steps, percentile, sigma_frac)
+    for key in tqdm.tqdm(mine, desc="episodes", unit="ep"):
+        path = out / "episodes" / f"{key.stem}.json"
+        if path.exists():
+            old = json.loads(path.read_text()).get("settings")
+            if old != A.json_safe(settings):
+                raise ValueError(f"{path} was computed with settings {old}, now {settings}; use another --out")
+            continue
+        result, queries = episode_result(run, key, settings)
+        if overlays or video:
+            render_episode(queries, result, out, key.stem, camera, overlays, video)
+        A.write_json(path, result)
+    return summarise(out, n_boot, seed, len(keys), list(run.warnings))
