@@ -44,6 +44,8 @@ import pathlib
 import re
 from typing import Any, Callable
 
+from openpi.shared.io import write_json_atomic, write_text_atomic
+
 SCHEMA = "vla-interp/report/1"
 _NUMERIC = re.compile(r"^\s*(-?[0-9.]+(e-?[0-9]+)?|n/a)(\s|$)")
 
@@ -826,10 +828,8 @@ def write_report(out: str | os.PathLike) -> pathlib.Path:
                             "reason": _strip_tags(html.unescape(s.reason)) if s.reason else None,
                             "figures": s.figures, "links": sorted(set(s.links))} for s in sections],
               "stages": ctx.stages, "summary": summary}
-    for name, text in (("index.html", page), ("report.json", json.dumps(record, indent=1))):
-        tmp = out / f".{name}.tmp"
-        tmp.write_text(text)
-        os.replace(tmp, out / name)
+    write_text_atomic(out / "index.html", page)
+    write_json_atomic(out / "report.json", record, indent=1, allow_nan=True)
     return out / "index.html"
 
 

@@ -55,7 +55,6 @@ import logging
 import os
 import pathlib
 import re
-import tempfile
 import time
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any, Protocol
@@ -65,6 +64,7 @@ import tqdm
 
 from openpi.envs import libero_env
 from openpi.envs import perturbations as pert
+from openpi.shared.io import json_default, jsonable, read_json, save_npz_atomic, write_json_atomic
 
 logger = logging.getLogger(__name__)
 
@@ -195,42 +195,8 @@ class RolloutConfig:
 
 
 # --------------------------------------------------------------------------------------------------
-# Atomic file helpers
+# File helpers (atomic JSON/npz writes live in openpi.shared.io)
 # --------------------------------------------------------------------------------------------------
-
-
-def _umask_mode() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return 0o666 & ~mask
-
-
-def _atomic_write_text(path: pathlib.Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.chmod(tmp, _umask_mode())  # mkstemp makes 0600 files; records should be as readable as any other output
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
-def _atomic_savez(path: pathlib.Path, arrays: dict[str, np.ndarray]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=".npz")
-    os.chmod(tmp, _umask_mode())
-    try:
-        with os.fdopen(fd, "wb") as f:
-            np.savez_compressed(f, **arrays)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
 
 def _write_video(path: pathlib.Path, frames: Sequence[np.ndarray], fps: int) -> None:
@@ -248,26 +214,10 @@ def _write_video(path: pathlib.Path, frames: Sequence[np.ndarray], fps: int) -> 
             tmp.unlink()
 
 
-def _json_default(o: Any) -> Any:
-    if isinstance(o, np.ndarray):
-        return o.tolist()
-    if isinstance(o, np.generic):
-        return o.item()
-    if isinstance(o, pathlib.Path):
-        return str(o)
-    raise TypeError(f"not JSON serialisable: {type(o).__name__}")
-
-
 def to_jsonable(obj: Any) -> Any:
-    """Round-trip through JSON: numpy arrays/scalars become lists/numbers, anything else unknown its repr."""
-
-    def default(o: Any) -> Any:
-        try:
-            return _json_default(o)
-        except TypeError:
-            return repr(o)
-
-    return json.loads(json.dumps(obj, default=default))
+    """Numpy arrays/scalars -> lists/numbers, paths -> str, anything else unknown -> its repr; NaN stays NaN
+    (run settings are compared with what ``json.loads`` reads back, which keeps NaN)."""
+    return jsonable(obj, nonfinite="keep", default=repr)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -280,10 +230,7 @@ def check_or_write_run_config(cfg: RolloutConfig, extra: dict[str, Any] | None =
     path = cfg.out_dir / "runs" / f"{cfg.run_id}.json"
     settings = to_jsonable(cfg.settings())
     if path.exists():
-        try:
-            stored = json.loads(path.read_text())
-        except json.JSONDecodeError as exc:
-            raise ValueError(f"run config {path} is not valid JSON ({exc}); fix or remove it") from exc
+        stored = read_json(path, "run config", hint="fix or remove it")
         old = stored.get("settings", {})
         diffs = [f"{k}: stored {old.get(k)!r} vs now {settings.get(k)!r}" for k in settings if old.get(k) != settings.get(k)]
         if diffs:
@@ -294,7 +241,7 @@ def check_or_write_run_config(cfg: RolloutConfig, extra: dict[str, Any] | None =
         return stored
     record = {"schema": RUN_SCHEMA, "run_id": cfg.run_id, "settings": settings, **to_jsonable(extra or {})}
     record["created_at"] = _now()
-    _atomic_write_text(path, json.dumps(record, indent=1))
+    write_json_atomic(path, record, indent=1, allow_nan=True)
     return record
 
 
@@ -503,9 +450,9 @@ def write_episode(result: EpisodeResult, cfg: RolloutConfig) -> dict[str, Any]:
         rec["video"] = _relative_or_absolute(video_path, cfg.out_dir)
     if result.frames is not None:
         frames_path = cfg.frames_npz(spec)
-        _atomic_savez(frames_path, result.frames)
+        save_npz_atomic(frames_path, result.frames, compress=True)
         rec["frames"] = _relative_or_absolute(frames_path, cfg.out_dir)
-    _atomic_write_text(json_path, json.dumps(rec, default=_json_default))
+    write_json_atomic(json_path, rec, indent=None, allow_nan=True, default=json_default)
     return rec
 
 
@@ -520,10 +467,7 @@ def episode_status(path: pathlib.Path) -> str:
     """'missing', 'complete' or 'policy_error' for an episode record path (unreadable records raise)."""
     if not path.exists():
         return "missing"
-    try:
-        status = json.loads(path.read_text()).get("status", "complete")
-    except json.JSONDecodeError as exc:
-        raise ValueError(f"episode record {path} is not valid JSON ({exc}); move it away to rerun the episode") from exc
+    status = read_json(path, "episode record", hint="move it away to rerun the episode").get("status", "complete")
     return str(status)
 
 
@@ -611,7 +555,7 @@ def evaluate(
         if env is not None and close_envs:
             env.close()
         summary = summarize(cfg.out_dir, cfg.run_id, expected if expected is not None else episodes)
-        _atomic_write_text(cfg.out_dir / "results" / f"{cfg.run_id}.json", json.dumps(summary, indent=1))
+        write_json_atomic(cfg.out_dir / "results" / f"{cfg.run_id}.json", summary, indent=1, allow_nan=True)
     return summary
 
 
@@ -626,10 +570,7 @@ def summarize(out_dir: pathlib.Path, run_id: str, expected: Iterable[EpisodeSpec
     suites: dict[str, dict[str, Any]] = {}
     seen: set[EpisodeSpec] = set()
     for p in paths:
-        try:
-            rec = json.loads(pathlib.Path(p).read_text())
-        except json.JSONDecodeError as exc:
-            raise ValueError(f"episode record {p} is not valid JSON: {exc}") from exc
+        rec = read_json(p, "episode record")
         if rec.get("run_id") != run_id:
             continue
         seen.add(EpisodeSpec(rec["suite"], int(rec["task_id"]), int(rec["episode"])))

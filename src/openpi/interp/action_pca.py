@@ -22,12 +22,13 @@ from __future__ import annotations
 
 import dataclasses
 import glob
-import json
 import os
 from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
+
+from openpi.shared.io import read_json
 
 ACTION_DIM_NAMES = ("dx", "dy", "dz", "droll", "dpitch", "dyaw", "gripper")
 REQUIRED_FIELDS = ("run_id", "suite", "task_id", "episode", "success", "actions", "states")
@@ -51,11 +52,7 @@ def load_episode_records(directory: str) -> list[dict[str, Any]]:
         raise ActionInputError(f"no episode JSON files in {root!r}")
     records = []
     for p in paths:
-        try:
-            with open(p) as f:
-                rec = json.load(f)
-        except json.JSONDecodeError as e:
-            raise ActionInputError(f"{p}: not valid JSON ({e})") from e
+        rec = read_json(p, "episode record", error=ActionInputError)
         missing = [k for k in REQUIRED_FIELDS if k not in rec]
         if missing:
             raise ActionInputError(f"{p}: missing fields {missing}")

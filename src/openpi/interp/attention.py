@@ -25,15 +25,14 @@ probability rows is again a probability row.
 from __future__ import annotations
 
 import dataclasses
-import json
-import math
 import os
 import pathlib
-import tempfile
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
+
+from openpi.shared.io import jsonable, read_json, write_json_atomic
 
 CANONICAL_AXES: tuple[str, ...] = ("steps", "layers", "heads", "queries", "keys")
 KNOWN_AXES: tuple[str, ...] = ("time", *CANONICAL_AXES)
@@ -156,12 +155,7 @@ def _check_no_overlap(spans: Mapping[str, tuple[tuple[int, int], ...]], source: 
 def load_span_table(path: str | os.PathLike) -> SpanTable:
     """Read a span table JSON file (a bare table or a dict holding it under ``"spans_table"``)."""
     path = pathlib.Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"span table {path} not found")
-    try:
-        data = json.loads(path.read_text())
-    except json.JSONDecodeError as err:
-        raise ValueError(f"span table {path} is not valid JSON: {err}") from err
+    data = read_json(path, "span table")
     if isinstance(data, dict) and "spans" not in data and "spans_table" in data:
         data = data["spans_table"]
     if not isinstance(data, dict):
@@ -368,9 +362,7 @@ def check_probabilities(att: AttentionArray, source: str = "attention") -> None:
 def load_tokens(path: str | os.PathLike) -> list[str]:
     """A JSON list of decoded token strings."""
     path = pathlib.Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"tokens file {path} not found")
-    data = json.loads(path.read_text())
+    data = read_json(path, "tokens file")
     if not isinstance(data, list) or not all(isinstance(t, str) for t in data):
         raise ValueError(f"{path}: expected a JSON list of token strings")
     return data
@@ -419,34 +411,12 @@ def load_frames(path: str | os.PathLike, rotate_180: bool = False) -> dict[str, 
 
 def json_safe(obj: Any) -> Any:
     """Numpy scalars/arrays -> Python; non-finite floats -> None (strict JSON has no NaN/inf)."""
-    if isinstance(obj, Mapping):
-        return {str(k): json_safe(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [json_safe(v) for v in obj]
-    if isinstance(obj, np.ndarray):
-        return json_safe(obj.tolist())
-    if isinstance(obj, (np.bool_, bool)):
-        return bool(obj)
-    if isinstance(obj, (np.integer,)):
-        return int(obj)
-    if isinstance(obj, (float, np.floating)):
-        f = float(obj)
-        return f if math.isfinite(f) else None
-    return obj
+    return jsonable(obj)
 
 
 def write_json(path: str | os.PathLike, obj: Any) -> None:
-    """Write strict JSON atomically (temp file + rename) so a crash never leaves half a file."""
-    path = pathlib.Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(json_safe(obj), f, indent=1, allow_nan=False)
-        os.replace(tmp, path)
-    except BaseException:
-        pathlib.Path(tmp).unlink(missing_ok=True)
-        raise
+    """Write strict JSON (``json_safe``, indent 1) atomically so a crash never leaves half a file."""
+    write_json_atomic(path, jsonable(obj), indent=1)
 
 
 @dataclasses.dataclass(kw_only=True)

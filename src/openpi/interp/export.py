@@ -19,12 +19,13 @@ import numpy as np
 from tqdm import tqdm
 
 from openpi.interp.store import ActivationStore, Filter
+from openpi.shared.io import read_json, write_json_atomic
 
 
 def _episode_index(episodes_dir: pathlib.Path) -> dict[tuple, dict]:
     index = {}
     for path in sorted((episodes_dir / "episodes").glob("*.json")):
-        rec = json.loads(path.read_text())
+        rec = read_json(path, "episode record")
         index[(rec["run_id"], rec["suite"], int(rec["task_id"]), int(rec["episode"]))] = rec
     if not index:
         raise FileNotFoundError(f"no episode records in {episodes_dir / 'episodes'} (expected LIBERO client output)")
@@ -52,7 +53,7 @@ def export_site(store_dir: str | pathlib.Path, site: str, out: str | pathlib.Pat
     summary = {"site": site, "rows": n, "width": width, "row_shape": spec["row_shape"]}
     if episodes_dir is not None:
         summary.update(_export_targets(pathlib.Path(episodes_dir), keys, out))
-    (out / "export.json").write_text(json.dumps(summary, indent=1))
+    write_json_atomic(out / "export.json", summary, indent=1, allow_nan=True)
     return summary
 
 
@@ -87,7 +88,7 @@ def _export_targets(episodes_dir: pathlib.Path, keys: dict[str, np.ndarray], out
     np.save(out / "success.npy", success)
     np.save(out / "groups.npy", groups)
     prompts = {str(g): index[k]["prompt"] for k, g in group_of.items()}
-    (out / "prompts.json").write_text(json.dumps(prompts, indent=1))
+    write_json_atomic(out / "prompts.json", prompts, indent=1, allow_nan=True)
     return {"episodes": len(group_of), "targets": ["actions", "states", "gripper_closed", "task_id", "success"]}
 
 
@@ -128,6 +129,6 @@ def trajectories_from_export(export_dir: pathlib.Path, out_dir: pathlib.Path) ->
     np.save(out_dir / "T.npy", T)
     np.save(out_dir / "success.npy", S)
     info = {"episodes": [list(e) for e in episodes], "n_queries": [int(len(q)) for q in queries], "d": int(x.shape[1])}
-    (out_dir / "trajectories.json").write_text(json.dumps(info, indent=1))
+    write_json_atomic(out_dir / "trajectories.json", info, indent=1, allow_nan=True)
     print(json.dumps({"T": list(T.shape), "successes": int(S.sum())}))
     return info

@@ -38,11 +38,12 @@ JSON (``geometry.json``) -- see docs/probes.md for the full schema::
 from __future__ import annotations
 
 import dataclasses
-import math
 from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
+
+from openpi.shared.io import finite_float
 
 METRICS = ("step_distance", "relative_step_distance", "curvature_deg")
 
@@ -166,12 +167,12 @@ def summarize(values: np.ndarray, n_boot: int = 1000, seed: int = 0, undefined: 
         with np.errstate(invalid="ignore", divide="ignore"):
             boot = (W @ s.sum(1)) / (W @ c.sum(1))
             boot_pos = (W @ s) / (W @ c)
-        out["ci95"] = [_f(np.nanpercentile(boot, 2.5)), _f(np.nanpercentile(boot, 97.5))]
+        out["ci95"] = [finite_float(np.nanpercentile(boot, 2.5)), finite_float(np.nanpercentile(boot, 97.5))]
         lo = _nanpct(boot_pos, 2.5)
         hi = _nanpct(boot_pos, 97.5)
     else:
         lo = hi = np.full(values.shape[1], np.nan)
-    out["by_position"] = {"mean": [_f(v) for v in pos_mean], "ci95_low": [_f(v) for v in lo], "ci95_high": [_f(v) for v in hi], "n": [int(v) for v in c.sum(0)]}
+    out["by_position"] = {"mean": [finite_float(v) for v in pos_mean], "ci95_low": [finite_float(v) for v in lo], "ci95_high": [finite_float(v) for v in hi], "n": [int(v) for v in c.sum(0)]}
     return out
 
 
@@ -187,7 +188,7 @@ def difference(a: np.ndarray, b: np.ndarray, n_boot: int = 1000, seed: int = 0) 
     Wb = _boot_weights(len(b), n_boot, seed + 1)
     with np.errstate(invalid="ignore", divide="ignore"):
         boot = (Wa @ sa.sum(1)) / (Wa @ ca.sum(1)) - (Wb @ sb.sum(1)) / (Wb @ cb.sum(1))
-    return {"mean": float(sa.sum() / ca.sum() - sb.sum() / cb.sum()), "ci95": [_f(np.nanpercentile(boot, 2.5)), _f(np.nanpercentile(boot, 97.5))]}
+    return {"mean": float(sa.sum() / ca.sum() - sb.sum() / cb.sum()), "ci95": [finite_float(np.nanpercentile(boot, 2.5)), finite_float(np.nanpercentile(boot, 97.5))]}
 
 
 def analyse_sequences(
@@ -327,11 +328,6 @@ def plot_summary_by_per(analyses: list[dict[str, Any]], path: str) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
-
-
-def _f(x: Any) -> float | None:
-    x = float(x)
-    return None if math.isnan(x) or math.isinf(x) else x
 
 
 def _nanpct(a: np.ndarray, q: float) -> np.ndarray:

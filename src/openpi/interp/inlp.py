@@ -41,6 +41,7 @@ from typing import Any
 import numpy as np
 
 from openpi.interp import probes as P
+from openpi.shared.io import finite_floats
 
 
 @dataclasses.dataclass
@@ -161,7 +162,7 @@ def inlp_from_stats(
             r = first["y"]
         else:
             r = P.ridge_cv_from_stats(y_stats.affine(np.zeros(d), np.eye(d) - Q @ Q.T), alphas, standardize=False)["y"]
-        return float(np.mean(r.test_r2)), r.coef, {"per_dim": P._nan_list(r.test_r2), "penalty": r.best_alpha}
+        return float(np.mean(r.test_r2)), r.coef, {"per_dim": finite_floats(r.test_r2), "penalty": r.best_alpha}
 
     iterations, stopped, reason, Q = _loop(d, fit, band["upper"], max_iter, progress)
     return InlpResult("r2_mean", iterations, band, stopped, reason, Q, mean, scale)

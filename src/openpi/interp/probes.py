@@ -50,12 +50,14 @@ and temporal autocorrelation, keeps the group structure the CV relies on, and re
 from __future__ import annotations
 
 import dataclasses
-import math
 import warnings
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
 import numpy as np
+
+from openpi.shared import io as shared_io
+from openpi.shared.io import finite_float, finite_floats
 
 TEST_PART = -1  # part label of held-out test groups in GroupSplit.assign
 DEFAULT_ALPHAS: tuple[float, ...] = tuple(float(a) for a in np.logspace(-6, 4, 21))
@@ -452,18 +454,18 @@ class RidgeResult:
         return {
             "cv": {
                 "alphas": self.alphas.tolist(),
-                "r2_mean": _nan_list(self.cv_score),
-                "r2_per_fold": _nan_list(np.nanmean(self.cv_r2, axis=2)),
+                "r2_mean": finite_floats(self.cv_score),
+                "r2_per_fold": finite_floats(np.nanmean(self.cv_r2, axis=2)),
                 "best_alpha": self.best_alpha,
                 "best_index": int(self.best_index),
                 "alpha_at_boundary": bool(self.alpha_at_boundary),
-                "r2_mean_at_best": _nan_float(self.cv_score[self.best_index]),
+                "r2_mean_at_best": finite_float(self.cv_score[self.best_index]),
             },
-            "train": {"r2_mean": _nan_float(np.mean(self.train_r2)), "r2_per_dim": _nan_list(self.train_r2), "n_rows": int(self.n_train)},
+            "train": {"r2_mean": finite_float(np.mean(self.train_r2)), "r2_per_dim": finite_floats(self.train_r2), "n_rows": int(self.n_train)},
             "test": {
-                "r2_mean": _nan_float(np.mean(self.test_r2)),
-                "r2_per_dim": _nan_list(self.test_r2),
-                "mse_per_dim": _nan_list(self.test_mse),
+                "r2_mean": finite_float(np.mean(self.test_r2)),
+                "r2_per_dim": finite_floats(self.test_r2),
+                "mse_per_dim": finite_floats(self.test_mse),
                 "n_rows": int(self.n_test),
             },
         }
@@ -739,8 +741,8 @@ class ClassifierResult:
         return {
             "cv": {
                 "Cs": self.Cs.tolist(),
-                "log_loss_mean": _nan_list(self.cv_log_loss.mean(1)),
-                "accuracy_mean": _nan_list(self.cv_accuracy.mean(1)),
+                "log_loss_mean": finite_floats(self.cv_log_loss.mean(1)),
+                "accuracy_mean": finite_floats(self.cv_accuracy.mean(1)),
                 "best_C": self.best_C,
                 "best_index": int(self.best_index),
                 "C_at_boundary": bool(self.best_index in (0, len(self.Cs) - 1)),
@@ -911,10 +913,10 @@ def shuffle_target_sets(n_targets: int, n_shuffles: int) -> dict[str, list[int]]
 def _shuffled_summary(results: Sequence[RidgeResult]) -> dict[str, Any]:
     means = np.array([np.mean(r.test_r2) for r in results])
     return {
-        "r2_mean": _nan_float(means.mean()),
-        "r2_mean_sd": _nan_float(means.std(ddof=1)) if len(means) > 1 else None,
-        "r2_per_dim": _nan_list(np.mean([r.test_r2 for r in results], axis=0)),
-        "runs": [{"r2_mean": _nan_float(m), "best_alpha": r.best_alpha} for m, r in zip(means, results)],
+        "r2_mean": finite_float(means.mean()),
+        "r2_mean_sd": finite_float(means.std(ddof=1)) if len(means) > 1 else None,
+        "r2_per_dim": finite_floats(np.mean([r.test_r2 for r in results], axis=0)),
+        "runs": [{"r2_mean": finite_float(m), "best_alpha": r.best_alpha} for m, r in zip(means, results)],
         "method": "whole-episode target sequences permuted among episodes (cyclic derangement, resampled by relative position)",
     }
 
@@ -960,8 +962,8 @@ def regression_probe(
     if rand is not None:
         r = ridge_cv_from_stats(rand, alphas, {"y": sets["y"]})["y"]
         out["baselines"]["random_features"] = {
-            "r2_mean": _nan_float(np.mean(r.test_r2)),
-            "r2_per_dim": _nan_list(r.test_r2),
+            "r2_mean": finite_float(np.mean(r.test_r2)),
+            "r2_per_dim": finite_floats(r.test_r2),
             "best_alpha": r.best_alpha,
             "n_features": stats.n_features,
             "method": "i.i.d. N(0,1) features of the same dimension, same rows, targets and split",
@@ -1122,31 +1124,13 @@ def episode_target_table(records: Sequence[Mapping[str, Any]], target: str) -> K
 # ------------------------------------------------------------------------------------------------ helpers
 
 
-def _nan_float(x: Any) -> float | None:
-    x = float(x)
-    return None if math.isnan(x) or math.isinf(x) else x
-
-
-def _nan_list(a: np.ndarray) -> Any:
-    a = np.asarray(a, np.float64)
-    if a.ndim == 0:
-        return _nan_float(a)
-    return [_nan_list(v) for v in a]
-
-
 def _scalar(v: Any) -> Any:
     return v.item() if isinstance(v, np.generic) else v
 
 
 def write_json_atomic(path: str, obj: Any) -> None:
-    """Write JSON via a temporary file and rename, so a crash never leaves a half-written result."""
-    import json
-    import os
-
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=1, allow_nan=False)
-    os.replace(tmp, path)
+    """Write strict JSON (indent 1, NaN refused) atomically, so a crash never leaves a half-written result."""
+    shared_io.write_json_atomic(path, obj, indent=1, allow_nan=False)
 
 
 # -------------------------------------------------------------------------------------------------- plots

@@ -15,7 +15,6 @@ stream one shard at a time, so memory stays bounded by the shard size whatever t
 from __future__ import annotations
 
 import json
-import os
 import pathlib
 import uuid
 import zipfile
@@ -23,6 +22,8 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 import numpy as np
+
+from openpi.shared.io import read_json, save_npz_atomic, write_json_atomic
 
 FORMAT = "vla-interp-store/1"
 KEY_COLUMNS: dict[str, type] = {
@@ -42,12 +43,7 @@ def _site_file_key(site: str, part: str) -> str:
 
 def _read_store_json(root: pathlib.Path) -> dict:
     path = root / "store.json"
-    if not path.is_file():
-        raise StoreError(f"{root} is not an activation store: {path} is missing")
-    try:
-        info = json.loads(path.read_text())
-    except json.JSONDecodeError as exc:
-        raise StoreError(f"{path} is damaged (invalid JSON: {exc})") from exc
+    info = read_json(path, "activation store index", error=StoreError)
     if info.get("format") != FORMAT:
         raise StoreError(f"{path}: format {info.get('format')!r}, expected {FORMAT!r}")
     return info
@@ -85,10 +81,7 @@ class StoreWriter:
         return info
 
     def _write_json(self, info: dict) -> None:
-        path = self.root / "store.json"
-        tmp = path.with_name(f".store.json.{self.writer_id}.tmp")
-        tmp.write_text(json.dumps(info, indent=1))
-        os.replace(tmp, path)
+        write_json_atomic(self.root / "store.json", info, indent=1, allow_nan=True)
 
     def add_span_table(self, table: dict) -> int:
         """Register a span table for rows added next; returns its index for the ``span_table`` key."""
@@ -139,12 +132,7 @@ class StoreWriter:
             for name in KEY_COLUMNS:
                 arrays[_site_file_key(site, f"key{_SEP}{name}")] = np.concatenate([p[1][name] for p in parts])
         final = self.root / "shards" / f"{self.writer_id}-{self._seq:06d}.npz"
-        tmp = final.with_name(f".tmp-{final.name}")
-        with open(tmp, "wb") as f:
-            np.savez(f, **arrays)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, final)
+        save_npz_atomic(final, arrays, compress=False)
         self._seq += 1
         self._buffers.clear()
         self._spans = []

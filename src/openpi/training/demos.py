@@ -41,6 +41,9 @@ from typing import Any
 
 import numpy as np
 
+from openpi.shared import io as shared_io
+from openpi.shared.io import read_json
+
 DEMO_SCHEMA = "vla-interp/demo/1"
 ATTEMPT_SCHEMA = "vla-interp/demo-attempt/1"
 SUMMARY_SCHEMA = "vla-interp/demo-summary/1"
@@ -132,10 +135,7 @@ def read_meta(path: str | pathlib.Path) -> dict[str, Any]:
     meta_path = path / "meta.json"
     if not meta_path.is_file():
         raise DemoFormatError(f"{path}: no meta.json (not a demo directory, or an unfinished one)")
-    try:
-        meta = json.loads(meta_path.read_text())
-    except json.JSONDecodeError as exc:
-        raise DemoFormatError(f"{meta_path}: not valid JSON: {exc}") from exc
+    meta = read_json(meta_path, "demo meta", error=DemoFormatError)
     if meta.get("schema") != DEMO_SCHEMA:
         raise DemoFormatError(f"{meta_path}: schema {meta.get('schema')!r}, expected {DEMO_SCHEMA!r}")
     missing = [k for k in META_KEYS if k not in meta]
@@ -190,16 +190,8 @@ def attempt_path(root: str | pathlib.Path, suite: str, task_id: int, episode: in
 
 
 def write_json_atomic(path: pathlib.Path, obj: Any) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(obj, f, indent=1)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        pathlib.Path(tmp).unlink(missing_ok=True)
-        raise
+    """JSON (indent 1) written atomically, mode 0o644 whatever the umask (records are shared read-only)."""
+    shared_io.write_json_atomic(path, obj, indent=1, allow_nan=True, mode=0o644)
 
 
 def write_attempt(root: str | pathlib.Path, record: dict[str, Any]) -> pathlib.Path:
@@ -214,10 +206,7 @@ def read_attempts(root: str | pathlib.Path) -> list[dict[str, Any]]:
         return []
     out = []
     for p in sorted(directory.glob("*.json")):
-        try:
-            out.append(json.loads(p.read_text()))
-        except json.JSONDecodeError as exc:
-            raise DemoFormatError(f"attempt record {p} is not valid JSON: {exc}") from exc
+        out.append(read_json(p, "attempt record", error=DemoFormatError))
     return out
 
 

@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import dataclasses
-import json
-import os
 import pathlib
 import sys
 from collections.abc import Callable
 
 from openpi.interp.sae import data as sae_data
+from openpi.shared.io import write_json_atomic
 
 
 @dataclasses.dataclass
@@ -28,11 +27,8 @@ class RowArgs:
 
 
 def write_json(path: pathlib.Path, obj) -> None:
-    """Write JSON atomically (tmp file + rename) so a crash never leaves half a file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=1))
-    os.replace(tmp, path)
+    """Write JSON (indent 1) atomically so a crash never leaves half a file."""
+    write_json_atomic(path, obj, indent=1, allow_nan=True)
 
 
 def main_guard(prog: str, fn: Callable[[], object]) -> None:

@@ -8,11 +8,12 @@ names its rollout record `episodes/<stem>.json` and frames `frames/<stem>.npz`.
 
 from __future__ import annotations
 
-import json
 import pathlib
 from collections.abc import Iterator, Mapping, Sequence
 
 import numpy as np
+
+from openpi.shared.io import read_json
 
 EPISODE_COLUMNS = ("run_id", "suite", "task_id", "episode")
 KEY_COLUMNS = ("run_id", "suite", "task_id", "episode", "env_step", "replan_index", "denoise_step", "token_index", "span")
@@ -229,9 +230,7 @@ class EpisodeRecords:
     def record(self, stem: str) -> dict:
         if stem not in self._cache:
             p = self.path(stem)
-            if not p.is_file():
-                raise FileNotFoundError(f"rollout record for episode {stem} not found: {p}")
-            rec = json.loads(p.read_text())
+            rec = read_json(p, f"rollout record for episode {stem}")
             acts = np.asarray(rec.get("actions", []), np.float64)
             if acts.ndim != 2 or acts.shape[0] == 0:
                 raise ValueError(f"{p}: 'actions' must be a non-empty T x action_dim list, found shape {acts.shape}")

@@ -21,15 +21,15 @@ dictionary) and raises an error naming the file, the key and expected vs found.
 
 from __future__ import annotations
 
-import json
 import math
-import os
 import pathlib
 
 import numpy as np
-from safetensors.numpy import load_file, save_file
+from safetensors.numpy import load_file
+from safetensors.numpy import save as safetensors_bytes
 
 from openpi.interp.sae import model as sae_model
+from openpi.shared.io import read_json, write_bytes_atomic, write_json_atomic
 
 CFG_NAME = "cfg.json"
 WEIGHTS_NAME = "sae_weights.safetensors"
@@ -87,15 +87,10 @@ def sae_cfg_dict(sae: sae_model.SparseAutoencoder, extras: dict | None = None) -
 
 
 def save_sae(out_dir: str | pathlib.Path, sae: sae_model.SparseAutoencoder, extras: dict | None = None) -> None:
-    """Write weights then cfg.json into `out_dir`, each atomically (tmp file + rename)."""
+    """Write weights then cfg.json into `out_dir`, each atomically (cfg.json last: its presence marks a complete SAE)."""
     out = pathlib.Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    tmp = out / (WEIGHTS_NAME + ".tmp")
-    save_file(_folded_weights(sae), str(tmp))
-    os.replace(tmp, out / WEIGHTS_NAME)
-    tmp = out / (CFG_NAME + ".tmp")
-    tmp.write_text(json.dumps(sae_cfg_dict(sae, extras), indent=2))
-    os.replace(tmp, out / CFG_NAME)
+    write_bytes_atomic(out / WEIGHTS_NAME, safetensors_bytes(_folded_weights(sae)))
+    write_json_atomic(out / CFG_NAME, sae_cfg_dict(sae, extras), indent=2, allow_nan=True)
 
 
 def _need(cfg: dict, key: str, path: pathlib.Path, kind: type | tuple[type, ...]):
@@ -114,10 +109,7 @@ def load_sae(sae_dir: str | pathlib.Path) -> sae_model.SparseAutoencoder:
     for p in (cfg_path, w_path):
         if not p.is_file():
             raise FileNotFoundError(f"SAE directory {d}: missing {p.name}")
-    try:
-        cfg = json.loads(cfg_path.read_text())
-    except json.JSONDecodeError as err:
-        raise ValueError(f"{cfg_path}: not valid JSON ({err})") from err
+    cfg = read_json(cfg_path, "SAE config")
     if not isinstance(cfg, dict):
         raise ValueError(f"{cfg_path}: expected a JSON object")
     arch_name = _need(cfg, "architecture", cfg_path, str)
@@ -181,4 +173,4 @@ def load_sae(sae_dir: str | pathlib.Path) -> sae_model.SparseAutoencoder:
 
 def load_cfg(sae_dir: str | pathlib.Path) -> dict:
     """The raw cfg.json of an SAE directory."""
-    return json.loads((pathlib.Path(sae_dir) / CFG_NAME).read_text())
+    return read_json(pathlib.Path(sae_dir) / CFG_NAME, "SAE config")

@@ -39,6 +39,7 @@ import scipy.sparse as sp
 import tqdm
 
 from openpi.interp.sae import data as sae_data
+from openpi.shared.io import finite_floats
 
 SORT_KEYS = ("fire_rate", "max_activation", "mean_when_active", "action_corr")
 
@@ -363,17 +364,13 @@ def action_summary(tops: list[dict], records: sae_data.EpisodeRecords, corr_row:
         at_mean = np.nanmean(at, axis=0) if at.size else np.zeros(0)
         win_mean = np.nanmean(win, axis=0) if win.size else np.zeros((0, 0))
     return {
-        "at_top_mean": _nan_to_none(at_mean),
+        "at_top_mean": finite_floats(at_mean),
         "window_offsets": list(range(-cfg.window, cfg.window + 1)),
-        "window_mean": _nan_to_none(win_mean),
+        "window_mean": finite_floats(win_mean),
         "corr": None if corr_row is None else corr_row.tolist(),
         "corr_rows": n_y,
         "clusters": kmeans_actions(at, cfg.n_clusters) if at.size else {"centers": [], "sizes": [], "labels": []},
     }
-
-
-def _nan_to_none(a: np.ndarray):
-    return [_nan_to_none(x) for x in a] if np.ndim(a) else (None if not np.isfinite(a) else float(a))
 
 
 def group_table(st: FeatureStats, name: str, f: int, labels: Sequence[dict]) -> list[dict]:

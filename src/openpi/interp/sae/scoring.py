@@ -30,6 +30,7 @@ import scipy.sparse.linalg as spla
 import tqdm
 
 from openpi.interp.sae import data as sae_data
+from openpi.shared.io import finite_floats
 
 SPLITS = ("train", "val", "test")
 DEFAULT_LAMBDAS = (1e-5, 1e-4, 1e-3, 1e-2, 1e-1, 1.0, 10.0, 100.0, 1000.0)
@@ -219,11 +220,11 @@ def score_readout(
             warnings.simplefilter("ignore", RuntimeWarning)
             r2_mean = np.nanmean(m["r2"])
         return {
-            "r2": _clean(m["r2"]),
-            "r2_mean": _clean(r2_mean),
-            "mcc_sign": _clean(m["mcc_sign"]),
+            "r2": finite_floats(m["r2"]),
+            "r2_mean": finite_floats(r2_mean),
+            "mcc_sign": finite_floats(m["mcc_sign"]),
             "mcc_sign_mean": float(np.mean(m["mcc_sign"])),
-            "mcc_median": _clean(m["mcc_median"]),
+            "mcc_median": finite_floats(m["mcc_median"]),
             "mcc_median_mean": float(np.mean(m["mcc_median"])),
             "n": m["n"],
         }
@@ -234,16 +235,9 @@ def score_readout(
         "n_features_used": int(idx.size),
         "lambda": lambdas[best].tolist(),
         "lambdas": lambdas.tolist(),
-        "val_r2_per_lambda": [_clean(r) for r in metrics["val"]["r2"]],
+        "val_r2_per_lambda": [finite_floats(r) for r in metrics["val"]["r2"]],
         "train": pack("train"),
         "val": pack("val"),
         "test": pack("test"),
         "shuffled_labels": cfg.shuffle_labels,
     }
-
-
-def _clean(a):
-    a = np.asarray(a, np.float64)
-    if a.ndim == 0:
-        return float(a) if np.isfinite(a) else None
-    return [float(v) if np.isfinite(v) else None for v in a]

@@ -27,7 +27,6 @@ import hashlib
 import json
 import logging
 import math
-import os
 import pathlib
 import shutil
 from collections.abc import Callable, Iterator
@@ -42,6 +41,7 @@ import tqdm
 from openpi.interp.sae import io as sae_io
 from openpi.interp.sae import metrics as sae_metrics
 from openpi.interp.sae import model as sae_model
+from openpi.shared.io import read_json, save_npz_atomic, write_json_atomic
 
 logger = logging.getLogger(__name__)
 
@@ -458,10 +458,7 @@ def save_checkpoint(ckpt_dir: pathlib.Path, state: dict, extra: dict) -> None:
     leaves = jax.tree_util.tree_leaves(state)
     arrays = {f"leaf_{i:04d}": np.asarray(v) for i, v in enumerate(leaves)}
     arrays["extra_json"] = np.frombuffer(json.dumps(extra).encode(), np.uint8)
-    tmp = ckpt_dir / "state.npz.tmp"
-    with open(tmp, "wb") as f:
-        np.savez(f, **arrays)
-    os.replace(tmp, ckpt_dir / "state.npz")
+    save_npz_atomic(ckpt_dir / "state.npz", arrays, compress=False)
 
 
 def load_checkpoint(ckpt_dir: pathlib.Path, template: dict) -> tuple[dict, dict] | None:
@@ -506,7 +503,7 @@ def train(
     fp = _fingerprint(cfg, source)
     done = out / "metrics.json"
     if done.is_file() and not overwrite:
-        prev = json.loads(done.read_text())
+        prev = read_json(done, "finished SAE metrics")
         if prev.get("fingerprint") != fp:
             raise FileExistsError(
                 f"{out} already holds a finished SAE trained with a different configuration or data "
@@ -599,10 +596,8 @@ def train(
         extras.update(extra_metadata)
     sae_io.save_sae(out, sae, extras)
     _plot_curves(out, curves, cfg.arch)
-    (out / "curves.json").write_text(json.dumps(curves))
-    tmp = out / "metrics.json.tmp"
-    tmp.write_text(json.dumps(metrics, indent=2))
-    os.replace(tmp, done)
+    write_json_atomic(out / "curves.json", curves, indent=None, allow_nan=True)
+    write_json_atomic(done, metrics, indent=2, allow_nan=True)
     shutil.rmtree(ckpt_dir, ignore_errors=True)
     return TrainResult(sae, metrics, completed=True)
 
