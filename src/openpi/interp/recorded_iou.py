@@ -59,6 +59,7 @@ from openpi.interp import attention as A
 from openpi.interp import attention_plots as plots
 from openpi.interp import iou
 from openpi.interp.recorded_run import EpisodeKey, JoinError, PolicyQuery, RecordedRun
+from openpi.shared.io import finite_float
 
 SCHEMA = "vla-interp/recorded-attention-iou/1"
 METRICS: tuple[str, ...] = ("soft_mass", "pointing_accuracy", "iou_topk", "dice_topk", "iou_percentile",
@@ -75,11 +76,6 @@ Camera = Literal["base_0_rgb", "left_wrist_0_rgb"]
 def phase_of(time_frac: float) -> str:
     """early / mid / late third of the episode."""
     return PHASES[min(2, int(time_frac * 3))]
-
-
-def _nan_to_none(v) -> float | None:
-    v = float(v)
-    return v if np.isfinite(v) else None
 
 
 def score_episode(queries: Sequence[PolicyQuery], camera: str, percentile: float, sigma_frac: float) -> dict:
@@ -113,9 +109,9 @@ def score_episode(queries: Sequence[PolicyQuery], camera: str, percentile: float
         frac = q.env_step / max(q.episode_steps, 1)
         per_query.append({"env_step": q.env_step, "replan_index": q.replan_index, "frame_row": q.frame_row,
                           "time_frac": frac, "phase": phase_of(frac),
-                          "fraction": {k.split("/", 1)[1]: _nan_to_none(v[i]) for k, v in summaries.items()
+                          "fraction": {k.split("/", 1)[1]: finite_float(v[i]) for k, v in summaries.items()
                                        if k.startswith("fraction/")},
-                          "visual_linguistic_ratio": _nan_to_none(summaries["visual_linguistic_ratio"][i])})
+                          "visual_linguistic_ratio": finite_float(summaries["visual_linguistic_ratio"][i])})
 
     def empty_entry() -> dict:
         return {m: None for m in METRICS} | {"mask_area": None, "camera_share": None, "warning": None,
@@ -135,13 +131,13 @@ def score_episode(queries: Sequence[PolicyQuery], camera: str, percentile: float
         for flat in range(n * l1):
             i, j = divmod(flat, l1)
             e = entries[i][j]
-            e.update({m: _nan_to_none(res["attention"][m][flat]) for m in METRICS})
+            e.update({m: finite_float(res["attention"][m][flat]) for m in METRICS})
             e["mask_area"] = float(union.area[flat])
             e["camera_share"] = float(share[flat])
             e["warning"] = iou.EMPTY_MASK_WARNING if union.empty[flat] else None
-            e["baselines"] = {b: {m: _nan_to_none(res[b][m][flat]) for m in BASE_METRICS}
+            e["baselines"] = {b: {m: finite_float(res[b][m][flat]) for m in BASE_METRICS}
                               for b in ("uniform", "center_bias")}
-            e["objects"] = {str(k): ({m: _nan_to_none(v[m][flat]) for m in iou.PER_OBJECT_FRAME_KEYS}
+            e["objects"] = {str(k): ({m: finite_float(v[m][flat]) for m in iou.PER_OBJECT_FRAME_KEYS}
                                      if cover[k][i].any() else None) for k, v in obj.items()}
     for i, entry in enumerate(per_query):
         entry["layer_mean"] = entries[i][0]
