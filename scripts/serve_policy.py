@@ -42,6 +42,8 @@ class Checkpoint:
     """Named config, e.g. pi0_libero, pi05_libero, pi0_tiny."""
     dir: str
     """Checkpoint directory (holds params/ and assets/)."""
+    tokenizer: str | None = None
+    """PaliGemma SentencePiece file (else $OPENPI_TOKENIZER or <dir>/paligemma_tokenizer.model)."""
 
 
 @dataclasses.dataclass
@@ -73,6 +75,8 @@ def policy_kwargs(args: Args) -> dict[str, Any]:
     kwargs: dict[str, Any] = {"default_prompt": args.default_prompt}
     if isinstance(args.policy, Checkpoint):
         kwargs.update(config_name=args.policy.config, checkpoint_dir=args.policy.dir)
+        if args.policy.tokenizer is not None:
+            kwargs["tokenizer"] = args.policy.tokenizer
     if args.record_dir is not None:
         kwargs.update(record_dir=args.record_dir, record_sites=tuple(args.record) or None)
         if args.writer_id is not None:
