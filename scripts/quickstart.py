@@ -154,6 +154,11 @@ def main(args: Args) -> int:
                               "--k", "8", "--num-latents", "128", "--holdout-block", "32",
                               "--out", str(args.out / "sae"), "--overwrite",
                               *(["--steps", str(FAST_SAE_STEPS)] if args.fast else [])]):
+            policy_args = ["--config", args.config] + (["--checkpoint-dir", args.checkpoint_dir]
+                                                       if args.checkpoint_dir else [])
+            stages.run("sae_splice", [PY, "sae/splice_score.py", "--sae", str(args.out / "sae"), "--site", site,
+                                      "--rollouts", str(rollouts), "--out", str(args.out / "sae" / "splice.json"),
+                                      "--max-obs", "12", *policy_args])
             stages.run("sae_dashboard", [PY, "sae/dashboard.py", "--sae", str(args.out / "sae"),
                                          "--activations", str(all_steps / "X.npy"), "--keys",
                                          str(all_steps / "keys.npz"), "--episodes-dir", str(rollouts / "episodes"),

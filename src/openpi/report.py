@@ -491,7 +491,20 @@ def section_sae(ctx: _Ctx) -> Section:
             ["held-out MSE per row", ho.get("mse_per_row")], ["dead fraction (held-out)", ho.get("dead_fraction")],
             ["dense fraction (held-out)", ho.get("dense_fraction")],
             ["dead fraction (end of training)", m.get("final_train_dead_fraction")]]
+    splice_path = ctx.out / "sae" / "splice.json"
+    if splice_path.is_file():
+        sp = _load_json(splice_path)
+        rows += [["<b>action error recovered</b> (spliced into the policy)", sp.get("action_error_recovered")],
+                 ["action MSE, reconstruction spliced", sp.get("mse_spliced")],
+                 ["action MSE, site zero-ablated", sp.get("mse_zero_ablated")]]
     sec.parts.append("<h3>Metrics</h3>" + _table(["metric", "value"], rows, raw_cols=(0,)))
+    if splice_path.is_file():
+        sec.parts.append(
+            "<p class='how'><b>Action error recovered</b>: on recorded observations, with the same flow noise, the "
+            "site's activation is replaced by the SAE reconstruction (or zeroed) and the action chunks compared with "
+            "the unmodified policy's: <code>1 - E||a_sae - a||&sup2; / E||a_zero - a||&sup2;</code> "
+            f"({_esc(sp.get('n_observations'))} observations; 1 = as good as the real activation, 0 = as bad as "
+            "deleting it). " + ctx.link(sec, splice_path) + "</p>")
     fig = ctx.figure(sec, ctx.out / "sae" / "training_curves.png",
                      "Training curves against optimiser step: training reconstruction MSE per dimension (in the "
                      "trainer's scaled units), the auxiliary-K loss that revives dead features, the dead-feature "
