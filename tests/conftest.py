@@ -16,3 +16,14 @@ def fixture_dir() -> pathlib.Path:
     if not FIXTURES.exists():
         raise FileNotFoundError(f"openpi reference fixtures not found at {FIXTURES} (expected ../shared next to the repo)")
     return FIXTURES
+
+
+@pytest.fixture(scope="session")
+def env():
+    """One real LIBERO env (libero_spatial task 0, 256x256 cameras with instance segmentation), shared by the
+    LIBERO test modules: creating one costs 5-10 s of the CPU budget, and every test resets it before use."""
+    from openpi.envs import libero_env
+
+    e = libero_env.LiberoTaskEnv("libero_spatial", 0, segmentation=True, seed=7)
+    yield e
+    e.close()

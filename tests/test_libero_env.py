@@ -10,7 +10,7 @@ from openpi.envs import libero_env as le
 from openpi.envs import perturbations as pert
 from openpi.shared import image_tools
 
-SUITE, TASK = "libero_spatial", 0
+SUITE, TASK = "libero_spatial", 0  # the task of the shared `env` fixture (conftest.py)
 
 
 # ---------------------------------------------------------------------------------------------- pure helpers
@@ -54,13 +54,6 @@ def test_max_steps_table():
 
 
 # ---------------------------------------------------------------------------------------------- real LIBERO
-
-
-@pytest.fixture(scope="module")
-def env():
-    e = le.LiberoTaskEnv(SUITE, TASK, segmentation=True, seed=7)
-    yield e
-    e.close()
 
 
 @pytest.fixture(scope="module")

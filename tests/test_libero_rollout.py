@@ -9,11 +9,10 @@ import sys
 import numpy as np
 import pytest
 
-from openpi.envs import libero_env as le
 from openpi.envs import perturbations as pert
 from openpi.envs import rollout
 
-SUITE, TASK = "libero_spatial", 0
+SUITE, TASK = "libero_spatial", 0  # the task of the shared `env` fixture (conftest.py)
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
 
@@ -138,13 +137,6 @@ def test_main_args_match_openpi_defaults_and_spellings():
 
 
 # ---------------------------------------------------------------------------------------------- real LIBERO
-
-
-@pytest.fixture(scope="module")
-def env():
-    e = le.LiberoTaskEnv(SUITE, TASK, segmentation=True, seed=7)
-    yield e
-    e.close()
 
 
 @pytest.fixture(scope="module")
