@@ -30,11 +30,15 @@ class Args:
     """Subset of task ids (default: every task of the suite)."""
     episodes_per_task: int = 10
     """Episode i of a task starts from the suite's initial state i."""
+    first_episode: int = 0
+    """Attempt episodes first_episode .. first_episode + episodes_per_task - 1 (e.g. held-out initial states)."""
     max_steps: int | None = None
     """Step budget per episode (default: the suite's evaluation budget, libero_spatial 220)."""
     settle_steps: int = 10
     resize_size: int = 224
     """Frames are stored as the policy sees them: rotated 180 degrees, resized with padding to this size."""
+    frame_stride: int = 1
+    """Render and keep frames every k-th step only (rendering is ~90% of a CPU step); states/actions every step."""
     seed: int = 7
     measure_only: bool = False
     """Skip rendering and demo writing (10x faster): only measure the controller's success rate."""

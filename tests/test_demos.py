@@ -31,6 +31,18 @@ def test_demo_round_trip(tmp_path):
     np.testing.assert_array_equal(demos.read_demo(path).actions, ep.actions)  # untouched by the refused write
 
 
+def test_frame_stride_round_trip_and_mismatch(tmp_path):
+    ep = synthetic_episode(0, steps=7)
+    ep.meta["frame_stride"] = 3
+    ep.agentview, ep.wrist = ep.agentview[::3], ep.wrist[::3]  # frames of steps 0, 3, 6
+    back = demos.validate_demo(demos.write_demo(tmp_path, ep))
+    assert back.agentview.shape[0] == 3 and back.steps == 7 and list(back.frame_steps()) == [0, 3, 6]
+    bad = synthetic_episode(1, steps=7)
+    bad.meta["frame_stride"] = 3  # but a frame for every step
+    with pytest.raises(demos.DemoFormatError, match=r"agentview has 7 frames, expected ceil\(7 steps / frame_stride 3\) = 3"):
+        demos.write_demo(tmp_path, bad)
+
+
 def test_unfinished_and_foreign_directories_are_skipped(tmp_path):
     demos.write_demo(tmp_path, synthetic_episode(0, steps=3))
     (tmp_path / "demos" / ".libero_spatial__task0__ep9.tmp").mkdir()  # a killed writer's temporary
@@ -59,7 +71,7 @@ def test_bad_arrays_are_named(tmp_path, field, bad, match):
 def test_tampered_demo_fails_validation(tmp_path):
     path = demos.write_demo(tmp_path, synthetic_episode(0, steps=4))
     np.save(path / "actions.npy", np.zeros((3, 7), np.float32))
-    with pytest.raises(demos.DemoFormatError, match="rows"):
+    with pytest.raises(demos.DemoFormatError, match=r"states must be \(3, 8\) like the 3 actions, found \(4, 8\)"):
         demos.read_demo(path)
     meta = json.loads((path / "meta.json").read_text())
     meta.pop("prompt")
@@ -188,3 +200,25 @@ def test_scripted_controller_solves_a_real_libero_spatial_episode(tmp_path):
     with pytest.raises(ValueError, match="max_steps"):
         scripted.generate(scripted.GenerateConfig(out_dir=str(tmp_path), task_ids=(0,), episodes_per_task=1,
                                                   max_steps=100), env_factory=no_env, progress=False)
+
+
+@pytest.mark.libero
+def test_strided_collection_renders_only_kept_frames(env, tmp_path):
+    """frame_stride=3: states/actions every step, frames every third step rendered on demand, matching always-on
+    rendering of the same steps to within sub-grey-level noise."""
+    full = scripted.collect_episode(env, 0, max_steps=7, settle_steps=2, frame_stride=1)
+    lazy = scripted.collect_episode(env, 0, max_steps=7, settle_steps=2, frame_stride=3)
+    assert full.frames["agentview"].shape == (7, 224, 224, 3) and lazy.frames["agentview"].shape == (3, 224, 224, 3)
+    np.testing.assert_array_equal(lazy.frames["states"], full.frames["states"])
+    np.testing.assert_array_equal(lazy.frames["actions"], full.frames["actions"])
+    for cam in ("agentview", "wrist"):
+        kept, ref = lazy.frames[cam].astype(float), full.frames[cam][::3].astype(float)
+        assert np.abs(kept - ref).mean() < 1.0
+        # ... and each kept frame is closer to its own step than to the step before it
+        assert np.abs(kept[1:] - ref[1:]).mean() < np.abs(kept[1:] - full.frames[cam][2:6:3]).mean()
+    meta = {"suite": "libero_spatial", "task_id": 0, "episode": 0, "prompt": env.prompt, "steps": 7,
+            "frame_stride": 3}
+    back = demos.validate_demo(demos.write_demo(tmp_path, demos.DemoEpisode(meta=meta, **lazy.frames)))
+    assert back.frame_stride == 3 and list(back.frame_steps()) == [0, 3, 6]
+    with pytest.raises(ValueError, match="frame_stride"):
+        scripted.collect_episode(env, 0, max_steps=2, frame_stride=0)

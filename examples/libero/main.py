@@ -17,7 +17,7 @@ import sys
 
 import tyro
 
-from openpi.envs import libero_env, perturbations, rollout
+from openpi.envs import perturbations, rollout
 
 
 @dataclasses.dataclass
@@ -46,6 +46,8 @@ class Args:
     """Names this run in file names and join keys (default: <suite>-seed<seed>). Resume uses it."""
     task_ids: tuple[int, ...] | None = None
     """Subset of task ids (default: all tasks of the suite)."""
+    first_trial: int = 0
+    """Episodes first_trial .. first_trial + num_trials_per_task - 1 (e.g. 40: initial states held out of training)."""
     max_steps: int | None = None
     """Override the suite's step budget (libero_spatial 220, object 280, goal 300, 10 520, 90 400)."""
     shard_index: int = 0
@@ -54,6 +56,9 @@ class Args:
     save_frames: bool = False
     """Save per-step agent-view/wrist frames as sent to the policy, plus instance masks (slower: renders masks)."""
     save_video: bool = True
+    render_every_step: bool = True
+    """--no-render-every-step: render cameras only when the policy is queried (~5x faster on CPU; video gets one
+    frame per query; incompatible with --save-frames)."""
     retry_errors: bool = True
     """On resume, rerun episodes whose record says a policy request failed (the old record is kept in _errors/)."""
     max_consecutive_errors: int = 3
@@ -83,16 +88,12 @@ def main(args: Args, env_factory: rollout.EnvFactory | None = None) -> dict:
         max_steps=args.max_steps,
         save_frames=args.save_frames,
         save_video=args.save_video,
+        render_every_step=args.render_every_step,
         retry_errors=args.retry_errors,
         max_consecutive_errors=args.max_consecutive_errors,
         perturb=args.perturb,
     )
-    num_tasks = libero_env.suite_num_tasks(args.task_suite_name)
-    task_ids = list(args.task_ids) if args.task_ids is not None else list(range(num_tasks))
-    bad = [t for t in task_ids if not 0 <= t < num_tasks]
-    if bad:
-        raise ValueError(f"task ids {bad} out of range for {args.task_suite_name} ({num_tasks} tasks)")
-    plan = rollout.plan_episodes(args.task_suite_name, task_ids, args.num_trials_per_task)
+    plan = rollout.plan_suite_episodes(args.task_suite_name, args.task_ids, args.num_trials_per_task, args.first_trial)
     mine = rollout.shard_episodes(plan, args.shard_index, args.num_shards)
 
     # Lazy import: the websocket client is only needed when a server is actually used.

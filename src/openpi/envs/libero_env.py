@@ -309,6 +309,37 @@ class LiberoTaskEnv:
         self._refresh_instance_tables()
         return obs
 
+    def set_camera_rendering(self, enabled: bool) -> None:
+        """Switch both cameras' rendering in ``step``/``reset`` on or off (off: ~35 ms per step instead of ~380 ms
+        on these CPUs). Observations taken while off lack the image keys: add them with ``render_cameras``."""
+        inner = self._env.env
+        for cam in CAMERAS:
+            name = f"{cam}_image"
+            inner.modify_observable(name, "enabled", enabled)
+            if enabled:
+                # robosuite 1.4 resets an enabled observable's timer but not its "sampled this period" flag, so
+                # without this the first observation after re-enabling would be a blank float image.
+                inner._observables[name]._sampled = False
+
+    def render_cameras(self, raw_obs: dict[str, Any]) -> dict[str, Any]:
+        """``raw_obs`` plus both camera images rendered now, through the cameras' own observables (same
+        orientation and dtype as always-on rendering). Always-on rendering samples one physics substep before
+        the end of a step, this renders its end: measured mean |difference| 0.05-0.3 of 255 grey levels per pixel
+        while the arm moves."""
+        inner = self._env.env
+        out = dict(raw_obs)
+        for cam in CAMERAS:
+            name = f"{cam}_image"
+            observable = inner._observables[name]
+            was_enabled = observable.is_enabled()
+            if not was_enabled:
+                observable.set_enabled(True)
+            observable.update(0.0, {}, force=True)
+            out[name] = np.array(observable.obs)
+            if not was_enabled:
+                observable.set_enabled(False)
+        return out
+
     def refresh_observation(self) -> dict[str, Any]:
         """Re-render after the simulator state was edited directly (e.g. an object was moved)."""
         return self._env.regenerate_obs_from_state(self._env.get_sim_state())

@@ -5,9 +5,9 @@ Why ``.npy`` files rather than one compressed archive: training samples random f
 
 Layout (``<root>`` is what ``scripts/generate_demos.py --out-dir`` names)::
 
-    <root>/demos/<stem>/agentview.npy   (T, S, S, 3) uint8  agent view exactly as the policy sees it
+    <root>/demos/<stem>/agentview.npy   (F, S, S, 3) uint8  agent view exactly as the policy sees it
                                          (rotated 180 degrees, resized with padding to S = 224)
-    <root>/demos/<stem>/wrist.npy       (T, S, S, 3) uint8  wrist camera, same transform
+    <root>/demos/<stem>/wrist.npy       (F, S, S, 3) uint8  wrist camera, same transform
     <root>/demos/<stem>/states.npy      (T, 8) float32      policy state before the step: eef pos (3),
                                                              eef axis-angle (3), gripper joint positions (2)
     <root>/demos/<stem>/actions.npy     (T, 7) float32      action executed at the step (OSC delta pos 3,
@@ -16,12 +16,13 @@ Layout (``<root>`` is what ``scripts/generate_demos.py --out-dir`` names)::
     <root>/attempts/<stem>.json         one record per attempted episode, kept or not (resume + success rates)
     <root>/summary.json                 success rate per task over all attempt records on disk
 
-``<stem>`` = ``<suite>__task<task_id>__ep<episode>``. Row ``t`` of every array belongs to the same env step:
-frames and state observed before action ``t`` was executed. A demo directory is built under a temporary name and
+``<stem>`` = ``<suite>__task<task_id>__ep<episode>``. Row ``t`` of states and actions belongs to env step ``t``:
+the state observed before action ``t`` was executed. Frames are rendered every ``frame_stride`` steps (meta, default
+1; rendering is ~90% of a CPU step): frame row ``i`` is env step ``i * frame_stride``, so F = ceil(T / stride). A demo directory is built under a temporary name and
 renamed into place, so a killed writer never leaves a directory that looks complete.
 
 ``meta.json`` (``schema: vla-interp/demo/1``): ``suite, task_id, episode, init_state_index, prompt, steps`` (T),
-``success`` (always true for kept demos), ``seed, settle_steps, resize_size, goal`` ({obj, target}),
+``success`` (always true for kept demos), ``seed, settle_steps, resize_size, frame_stride, goal`` ({obj, target}),
 ``controller`` (name + parameters), ``created_at`` (ISO 8601 UTC).
 
 Attempt record (``schema: vla-interp/demo-attempt/1``): ``suite, task_id, episode, prompt, success, steps,
@@ -59,8 +60,8 @@ class DemoFormatError(ValueError):
 
 @dataclasses.dataclass
 class DemoEpisode:
-    agentview: np.ndarray  # (T, S, S, 3) uint8
-    wrist: np.ndarray  # (T, S, S, 3) uint8
+    agentview: np.ndarray  # (F, S, S, 3) uint8, F = ceil(T / frame_stride)
+    wrist: np.ndarray  # (F, S, S, 3) uint8
     states: np.ndarray  # (T, 8) float32
     actions: np.ndarray  # (T, 7) float32
     meta: dict[str, Any]
@@ -73,6 +74,14 @@ class DemoEpisode:
     def prompt(self) -> str:
         return str(self.meta["prompt"])
 
+    @property
+    def frame_stride(self) -> int:
+        return int(self.meta.get("frame_stride", 1))
+
+    def frame_steps(self) -> np.ndarray:
+        """The env steps that have frames (0, stride, 2 * stride, ...)."""
+        return np.arange(0, self.steps, self.frame_stride)
+
 
 def demo_stem(suite: str, task_id: int, episode: int) -> str:
     return f"{suite}__task{int(task_id)}__ep{int(episode)}"
@@ -82,21 +91,28 @@ def now_iso() -> str:
     return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
 
 
-def check_arrays(agentview, wrist, states, actions, source: str) -> None:
+def check_arrays(agentview, wrist, states, actions, source: str, frame_stride: int = 1,
+                 check_values: bool = True) -> None:
     """Raise DemoFormatError naming the first array whose shape, dtype or values break the format."""
-    a, w, s, u = (np.asarray(x) for x in (agentview, wrist, states, actions))
+    a, w, s, u = (np.asarray(x) if check_values else x for x in (agentview, wrist, states, actions))
     if a.ndim != 4 or a.shape[-1] != 3 or a.shape[1] != a.shape[2] or a.dtype != np.uint8:
-        raise DemoFormatError(f"{source}: agentview must be (T, S, S, 3) uint8, found {a.shape} {a.dtype}")
-    t = a.shape[0]
+        raise DemoFormatError(f"{source}: agentview must be (F, S, S, 3) uint8, found {a.shape} {a.dtype}")
+    if not isinstance(frame_stride, int) or frame_stride < 1:
+        raise DemoFormatError(f"{source}: frame_stride must be an integer >= 1, found {frame_stride!r}")
+    t = u.shape[0]
     if t < 1:
         raise DemoFormatError(f"{source}: episode has no steps")
-    if w.shape != a.shape or w.dtype != np.uint8:
-        raise DemoFormatError(f"{source}: wrist must be {a.shape} uint8 like agentview, found {w.shape} {w.dtype}")
     for name, arr, dim in (("states", s, STATE_DIM), ("actions", u, ACTION_DIM)):
         if arr.shape != (t, dim):
-            raise DemoFormatError(f"{source}: {name} must be ({t}, {dim}), found {arr.shape}")
-        if not np.issubdtype(arr.dtype, np.floating) or not np.isfinite(arr).all():
+            raise DemoFormatError(f"{source}: {name} must be ({t}, {dim}) like the {t} actions, found {arr.shape}")
+        if not np.issubdtype(arr.dtype, np.floating) or (check_values and not np.isfinite(arr).all()):
             raise DemoFormatError(f"{source}: {name} must be finite floats (dtype {arr.dtype})")
+    frames = -(-t // frame_stride)
+    if a.shape[0] != frames:
+        raise DemoFormatError(f"{source}: agentview has {a.shape[0]} frames, expected ceil({t} steps / frame_stride "
+                              f"{frame_stride}) = {frames}")
+    if w.shape != a.shape or w.dtype != np.uint8:
+        raise DemoFormatError(f"{source}: wrist must be {a.shape} uint8 like agentview, found {w.shape} {w.dtype}")
 
 
 def write_demo(root: str | pathlib.Path, episode: DemoEpisode) -> pathlib.Path:
@@ -106,7 +122,7 @@ def write_demo(root: str | pathlib.Path, episode: DemoEpisode) -> pathlib.Path:
         raise DemoFormatError(f"demo meta lacks {missing} (has {sorted(episode.meta)})")
     m = episode.meta
     stem = demo_stem(m["suite"], m["task_id"], m["episode"])
-    check_arrays(episode.agentview, episode.wrist, episode.states, episode.actions, stem)
+    check_arrays(episode.agentview, episode.wrist, episode.states, episode.actions, stem, episode.frame_stride)
     if int(m["steps"]) != episode.steps:
         raise DemoFormatError(f"{stem}: meta steps={m['steps']} but arrays have {episode.steps} rows")
     demos = pathlib.Path(root) / "demos"
@@ -155,12 +171,8 @@ def read_demo(path: str | pathlib.Path, *, mmap: bool = True) -> DemoEpisode:
             raise DemoFormatError(f"{path}: missing {f.name}")
         arrays[name] = np.load(f, mmap_mode="r" if mmap else None, allow_pickle=False)
     # Shapes and dtypes only: the value check would read every frame of a memory-mapped episode.
-    check_arrays(arrays["agentview"][:1], arrays["wrist"][:1], arrays["states"][:1], arrays["actions"][:1],
-                 str(path))
-    t = arrays["agentview"].shape[0]
-    for name in ARRAYS:
-        if arrays[name].shape[0] != t:
-            raise DemoFormatError(f"{path}: {name} has {arrays[name].shape[0]} rows, agentview has {t}")
+    check_arrays(arrays["agentview"], arrays["wrist"], arrays["states"], arrays["actions"], str(path),
+                 meta.get("frame_stride", 1), check_values=False)
     if int(meta["steps"]) != arrays["actions"].shape[0]:
         raise DemoFormatError(f"{path}: meta steps={meta['steps']} but arrays have {arrays['actions'].shape[0]} rows")
     return DemoEpisode(meta=meta, **arrays)
@@ -169,7 +181,7 @@ def read_demo(path: str | pathlib.Path, *, mmap: bool = True) -> DemoEpisode:
 def validate_demo(path: str | pathlib.Path) -> DemoEpisode:
     """Full check of one demo (reads every array; finite states and actions, consistent lengths)."""
     ep = read_demo(path, mmap=False)
-    check_arrays(ep.agentview, ep.wrist, ep.states, ep.actions, str(path))
+    check_arrays(ep.agentview, ep.wrist, ep.states, ep.actions, str(path), ep.frame_stride)
     return ep
 
 

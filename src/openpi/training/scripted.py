@@ -233,19 +233,25 @@ class EpisodeOutcome:
     timing: dict[str, float]
 
 
-def set_camera_rendering(env, enabled: bool) -> None:
-    """Switch the two camera observables on or off (off: ~40 ms per step instead of ~400 ms on these CPUs)."""
-    for cam in libero_env.CAMERAS:
-        env.raw.env.modify_observable(f"{cam}_image", "enabled", enabled)
-
-
 def collect_episode(env, init_state_index: int, *, max_steps: int, settle_steps: int = 10, resize: int = 224,
                     record: bool = True, params: ControllerParams | None = None,
-                    idle_steps_after_done: int = 10) -> EpisodeOutcome:
-    """Run the controller on one initial state of a ``LiberoTaskEnv``; with ``record`` keep what the policy would
-    see at every step (``env.policy_frame``), the state and the action. Success = the env's ``done``."""
+                    idle_steps_after_done: int = 10, frame_stride: int = 1) -> EpisodeOutcome:
+    """Run the controller on one initial state of a ``LiberoTaskEnv``; with ``record`` keep the state and action of
+    every step and what the policy would see (``env.policy_frame``) every ``frame_stride`` steps (with a stride > 1
+    cameras are rendered only on those steps, by ``env.render_cameras``). Success = the env's ``done``."""
+    if frame_stride < 1:
+        raise ValueError(f"frame_stride must be >= 1, got {frame_stride}")
+    env.set_camera_rendering(record and frame_stride == 1)
+    try:
+        return _collect(env, init_state_index, max_steps, settle_steps, resize, record, params,
+                        idle_steps_after_done, frame_stride)
+    finally:
+        env.set_camera_rendering(True)  # leave the env as created: cameras rendered on every step
+
+
+def _collect(env, init_state_index: int, max_steps: int, settle_steps: int, resize: int, record: bool,
+             params: ControllerParams | None, idle_steps_after_done: int, frame_stride: int) -> EpisodeOutcome:
     t0 = time.monotonic()
-    set_camera_rendering(env, record)
     obs = env.reset(init_state_index)
     obs = env.settle(obs, settle_steps)
     t1 = time.monotonic()
@@ -255,15 +261,13 @@ def collect_episode(env, init_state_index: int, *, max_steps: int, settle_steps:
     rows: dict[str, list] = {"agentview": [], "wrist": [], "states": [], "actions": []}
     done, reason, idle = False, "max_steps", 0
     steps = 0
-    for _ in range(max_steps):
+    for step in range(max_steps):
         action = ctl.act(obs)
-        if record:
-            frame = env.policy_frame(obs, resize, with_masks=False)
+        if record and step % frame_stride == 0:
+            frame = env.policy_frame(obs if frame_stride == 1 else env.render_cameras(obs), resize, with_masks=False)
             rows["agentview"].append(frame.image)
             rows["wrist"].append(frame.wrist_image)
-            rows["states"].append(frame.state.astype(np.float32))
-        else:
-            rows["states"].append(libero_env.policy_state(obs).astype(np.float32))
+        rows["states"].append(libero_env.policy_state(obs).astype(np.float32))
         rows["actions"].append(action.astype(np.float32))
         obs, _, done, _ = env.step(action)
         steps += 1
@@ -294,9 +298,11 @@ class GenerateConfig:
     suite: str = "libero_spatial"
     task_ids: tuple[int, ...] | None = None  # None: every task of the suite
     episodes_per_task: int = 10  # episode i starts from the suite's initial state i
+    first_episode: int = 0  # episodes first_episode .. first_episode + episodes_per_task - 1
     max_steps: int | None = None  # None: the suite's evaluation budget
     settle_steps: int = 10
     resize_size: int = 224
+    frame_stride: int = 1  # render and keep frames every k-th step (states and actions: every step)
     seed: int = 7
     measure_only: bool = False  # no rendering, no demos: only attempt records and success rates
     shard_index: int = 0
@@ -305,7 +311,7 @@ class GenerateConfig:
     def settings(self) -> dict[str, Any]:
         """What must not change between runs writing into one out_dir (checked on resume)."""
         return {"suite": self.suite, "max_steps": self.max_steps, "settle_steps": self.settle_steps,
-                "resize_size": self.resize_size, "seed": self.seed, "measure_only": self.measure_only,
+                "resize_size": self.resize_size, "frame_stride": self.frame_stride, "seed": self.seed, "measure_only": self.measure_only,
                 "controller": dataclasses.asdict(ControllerParams())}
 
 
@@ -331,7 +337,8 @@ def generate(cfg: GenerateConfig, env_factory=None, progress: bool = True) -> di
         def env_factory(suite: str, task_id: int):
             return libero_env.LiberoTaskEnv(suite, task_id, segmentation=False, seed=cfg.seed)
     task_ids = cfg.task_ids if cfg.task_ids is not None else tuple(range(libero_env.suite_num_tasks(cfg.suite)))
-    plan = rollout.shard_episodes(rollout.plan_episodes(cfg.suite, list(task_ids), cfg.episodes_per_task),
+    plan = rollout.shard_episodes(rollout.plan_episodes(cfg.suite, list(task_ids), cfg.episodes_per_task,
+                                                          cfg.first_episode),
                                   cfg.shard_index, cfg.num_shards)
     check_or_write_settings(cfg)
     root = cfg.out_dir
@@ -358,7 +365,8 @@ def generate(cfg: GenerateConfig, env_factory=None, progress: bool = True) -> di
                 env, env_task = env_factory(spec.suite, spec.task_id), spec.task_id
             try:
                 out = collect_episode(env, spec.init_state_index, max_steps=max_steps, settle_steps=cfg.settle_steps,
-                                      resize=cfg.resize_size, record=not cfg.measure_only)
+                                      resize=cfg.resize_size, record=not cfg.measure_only,
+                                      frame_stride=cfg.frame_stride)
                 success, steps, reason, timing = out.success, out.steps, out.failure_reason, out.timing
             except Exception as exc:  # one broken episode must not end a long run; it is recorded as a failure
                 logger.exception("task %d episode %d failed", spec.task_id, spec.episode)
@@ -368,7 +376,7 @@ def generate(cfg: GenerateConfig, env_factory=None, progress: bool = True) -> di
                 meta = {"suite": spec.suite, "task_id": spec.task_id, "episode": spec.episode,
                         "init_state_index": spec.init_state_index, "prompt": env.prompt, "steps": steps,
                         "success": True, "seed": cfg.seed, "settle_steps": cfg.settle_steps,
-                        "resize_size": cfg.resize_size, "goal": dataclasses.asdict(out.goal),
+                        "resize_size": cfg.resize_size, "frame_stride": cfg.frame_stride, "goal": dataclasses.asdict(out.goal),
                         "controller": {"name": "PickPlaceController", **dataclasses.asdict(ControllerParams())},
                         "created_at": demos.now_iso()}
                 demos.write_demo(root, demos.DemoEpisode(meta=meta, **out.frames))
