@@ -2,7 +2,7 @@
 the unmodified and the zero-ablated policy on recorded observations (definition: openpi.interp.sae.splice).
 
     python sae/splice_score.py --sae out/sae --site llm.expert1.layer.3.resid_post --rollouts out/rollouts \
-        --out out/sae/splice.json [--config pi0_tiny] [--checkpoint-dir DIR] [--max-obs 50]
+        --out out/sae/splice.json [--config pi0_tiny_spatial] [--checkpoint-dir DIR] [--max-obs 50]
 
 Writes one JSON object: {site, tokens, steps, n_observations, mse_spliced, mse_zero_ablated,
 action_error_recovered, formula, sae, config}.
@@ -16,7 +16,7 @@ import pathlib
 import tyro
 
 from openpi.interp.sae.splice import action_error_recovered, observations_from_rollouts
-from openpi.policies.policy_config import create_policy
+from openpi.policies.policy_config import DEFAULT_CONFIG, create_policy
 from openpi.shared.io import write_json_atomic
 
 
@@ -28,7 +28,7 @@ class Args:
     rollouts: pathlib.Path
     """LIBERO client output recorded with --save-frames (episodes/ and frames/)"""
     out: pathlib.Path
-    config: str = "pi0_tiny"
+    config: str = DEFAULT_CONFIG
     checkpoint_dir: str | None = None
     tokens: str = "actions"
     steps: str = "all"

@@ -19,7 +19,7 @@ import tyro
 
 from openpi.envs import rollout
 from openpi.interp.steering import SteeringSpec, action_change
-from openpi.policies.policy_config import create_policy
+from openpi.policies.policy_config import DEFAULT_CONFIG, create_policy
 
 
 @dataclasses.dataclass
@@ -35,7 +35,7 @@ class Args:
     tokens: str = "actions"
     steps: str = "all"
     """denoising steps to edit ('all' or e.g. '0,1,2')"""
-    config: str = "pi0_tiny"
+    config: str = DEFAULT_CONFIG
     checkpoint_dir: str | None = None
     suite: str = "libero_spatial"
     task_ids: tuple[int, ...] = (0,)

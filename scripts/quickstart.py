@@ -1,7 +1,7 @@
 """The main job on the embedded default: serve the tiny policy with recording, evaluate a few short LIBERO
 episodes, run the analyses on what was recorded, and write one report folder with an index.html.
 
-    python scripts/quickstart.py [--out report] [--trials 2] [--max-steps 40]
+    python scripts/quickstart.py [--out report] [--trials 3] [--max-steps 220]
     python scripts/quickstart.py --fast --out /tmp/qs   # CI: 1 trial of tasks 0-2, 15 steps, shorter SAE training
     python scripts/quickstart.py --config pi05_libero --checkpoint-dir /ckpt/pi05_libero --trials 10  # GPU machine
 
@@ -26,6 +26,7 @@ import tyro
 
 from openpi import report
 from openpi.interp.export import trajectories_from_export
+from openpi.policies.policy_config import DEFAULT_CONFIG
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 PY = sys.executable
@@ -34,12 +35,17 @@ PY = sys.executable
 @dataclasses.dataclass
 class Args:
     out: pathlib.Path = ROOT / "report"
-    config: str = "pi0_tiny"
+    config: str = DEFAULT_CONFIG
+    """Policy config served (default: the embedded tiny Pi0 trained in LIBERO)."""
     checkpoint_dir: str | None = None
+    """Checkpoint of --config (default: its embedded checkpoint; pi0_tiny/pi05_tiny: random weights)."""
     suite: str = "libero_spatial"
     task_ids: tuple[int, ...] = (0,)
+    first_trial: int = 40
+    """First initial state (40-49 were held out of the embedded policy's training)."""
     trials: int = 3
-    max_steps: int = 40
+    max_steps: int = 220
+    """libero_spatial's budget: the embedded policy solves task 0 in ~120-160 steps when it succeeds."""
     layer: int = -1
     """action-expert layer for SAE/probes (-1 = last)"""
     fast: bool = False
@@ -101,8 +107,9 @@ def serve_and_evaluate(args: Args, stages: Stages, records: list[str]) -> None:
     port = _free_port()
     serve = [PY, "scripts/serve_policy.py", "--port", str(port), "--record-dir", str(args.out / "store"), "--record",
              *records]
+    serve += ["policy:checkpoint", "--policy.config", args.config]
     if args.checkpoint_dir:
-        serve += ["policy:checkpoint", "--policy.config", args.config, "--policy.dir", args.checkpoint_dir]
+        serve += ["--policy.dir", args.checkpoint_dir]
     log = open(args.out / "logs" / "serve.log", "w")
     server = subprocess.Popen(serve, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
     try:
@@ -118,6 +125,7 @@ def serve_and_evaluate(args: Args, stages: Stages, records: list[str]) -> None:
         stages.run("libero_eval", [PY, "examples/libero/main.py", "--host", "127.0.0.1", "--port", str(port),
                                    "--task-suite-name", args.suite, "--task-ids", *map(str, args.task_ids),
                                    "--num-trials-per-task", str(args.trials), "--max-steps", str(args.max_steps),
+                                   "--first-trial", str(args.first_trial),
                                    "--save-frames", "--out-dir", str(args.out / "rollouts"),
                                    "--video-out-path", str(args.out / "videos"), "--run-id", "quickstart"])
     finally:

@@ -2,7 +2,8 @@
 
 Same command shape as openpi's ``scripts/serve_policy.py``:
 
-    python scripts/serve_policy.py                                   # embedded default (tiny CPU policy)
+    python scripts/serve_policy.py                                   # embedded default (tiny Pi0 trained in LIBERO)
+    python scripts/serve_policy.py policy:checkpoint --policy.config pi0_tiny     # same shapes as openpi's fixtures, random
     python scripts/serve_policy.py --env LIBERO --port 8000 policy:default
     python scripts/serve_policy.py policy:checkpoint --policy.config pi0_libero --policy.dir /ckpt/pi0_libero
     python scripts/serve_policy.py --record-dir out/acts --record llm.layer.11.resid_post llm.layer.11.attn.probs
@@ -39,16 +40,17 @@ class Checkpoint:
     """Load a policy from a trained checkpoint."""
 
     config: str
-    """Named config, e.g. pi0_libero, pi05_libero, pi0_tiny."""
-    dir: str
-    """Checkpoint directory (holds params/ and assets/)."""
+    """Named config, e.g. pi0_libero, pi05_libero, pi0_tiny_spatial, pi0_tiny."""
+    dir: str | None = None
+    """Checkpoint directory (holds params/ and assets/); default: the config's embedded checkpoint if it has one,
+    else seeded random weights (tiny configs only)."""
     tokenizer: str | None = None
     """PaliGemma SentencePiece file (else $OPENPI_TOKENIZER or <dir>/paligemma_tokenizer.model)."""
 
 
 @dataclasses.dataclass
 class Default:
-    """The embedded default policy (create_policy's defaults: the tiny CPU config)."""
+    """The embedded default policy: pi0_tiny_spatial, a tiny Pi0 trained on scripted libero_spatial demos."""
 
 
 @dataclasses.dataclass

@@ -59,6 +59,16 @@ def test_shard_split_covers_every_episode_once():
         rollout.plan_episodes(SUITE, [1, 1], 2)
 
 
+def test_plans_start_at_a_held_out_trial_and_check_task_ids():
+    plan = rollout.plan_suite_episodes(SUITE, [2], 3, first_trial=40)
+    assert [(e.task_id, e.episode, e.init_state_index) for e in plan] == [(2, 40, 40), (2, 41, 41), (2, 42, 42)]
+    assert len(rollout.plan_suite_episodes(SUITE, None, 1)) == 10  # every task of libero_spatial
+    with pytest.raises(ValueError, match=r"task ids \[10\] out of range for libero_spatial \(10 tasks\)"):
+        rollout.plan_suite_episodes(SUITE, [0, 10], 1)
+    with pytest.raises(ValueError, match="first_trial"):
+        rollout.plan_episodes(SUITE, [0], 1, first_trial=-1)
+
+
 def test_action_chunk_validation():
     ok = rollout.action_chunk_from_reply({"actions": np.ones((5, 7), np.float32)}, 5)
     assert ok.shape == (5, 7) and ok.dtype == np.float64
@@ -113,12 +123,16 @@ def test_summary_table_counts(tmp_path):
     assert "66.7%" in text and "missing: 2 of 6" in text
 
 
-def _load_main():
-    spec = importlib.util.spec_from_file_location("libero_main", REPO / "examples" / "libero" / "main.py")
+def _load_script(name: str, path: pathlib.Path):
+    spec = importlib.util.spec_from_file_location(name, path)
     mod = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = mod  # dataclasses resolve string annotations through sys.modules
     spec.loader.exec_module(mod)
     return mod
+
+
+def _load_main():
+    return _load_script("libero_main", REPO / "examples" / "libero" / "main.py")
 
 
 def test_main_args_match_openpi_defaults_and_spellings():
@@ -268,3 +282,78 @@ def test_main_end_to_end_over_websocket(env, tmp_path, capsys):
     run = json.loads((tmp_path / "runs" / "e2e.json").read_text())
     assert run["server_metadata"] == _ServedPolicy.metadata
     assert "libero_spatial" in capsys.readouterr().out  # the success table was printed
+
+
+@pytest.mark.libero
+def test_rendering_only_at_queries_sends_the_same_observations(env, tmp_path):
+    """render_every_step=False renders only the steps that query the policy: same states and actions, images that
+    differ from always-on rendering by sub-grey-level noise (end of step vs one substep before), one video frame
+    per query, and the env left rendering every step again."""
+    plan = rollout.plan_episodes(SUITE, [TASK], 1)
+    runs = {}
+    for every in (True, False):
+        policy = ScriptedPolicy()
+        cfg = _cfg(tmp_path / str(every), max_steps=6, save_frames=False, render_every_step=every,
+                   perturb=pert.PerturbationConfig())
+        rollout.evaluate(cfg, policy, plan, env_factory=lambda *a: env, close_envs=False, progress=False)
+        runs[every] = (policy.requests, _record(cfg, 0))
+    (full_req, full_rec), (lazy_req, lazy_rec) = runs[True], runs[False]
+    assert lazy_rec["render_every_step"] is False and full_rec["render_every_step"] is True
+    assert [r["meta/env_step"] for r in lazy_req] == [r["meta/env_step"] for r in full_req] == [0, 2, 4]
+    np.testing.assert_array_equal(lazy_rec["states"], full_rec["states"])
+    np.testing.assert_array_equal(lazy_rec["actions"], full_rec["actions"])
+    for a, b in zip(full_req, lazy_req):
+        for key in ("observation/image", "observation/wrist_image"):
+            assert b[key].dtype == np.uint8 and b[key].shape == (224, 224, 3) and b[key].std() > 10
+            assert np.abs(a[key].astype(float) - b[key]).mean() < 1.0, key
+    runs_cfg = json.loads((tmp_path / "False" / "runs" / "t1.json").read_text())
+    assert runs_cfg["settings"]["render_every_step"] is False
+    with pytest.raises(ValueError, match="save_frames needs render_every_step"):
+        _cfg(tmp_path, render_every_step=False)
+    obs, *_ = env.step(np.zeros(7))
+    assert obs["agentview_image"].dtype == np.uint8 and obs["agentview_image"].std() > 10
+
+
+@pytest.mark.libero
+def test_eval_policy_script_runs_the_embedded_policy_in_process(env, tmp_path, capsys):
+    """scripts/eval_policy.py: the default (trained) policy in this process, held-out initial state, on-demand
+    rendering; the run records which policy and checkpoint produced the episodes."""
+    script = _load_script("eval_policy", REPO / "scripts" / "eval_policy.py")
+    args = script.Args(task_ids=(TASK,), first_trial=45, num_trials_per_task=1, max_steps=6, num_steps_wait=1,
+                       out_dir=str(tmp_path), run_id="ev")
+    summary = script.main(args, env_factory=lambda *a: env)
+    assert summary["total"]["episodes"] == 1 and summary["missing_episodes"] == 0
+    rec = json.loads((tmp_path / "episodes" / "ev__libero_spatial__task0__ep45.json").read_text())
+    assert rec["init_state_index"] == 45 and rec["steps"] == 6 and rec["render_every_step"] is False
+    assert [c["env_step"] for c in rec["chunks"]] == [0, 5] and np.isfinite(rec["actions"]).all()
+    run = json.loads((tmp_path / "runs" / "ev.json").read_text())
+    assert run["server_metadata"]["config"] == "pi0_tiny_spatial" and run["server_metadata"]["trained"] is True
+    with open(rec["video"] if pathlib.Path(rec["video"]).is_absolute() else tmp_path / rec["video"], "rb") as f:
+        assert f.read(12)[4:8] == b"ftyp"  # an MP4 with one frame per query
+    assert "libero_spatial" in capsys.readouterr().out
+
+
+@pytest.mark.libero
+def test_embedded_policy_reaches_for_the_named_bowl(env, tmp_path):
+    """The committed checkpoint acts: within 40 steps from a held-out initial state its gripper closes most of the
+    distance to the bowl the prompt names (a planted target read from the simulator, which the policy never sees).
+    Seeded random weights of the same network do not (the control that makes the assertion mean something)."""
+    from openpi.envs import libero_env
+    from openpi.policies.policy_config import create_policy
+
+    bowl = env.objects_of_interest[0]
+    cfg = _cfg(tmp_path, max_steps=40, save_frames=False, save_video=False, render_every_step=False, settle_steps=10,
+               replan_steps=5, perturb=pert.PerturbationConfig())
+    spec = rollout.EpisodeSpec(SUITE, TASK, 45)
+    first = env.settle(env.reset(spec.init_state_index), cfg.settle_steps)  # the state every run starts from
+    start = float(np.linalg.norm(libero_env.policy_state(first)[:3] - first[f"{bowl}_pos"]))
+    gaps = {}
+    for name, policy in (("trained", create_policy()), ("random", create_policy(random_weights=True))):
+        result = rollout.run_episode(env, policy, spec, cfg)
+        np.testing.assert_allclose(result.record["states"][0], libero_env.policy_state(first))
+        last = env.raw.env._get_observations()  # after the 40th step
+        gaps[name] = (start, float(np.linalg.norm(libero_env.policy_state(last)[:3] - last[f"{bowl}_pos"])))
+    (t_start, t_end), (r_start, r_end) = gaps["trained"], gaps["random"]
+    print(f"distance gripper-bowl start -> after 40 steps: {gaps}")
+    assert t_end < 0.4 * t_start, gaps  # the trained policy closed >= 60% of the gap ...
+    assert r_end > 0.7 * r_start, gaps  # ... the untrained one did not

@@ -77,7 +77,7 @@ def test_training_reduces_the_loss_on_a_fixed_batch(runs):
 
 def test_checkpoint_serves_through_create_policy(runs):
     ckpt = runs["a"] / str(STEPS)
-    policy = create_policy("pi0_tiny", str(ckpt))
+    policy = create_policy(_cfg(runs["demos"], runs["a"]).policy_config, str(ckpt))
     assert policy.metadata["trained"] and policy.transforms.norm_stats is not None
     ds = train.DemoDataset([runs["demos"]], 10)
     item = ds.item(3)
@@ -88,6 +88,20 @@ def test_checkpoint_serves_through_create_policy(runs):
     np.testing.assert_allclose(stats["actions"].mean[6], 0.0, atol=1e-6)
     np.testing.assert_allclose(stats["state"].mean, np.concatenate([np.asarray(e.states)
                                                                     for e in ds.episodes]).mean(0), atol=1e-5)
+
+
+def test_packaged_checkpoint_serves_without_optimizer_state(runs, tmp_path):
+    dest = train.package_checkpoint(runs["a"] / str(STEPS), tmp_path / "pkg")
+    assert sorted(p.name for p in dest.iterdir()) == ["assets", "params", "train_meta.json"]
+    cfg = _cfg(runs["demos"], runs["a"])
+    for x, y in zip(jax.tree.leaves(checkpoint.load_params(dest, train.model_config(cfg))),
+                    jax.tree.leaves(checkpoint.load_params(runs["a"] / str(STEPS), train.model_config(cfg)))):
+        np.testing.assert_array_equal(x, y)
+    assert create_policy(cfg.policy_config, str(dest)).transforms.norm_stats is not None
+    with pytest.raises(FileExistsError, match="refusing to overwrite"):
+        train.package_checkpoint(runs["a"] / str(STEPS), dest)
+    with pytest.raises(FileNotFoundError, match="not a complete training checkpoint"):
+        train.package_checkpoint(tmp_path, tmp_path / "other")
 
 
 def test_action_targets_invert_the_policy_outputs():
@@ -122,3 +136,19 @@ def test_changed_schedule_is_refused_on_resume(tmp_path):
     (tmp_path / "empty" / "demos").mkdir(parents=True)
     with pytest.raises(ValueError, match="no complete demos"):
         train.train(_cfg(tmp_path / "empty", tmp_path / "run2"), progress=False)
+
+
+def test_strided_demos_sample_only_steps_with_frames(tmp_path):
+    from openpi.training import demos
+
+    ep = demos.synthetic_episode(0, steps=7)
+    full_agent = ep.agentview.copy()
+    ep.meta["frame_stride"] = 3
+    ep.agentview, ep.wrist = ep.agentview[::3], ep.wrist[::3]
+    demos.write_demo(tmp_path, ep)
+    ds = train.DemoDataset([tmp_path], horizon=4)
+    assert len(ds) == 3 and ds.index[:, 1].tolist() == [0, 3, 6]
+    item = ds.item(1)  # env step 3: its own frame, state and the actions from step 3 on
+    np.testing.assert_array_equal(item["observation/image"], full_agent[3])
+    np.testing.assert_array_equal(item["observation/state"], ep.states[3])
+    np.testing.assert_array_equal(item["actions"], ep.actions[[3, 4, 5, 6]])

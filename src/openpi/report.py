@@ -809,6 +809,8 @@ def build_html(out: str | os.PathLike) -> tuple[str, list[Section], list[str]]:
                      f"{_esc(st.get('seed', '?'))}, max {_esc(st.get('max_steps', '?'))} steps, replanning every "
                      f"{_esc(st.get('replan_steps', '?'))} steps. Recorded sites: "
                      f"{_esc(', '.join(sm.get('recording') or []) or 'none')}.</p>")
+        if sm.get("card"):
+            parts.append(f"<p class='how'><b>Checkpoint card:</b> {_esc(sm['card'])}</p>")
         if sm.get("trained") is False or sm.get("warning"):
             parts.append(f"<p class='bad'><b>Untrained policy.</b> {_esc(sm.get('warning') or '')}. Every number below shows "
                          "the pipeline working, not behaviour worth interpreting.</p>")

@@ -1,8 +1,10 @@
 """Named policy configs and ``create_policy``: the one place that turns a config name + directory into a Policy.
 
 ``pi0_libero`` / ``pi05_libero`` need a released checkpoint directory (``params/`` + ``assets/<asset_id>/
-norm_stats.json``) and PaliGemma's SentencePiece file. ``pi0_tiny`` / ``pi05_tiny`` are the embedded default:
-seeded random weights (UNTRAINED: their actions are meaningless) and a small tokenizer shipped in the package.
+norm_stats.json``) and PaliGemma's SentencePiece file. ``pi0_tiny_spatial`` (the default) is a tiny Pi0 trained on
+scripted LIBERO demonstrations whose checkpoint ships in the package (``assets/pi0_tiny_spatial``, card in its
+``CARD.md``). ``pi0_tiny`` / ``pi05_tiny`` are the shapes of openpi's reference fixtures with seeded random weights
+(UNTRAINED: their actions are meaningless). All tiny configs use a small tokenizer shipped in the package.
 """
 from __future__ import annotations
 
@@ -22,6 +24,8 @@ from openpi.policies.libero_policy import LiberoTransforms
 from openpi.policies.policy import Policy
 
 logger = logging.getLogger(__name__)
+ASSETS = pathlib.Path(__file__).resolve().parents[1] / "assets"
+EMBEDDED_CHECKPOINT = ASSETS / "pi0_tiny_spatial"
 LIBERO_ASSET_ID = "physical-intelligence/libero"
 TOKENIZER_ENV = "OPENPI_TOKENIZER"
 
@@ -34,6 +38,7 @@ class PolicyConfig:
     delta_actions: bool
     needs_checkpoint: bool
     asset_id: str = LIBERO_ASSET_ID
+    default_checkpoint: pathlib.Path | None = None  # loaded when no checkpoint directory is given
 
 
 CONFIGS: dict[str, PolicyConfig] = {c.name: c for c in [
@@ -45,8 +50,13 @@ CONFIGS: dict[str, PolicyConfig] = {c.name: c for c in [
                  needs_checkpoint=False),
     PolicyConfig("pi05_tiny", tiny_config(pi05=True, max_token_len=64), quantile_norm=True, delta_actions=False,
                  needs_checkpoint=False),
+    # Trained on CPU (docs/training.md): 96 px images in 12 px patches (8x8 tokens per camera) keep the prefix at
+    # 224 tokens; libero_spatial prompts are at most 28 tokens with the embedded tokenizer.
+    PolicyConfig("pi0_tiny_spatial", tiny_config(max_token_len=32, image_size=96, siglip_variant="mu/12"),
+                 quantile_norm=False, delta_actions=False, needs_checkpoint=False,
+                 default_checkpoint=EMBEDDED_CHECKPOINT),
 ]}
-DEFAULT_CONFIG = "pi0_tiny"
+DEFAULT_CONFIG = "pi0_tiny_spatial"
 
 
 def get_config(name: str) -> PolicyConfig:
@@ -68,16 +78,34 @@ def find_tokenizer(checkpoint_dir: pathlib.Path | None, tokenizer: str | None) -
         f"${TOKENIZER_ENV}, or put it in the checkpoint directory (looked in: {[str(c) for c in candidates if c]})")
 
 
+def card_summary(path: pathlib.Path) -> str:
+    """The first paragraph after the title of a checkpoint's CARD.md: what the policy is and how well it does."""
+    paragraphs = [p.strip() for p in path.read_text().split("\n\n")]
+    text = next((p for p in paragraphs if p and not p.startswith("#")), "")
+    return " ".join(text.split())
+
+
 def create_policy(config_name: str = DEFAULT_CONFIG, checkpoint_dir: str | None = None, *,
                   default_prompt: str | None = None, tokenizer: str | None = None,
                   record_sites: tuple[str, ...] | list[str] | None = (), record_dir: str | None = None,
                   writer_id: str | None = None, interventions: tuple[Intervention, ...] = (),
                   knockouts: tuple[AttentionKnockout, ...] = (), num_steps: int = 10, seed: int = 0,
-                  dtype: str | None = None) -> Policy:
-    """Build a Policy from a named config; with ``record_dir`` every inference's recordings go to a store."""
+                  dtype: str | None = None, random_weights: bool = False) -> Policy:
+    """Build a Policy from a named config; with ``record_dir`` every inference's recordings go to a store.
+
+    Weights: ``checkpoint_dir``, else the config's embedded checkpoint, else (or with ``random_weights``, the
+    untrained baseline of the same architecture) seeded random weights.
+    """
     cfg = get_config(config_name)
     model_cfg = cfg.model if dtype is None else dataclasses.replace(cfg.model, dtype=dtype)
+    if random_weights and checkpoint_dir:
+        raise ValueError("pass either checkpoint_dir or random_weights, not both")
     ckpt = pathlib.Path(checkpoint_dir).expanduser() if checkpoint_dir else None
+    if ckpt is None and not random_weights and cfg.default_checkpoint is not None:
+        ckpt = cfg.default_checkpoint
+        if not (ckpt / "params").exists():
+            raise FileNotFoundError(f"config {config_name!r}: its embedded checkpoint {ckpt} is missing (a broken "
+                                    "install?); pass a checkpoint directory or random_weights=True")
     if cfg.needs_checkpoint:
         if ckpt is None:
             raise ValueError(f"config {config_name!r} needs --policy.dir pointing at an openpi checkpoint directory")
@@ -113,6 +141,8 @@ def create_policy(config_name: str = DEFAULT_CONFIG, checkpoint_dir: str | None 
                 "recording": [f"{r.site}" for r in records]}
     if not trained:
         metadata["warning"] = "untrained: seeded random weights, actions are meaningless"
+    elif ckpt is not None and (ckpt / "CARD.md").is_file():
+        metadata["card"] = card_summary(ckpt / "CARD.md")
     return Policy(Pi0Model(model_cfg, params), transforms, metadata=metadata, records=records,
                   interventions=interventions, knockouts=knockouts, recorder=recorder, num_steps=num_steps, seed=seed)
 

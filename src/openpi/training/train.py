@@ -62,7 +62,7 @@ DELTA_DIMS = 6
 
 
 class DemoDataset:
-    """Every step of every demo under the given roots, sampled as (frame, state, action chunk, prompt)."""
+    """Every step with frames of every demo under the given roots, as (frame, state, action chunk, prompt)."""
 
     def __init__(self, roots: Sequence[str | pathlib.Path], horizon: int) -> None:
         paths = [p for r in roots for p in demo_io.list_demos(r)]
@@ -74,7 +74,8 @@ class DemoDataset:
         sizes = {ep.agentview.shape[1] for ep in self.episodes}
         if len(sizes) != 1:
             raise ValueError(f"demos mix image sizes {sorted(sizes)}; generate them with one --resize-size")
-        self.index = np.concatenate([np.stack([np.full(ep.steps, i), np.arange(ep.steps)], 1)
+        # Only steps with frames are samples; their action chunks still use every step's action.
+        self.index = np.concatenate([np.stack([np.full(len(ep.frame_steps()), i), ep.frame_steps()], 1)
                                      for i, ep in enumerate(self.episodes)])
 
     def __len__(self) -> int:
@@ -89,7 +90,8 @@ class DemoDataset:
     def item(self, i: int) -> dict[str, Any]:
         e, t = (int(x) for x in self.index[i])
         ep = self.episodes[e]
-        return {IMAGE_KEY: np.asarray(ep.agentview[t]), WRIST_KEY: np.asarray(ep.wrist[t]),
+        f = t // ep.frame_stride
+        return {IMAGE_KEY: np.asarray(ep.agentview[f]), WRIST_KEY: np.asarray(ep.wrist[f]),
                 STATE_KEY: np.asarray(ep.states[t], np.float32), PROMPT_KEY: ep.prompt,
                 "actions": self.chunk(e, t)}
 
@@ -140,7 +142,7 @@ def make_batch(items: list[dict[str, Any]], transforms: LiberoTransforms) -> tup
 class TrainConfig:
     demo_dirs: tuple[str, ...]
     out_dir: str
-    policy_config: str = "pi0_tiny"
+    policy_config: str = "pi0_tiny_spatial"
     init_checkpoint: str | None = None  # openpi checkpoint to fine-tune from (else seeded random init)
     tokenizer: str | None = None  # PaliGemma tokenizer for real configs (see create_policy)
     dtype: str | None = None  # override the config's compute dtype
@@ -253,6 +255,24 @@ def save_checkpoint(out_dir: pathlib.Path, step: int, params, opt_state, rng, no
     (tmp / "train_meta.json").write_text(json.dumps({"step": step, **meta}, indent=1))
     tmp.rename(final)
     return final
+
+
+def package_checkpoint(step_dir: str | pathlib.Path, dest: str | pathlib.Path) -> pathlib.Path:
+    """Copy what serving needs from a training checkpoint (params, assets, train_meta.json; not the optimizer
+    state, which is twice the size of the params) to a new directory ``dest``, e.g. to ship it in a package."""
+    step_dir, dest = pathlib.Path(step_dir), pathlib.Path(dest)
+    if not (step_dir / "train_meta.json").is_file():
+        raise FileNotFoundError(f"{step_dir} is not a complete training checkpoint (no train_meta.json)")
+    if dest.exists():
+        raise FileExistsError(f"{dest} already exists; refusing to overwrite it")
+    tmp = dest.with_name(f".tmp-{dest.name}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    for name in ("params", "assets"):
+        shutil.copytree(step_dir / name, tmp / name)
+    shutil.copy(step_dir / "train_meta.json", tmp / "train_meta.json")
+    tmp.rename(dest)
+    return dest
 
 
 def load_train_state(step_dir: pathlib.Path, opt_state_template) -> tuple[Any, jax.Array, int]:
