@@ -47,7 +47,6 @@ Figures: ``evolution.png`` (IoU top-k and soft mass over normalised episode time
 from __future__ import annotations
 
 import csv
-import json
 import pathlib
 from collections.abc import Sequence
 from typing import Literal
@@ -59,7 +58,7 @@ from openpi.interp import attention as A
 from openpi.interp import attention_plots as plots
 from openpi.interp import iou
 from openpi.interp.recorded_run import EpisodeKey, JoinError, PolicyQuery, RecordedRun
-from openpi.shared.io import finite_float
+from openpi.shared.io import atomic_path, finite_float, read_json
 
 SCHEMA = "vla-interp/recorded-attention-iou/1"
 METRICS: tuple[str, ...] = ("soft_mass", "pointing_accuracy", "iou_topk", "dice_topk", "iou_percentile",
@@ -249,13 +248,10 @@ def _csv_row(group: dict, layer, stats: dict) -> dict:
 
 def write_csv(path: pathlib.Path, rows: list[dict]) -> None:
     """Atomic CSV write (temp file + rename) with the fixed ``CSV_FIELDS`` header."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w", newline="") as f:
+    with atomic_path(path) as tmp, open(tmp, "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=CSV_FIELDS, extrasaction="ignore")
         w.writeheader()
         w.writerows(rows)
-    tmp.replace(path)
 
 
 def summary_tables(episodes: Sequence[dict], n_boot: int, seed: int) -> tuple[list[dict], list[dict]]:
@@ -394,13 +390,8 @@ def plot_summaries(episodes: Sequence[dict], out: pathlib.Path, bins: int = 10) 
 
 def load_episode_results(out: pathlib.Path) -> list[dict]:
     """Every episode file in ``out/episodes`` (all shards), sorted by file name."""
-    eps = []
-    for p in sorted((out / "episodes").glob("*.json")):
-        try:
-            eps.append(json.loads(p.read_text()))
-        except json.JSONDecodeError as exc:
-            raise ValueError(f"episode result {p} is not valid JSON ({exc}); delete it to recompute") from exc
-    return eps
+    return [read_json(p, "episode result", hint="delete it to recompute")
+            for p in sorted((out / "episodes").glob("*.json"))]
 
 
 def summarise(out: pathlib.Path, n_boot: int, seed: int, expected: int, warnings: list[str]) -> dict:
@@ -453,7 +444,7 @@ def evaluate_run(store: pathlib.Path, rollouts: pathlib.Path, out: pathlib.Path,
     for key in tqdm.tqdm(mine, desc="episodes", unit="ep"):
         path = out / "episodes" / f"{key.stem}.json"
         if path.exists():
-            old = json.loads(path.read_text()).get("settings")
+            old = read_json(path, "episode result", hint="delete it to recompute").get("settings")
             if old != A.json_safe(settings):
                 raise ValueError(f"{path} was computed with settings {old}, now {settings}; use another --out")
             continue

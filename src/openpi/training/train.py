@@ -51,6 +51,7 @@ from openpi.models.param_shapes import init_params, param_shapes
 from openpi.models.tokenizer import EMBEDDED_TOKENIZER, PromptTokenizer
 from openpi.policies import policy_config as pc
 from openpi.policies.libero_policy import IMAGE_KEY, PROMPT_KEY, STATE_KEY, WRIST_KEY, LiberoTransforms
+from openpi.shared.io import atomic_path, read_json
 from openpi.training import demos as demo_io
 
 logger = logging.getLogger(__name__)
@@ -343,10 +344,9 @@ def plot_loss(metrics: list[dict[str, Any]], path: pathlib.Path) -> None:
     ax.legend(loc="upper right")
     ax.set_title("training loss")
     fig.tight_layout()
-    tmp = path.with_name(f".{path.name}")
-    fig.savefig(tmp, dpi=110, format="png")
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=110, format="png")
     plt.close(fig)
-    tmp.replace(path)
 
 
 # ------------------------------------------------------------------------------------------------ loop
@@ -356,7 +356,7 @@ def _check_or_write_config(out_dir: pathlib.Path, cfg: TrainConfig) -> None:
     path = out_dir / "train_config.json"
     fixed = cfg.fixed()
     if path.exists():
-        old = json.loads(path.read_text()).get("fixed", {})
+        old = read_json(path, "training run settings").get("fixed", {})
         diffs = [f"{k}: {old.get(k)!r} on disk vs {v!r} now" for k, v in fixed.items() if old.get(k) != v]
         if diffs:
             raise ValueError(f"{out_dir} holds a run with other settings ({'; '.join(diffs)}); use another "

@@ -19,7 +19,7 @@ import numpy as np
 
 from openpi.interp.hooks import Intervention
 from openpi.interp.sae.io import load_sae
-from openpi.interp.sae.model import jumprelu_codes, pre_activations
+from openpi.interp.sae.model import reconstruct as reconstruct_scaled
 from openpi.shared.io import read_json
 
 
@@ -32,13 +32,7 @@ def reconstruction_fn(sae_dir: str | pathlib.Path) -> Callable[[jax.Array], jax.
 
     def reconstruct(x: jax.Array) -> jax.Array:
         flat = x.reshape(-1, x.shape[-1]).astype(jnp.float32) * spec.input_scale
-        pre = pre_activations(params, flat)
-        if spec.arch == "topk":
-            kth = jax.lax.top_k(pre, spec.k)[0][:, -1:]
-            codes = jnp.where(pre >= kth, jax.nn.relu(pre), 0.0)
-        else:
-            codes = jumprelu_codes(pre, threshold)
-        out = (codes @ params["W_dec"] + params["b_dec"]) / spec.input_scale
+        out = reconstruct_scaled(params, spec, flat, threshold) / spec.input_scale
         return out.reshape(x.shape).astype(x.dtype)
 
     reconstruct.__name__ = f"sae_reconstruct_{pathlib.Path(sae_dir).name}"
