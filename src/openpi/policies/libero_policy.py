@@ -2,10 +2,12 @@
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Sequence
 
 import numpy as np
 
 from openpi.models.config import Pi0Config
+from openpi.models.model import make_observation
 from openpi.models.normalize import NormStats, normalize, unnormalize
 from openpi.models.tokenizer import PromptTokenizer
 
@@ -95,3 +97,14 @@ class LiberoTransforms:
             actions = actions.copy()
             actions[..., :6] += inputs["raw_state"][:6]
         return actions[..., :ACTION_DIM]
+
+
+def batch_observation(inputs: Sequence[dict]):
+    """Outputs of ``LiberoTransforms.inputs`` for B observations -> one batched model ``Observation`` (serving
+    stacks one, training a batch: the same code path, so training sees exactly what serving sends)."""
+    keys = list(inputs[0]["images"])
+    return make_observation({k: np.stack([x["images"][k] for x in inputs]) for k in keys},
+                            {k: np.array([x["image_masks"][k] for x in inputs]) for k in keys},
+                            np.stack([x["state"] for x in inputs]),
+                            np.stack([x["tokenized_prompt"] for x in inputs]),
+                            np.stack([x["tokenized_prompt_mask"] for x in inputs]))

@@ -11,8 +11,8 @@ import numpy as np
 
 from openpi.interp.hooks import AttentionKnockout, Intervention, Record
 from openpi.interp.spans import span_table
-from openpi.models.model import Pi0Model, make_observation
-from openpi.policies.libero_policy import LiberoTransforms
+from openpi.models.model import Pi0Model
+from openpi.policies.libero_policy import LiberoTransforms, batch_observation
 
 logger = logging.getLogger(__name__)
 META_PREFIX = "meta/"
@@ -44,10 +44,7 @@ class Policy:
             raise TypeError(f"observation must be a dict, got {type(obs).__name__}")
         meta = {k[len(META_PREFIX):]: v for k, v in obs.items() if k.startswith(META_PREFIX)}
         inputs = self.transforms.inputs({k: v for k, v in obs.items() if not k.startswith(META_PREFIX)})
-        model_obs = make_observation(
-            {k: v[None] for k, v in inputs["images"].items()},
-            {k: np.array([v]) for k, v in inputs["image_masks"].items()},
-            inputs["state"][None], inputs["tokenized_prompt"][None], inputs["tokenized_prompt_mask"][None])
+        model_obs = batch_observation([inputs])
         cfg = self.model.config
         if noise is None:
             self._rng, key = jax.random.split(self._rng)

@@ -45,12 +45,12 @@ from tqdm import tqdm
 
 from openpi.models import checkpoint, pi0
 from openpi.models.config import Pi0Config
-from openpi.models.model import make_observation
 from openpi.models.normalize import NormStats, compute_norm_stats, load_norm_stats, normalize, save_norm_stats
 from openpi.models.param_shapes import init_params, param_shapes
 from openpi.models.tokenizer import EMBEDDED_TOKENIZER, PromptTokenizer
 from openpi.policies import policy_config as pc
-from openpi.policies.libero_policy import IMAGE_KEY, PROMPT_KEY, STATE_KEY, WRIST_KEY, LiberoTransforms
+from openpi.policies.libero_policy import (IMAGE_KEY, PROMPT_KEY, STATE_KEY, WRIST_KEY, LiberoTransforms,
+                                           batch_observation)
 from openpi.shared.io import atomic_path, read_json
 from openpi.training import demos as demo_io
 
@@ -126,12 +126,7 @@ def action_targets(chunk: np.ndarray, raw_state: np.ndarray, transforms: LiberoT
 def make_batch(items: list[dict[str, Any]], transforms: LiberoTransforms) -> tuple[pi0.Observation, np.ndarray]:
     """Demo items -> (model Observation, target actions (B, H, action_dim)), preprocessed as at serving time."""
     inputs = [transforms.inputs({k: v for k, v in it.items() if k != "actions"}) for it in items]
-    keys = transforms.config.image_keys
-    obs = make_observation({k: np.stack([x["images"][k] for x in inputs]) for k in keys},
-                           {k: np.array([x["image_masks"][k] for x in inputs]) for k in keys},
-                           np.stack([x["state"] for x in inputs]),
-                           np.stack([x["tokenized_prompt"] for x in inputs]),
-                           np.stack([x["tokenized_prompt_mask"] for x in inputs]))
+    obs = batch_observation(inputs)
     targets = np.stack([action_targets(it["actions"], x["raw_state"], transforms) for it, x in zip(items, inputs)])
     return obs, targets
 
