@@ -13,7 +13,6 @@ Pure numpy: the only simulator access is through the observation dict and the pa
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import math
 import pathlib
@@ -24,6 +23,7 @@ import numpy as np
 from tqdm import tqdm
 
 from openpi.envs import libero_env, rollout
+from openpi.shared.io import read_json
 from openpi.training import demos
 
 logger = logging.getLogger(__name__)
@@ -319,7 +319,7 @@ def check_or_write_settings(cfg: GenerateConfig) -> None:
     path = pathlib.Path(cfg.out_dir) / "generate_config.json"
     settings = cfg.settings()
     if path.exists():
-        old = json.loads(path.read_text())
+        old = read_json(path, "demo generation settings", error=demos.DemoFormatError)
         diffs = [f"{k}: {old.get(k)!r} on disk vs {v!r} now" for k, v in settings.items() if old.get(k) != v]
         if diffs:
             raise ValueError(f"{cfg.out_dir} was generated with other settings ({'; '.join(diffs)}); "
