@@ -19,7 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 import tyro
 
-from openpi.interp.hooks import parse_records
+from openpi.models.hooks import parse_records
 from openpi.interp.store import ActivationStore, StoreWriter
 from openpi.models.config import tiny_config
 from openpi.models.model import Pi0Model, make_observation

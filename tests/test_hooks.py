@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from model_fixtures import load_fixture
-from openpi.interp.hooks import AttentionKnockout, Intervention, Record, TokenLayout, parse_records
+from openpi.models.hooks import AttentionKnockout, Intervention, Record, parse_records
 from openpi.interp.spans import key_valid_mask, span_table
 from openpi.models import layers, pi0
 from openpi.models.config import tiny_config
@@ -151,10 +151,10 @@ def test_reductions_and_token_selection(pi0_setup):
 
 def test_span_tables_match_fixture_layouts():
     cfg = tiny_config()
-    layout = TokenLayout(cfg)
-    assert layout.spans["base_0_rgb"] == (0, 256) and layout.spans["right_wrist_0_rgb"] == (512, 768)
-    assert layout.spans["prompt"] == (768, 784) and layout.spans["state"] == (784, 785)
-    assert layout.spans["actions"] == (785, 795) and layout.seq_len == 795
+    spans = pi0.token_spans(cfg)
+    assert spans["base_0_rgb"] == (0, 256) and spans["right_wrist_0_rgb"] == (512, 768)
+    assert spans["prompt"] == (768, 784) and spans["state"] == (784, 785)
+    assert spans["actions"] == (785, 795) and pi0.hook_table(cfg).seq_len == 795
     table = span_table(cfg, {"base_0_rgb": True, "left_wrist_0_rgb": True, "right_wrist_0_rgb": False}, 7, (1, 6))
     assert table["spans"]["instruction"] == [769, 774] and table["spans"]["template"] == [[768, 769], [774, 775]]
     assert table["spans"]["pad"] == [775, 784]

@@ -12,7 +12,7 @@ import pathlib
 import numpy as np
 import pytest
 
-from openpi.interp.hooks import Record
+from openpi.models.hooks import Record
 from openpi.interp.recorded_run import JoinError, RecordedRun, query_joint_indices
 from openpi.interp.recorder import StoreRecorder
 from openpi.interp.store import StoreWriter

@@ -13,55 +13,43 @@ from typing import Any
 
 import numpy as np
 
-from openpi.interp.hooks import resolve_steps
 from openpi.interp.spans import span_name_of
 from openpi.interp.store import StoreWriter
+from openpi.models.hooks import HookTable, Record, resolve_steps
 
-STEP_SITES = ("llm.expert1.", "llm.layer.", "flow.")  # sites recorded at every denoising step
 ACTIONS_SITE = "policy.actions"
 
 
-def is_step_site(name: str) -> bool:
-    return name.startswith(STEP_SITES) and not name.endswith(".prefix_probs")
-
-
-def _token_indices(table: dict, name: str, n_tokens: int, selected: np.ndarray | None) -> np.ndarray:
-    """Joint-sequence index of each stored token row for a residual site."""
-    if name.startswith("img."):
-        camera = name.split(".")[1]
-        start = table["spans"][camera][0]
-    elif name.startswith("llm.expert0."):
-        start = 0
-    elif name.startswith("flow."):
-        start = table["spans"]["actions"][0]
-    else:
-        start = table["prefix_len"]
-    local = np.arange(n_tokens) if selected is None else selected
-    return start + local
+def site_info(record: Record, table: HookTable, name: str) -> dict:
+    """What the store keeps about a recorded site, so readers never re-parse selectors or guess axes from shapes:
+    the request (one-line form), the hook point's axes, the axes of one stored row, and for sites stored whole
+    along their token/query axis the joint-sequence index of each kept token."""
+    point = table[name]
+    info = {"request": record.to_text(), "hook_axes": list(point.recorded_axes),
+            "row_axes": list(record.row_axes(point)), "per_step": point.per_step}
+    if point.token_axis is not None:
+        local = table.local_indices(record.tokens, name, point.num_tokens)
+        kept = np.arange(point.num_tokens) if local is None else local
+        info["token_index"] = [int(point.token_start + i) for i in kept]
+    return info
 
 
 class StoreRecorder:
     """Callable passed to ``Policy(recorder=...)``; thread-safe (the server runs inference off the event loop)."""
 
-    def __init__(self, writer: StoreWriter, records, layout, num_steps: int, flush_every_s: float = 30.0) -> None:
+    def __init__(self, writer: StoreWriter, records: tuple[Record, ...], table: HookTable, num_steps: int,
+                 flush_every_s: float = 30.0) -> None:
         self.writer = writer
         self.flush_every_s = flush_every_s  # bounds what a killed server loses, however slow the traffic
         self._last_flush = time.monotonic()
         self.num_steps = num_steps
         self.records = records
-        self.layout = layout
+        self.table = table
+        table.validate(records, num_steps=num_steps)
         self._lock = threading.Lock()
 
-    def _record_for(self, name: str):
+    def _record_for(self, name: str) -> Record:
         return next(r for r in self.records if fnmatch.fnmatchcase(name, r.site))
-
-    def _token_selection(self, name: str, table: dict) -> np.ndarray | None:
-        rec = self._record_for(name)
-        idx = self.layout.joint_indices(rec.tokens)
-        if idx is None:
-            return None
-        start = _token_indices(table, name, 1, None)[0]
-        return idx - start
 
     def __call__(self, recordings: dict[str, np.ndarray], table: dict, meta: dict[str, Any],
                  actions: np.ndarray) -> None:
@@ -86,22 +74,24 @@ class StoreRecorder:
 
     def _add_site(self, name: str, value: np.ndarray, table: dict, base: dict) -> None:
         rec = self._record_for(name)
-        if is_step_site(name):
+        point = self.table[name]
+        info = site_info(rec, self.table, name)
+        if point.per_step:
             steps = resolve_steps(rec.steps, self.num_steps)  # the recorded steps, in order
             per_step = [(s, value[i, 0]) for i, s in enumerate(steps)]
         else:
             per_step = [(-1, value[0])]
-        reduced_tokens = "tokens" in rec.reduce
+        one_row_per_token = "token" in point.axes and "tokens" not in rec.reduce
         for step, arr in per_step:
             keys = base | {"denoise_step": step}
-            if ".attn." in name or reduced_tokens or name == "flow.time" or arr.ndim < 2:
+            if not one_row_per_token:  # attention maps, token means, scalars: one row per step
                 span = rec.tokens if rec.tokens != "all" else ""
-                self.writer.add(name, arr[None], keys | {"token_index": -1, "span": span})
+                self.writer.add(name, arr[None], keys | {"token_index": -1, "span": span}, info=info)
                 continue
-            sel = self._token_selection(name, table)
-            tokens = _token_indices(table, name, arr.shape[0], sel)
+            tokens = np.asarray(info["token_index"])
             self.writer.add(name, arr, keys | {"token_index": tokens,
-                                               "span": np.array([span_name_of(table, t) for t in tokens])})
+                                               "span": np.array([span_name_of(table, t) for t in tokens])},
+                            info=info)
 
     def close(self) -> None:
         with self._lock:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from openpi.interp.hooks import TokenLayout
+from openpi.models.pi0 import token_spans
 
 
 def span_table(config, camera_valid: dict[str, bool], prompt_length: int,
@@ -15,20 +15,20 @@ def span_table(config, camera_valid: dict[str, bool], prompt_length: int,
     prompt positions. ``prompt_head`` holds BOS (and Pi0.5's "Task: "), ``template`` the valid prompt tokens after
     the instruction (Pi0: the newline; Pi0.5: ", State: <bins>;\\nAction: "), ``pad`` the masked prompt positions.
     """
-    layout = TokenLayout(config)
-    p0, p1 = layout.spans["prompt"]
+    static = token_spans(config)
+    p0, p1 = static["prompt"]
     if not 0 <= instruction[0] <= instruction[1] <= prompt_length <= p1 - p0:
         raise ValueError(f"inconsistent prompt layout: instruction {instruction}, prompt length {prompt_length}, "
                          f"max_token_len {p1 - p0}")
-    spans = {key: list(layout.spans[key]) for key in config.image_keys}
+    spans = {key: list(static[key]) for key in config.image_keys}
     spans["instruction"] = [p0 + instruction[0], p0 + instruction[1]]
     spans["template"] = [[p0, p0 + instruction[0]], [p0 + instruction[1], p0 + prompt_length]]
     spans["pad"] = [p0 + prompt_length, p1]
-    spans["state"] = list(layout.spans["state"])
-    spans["actions"] = list(layout.spans["actions"])
+    spans["state"] = list(static["state"])
+    spans["actions"] = list(static["actions"])
     return {
         "model": config.model_type,
-        "seq_len": layout.seq_len,
+        "seq_len": config.prefix_len + config.suffix_len,
         "prefix_len": config.prefix_len,
         "grid": [config.grid, config.grid],
         "spans": spans,

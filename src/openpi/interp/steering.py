@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from openpi.interp.hooks import Intervention
+from openpi.models.hooks import Intervention
 from openpi.interp.sae.io import load_sae
 from openpi.interp.sae.model import jumprelu_codes, pre_activations
 

@@ -90,8 +90,10 @@ class StoreWriter:
             self._spans.append(text)
         return len(self._spans) - 1
 
-    def add(self, site: str, rows: np.ndarray, keys: dict[str, Any]) -> None:
-        """Add rows (n, ...) for a site; key values are scalars (broadcast) or length-n arrays."""
+    def add(self, site: str, rows: np.ndarray, keys: dict[str, Any], info: dict | None = None) -> None:
+        """Add rows (n, ...) for a site; key values are scalars (broadcast) or length-n arrays. ``info`` (JSON-able:
+        the request, axis names, kept token indices) is stored with the site's row shape in ``store.json`` and
+        must be the same for every row of the site."""
         rows = np.asarray(rows)
         n = rows.shape[0]
         cols = {}
@@ -104,7 +106,7 @@ class StoreWriter:
                 raise ValueError(f"key {name!r} for site {site!r} has shape {value.shape}, expected ({n},)")
             cols[name] = value.astype(str if kind is str else np.int64)
         sites = self._info["sites"]
-        spec = {"row_shape": list(rows.shape[1:]), "dtype": rows.dtype.str}
+        spec = {"row_shape": list(rows.shape[1:]), "dtype": rows.dtype.str, **(info or {})}
         if site in sites and sites[site] != spec:
             raise StoreError(f"site {site!r}: rows of shape {rows.shape[1:]} {rows.dtype} do not match the store's "
                              f"{sites[site]} ({self.root / 'store.json'})")

@@ -7,7 +7,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from openpi.interp.hooks import NO_HOOKS, Hooks
+from openpi.models.hooks import NO_HOOKS, Hooks
 from openpi.models import layers
 from openpi.models.config import GemmaConfig
 
@@ -47,15 +47,16 @@ def forward(
     conds: tuple[jax.Array | None, jax.Array | None] = (None, None),
     kv_cache: KVCache | None = None,
     hooks: Hooks = NO_HOOKS,
-    offsets: tuple[int, int] = (0, 0),
+    query_start: int = 0,
     prefix_pass: bool = False,
 ) -> tuple[list[jax.Array | None], KVCache]:
     """Run both experts through all layers.
 
     xs: per-expert token embeddings (None for an expert with no tokens in this call), concatenated in order.
     mask: (B, T, S) with S = cached length + T. Returns per-expert outputs after the final norms and the KV cache of
-    this call's tokens (to reuse the prefix at every denoising step). ``offsets`` are each expert's first
-    joint-sequence index (for token selectors); ``prefix_pass`` names attention sites ``prefix_probs``.
+    this call's tokens (to reuse the prefix at every denoising step). ``query_start`` is the joint-sequence index
+    of this call's first token (for attention knockouts); ``prefix_pass`` names attention sites ``prefix_probs``.
+    Hook positions come from the model's hook table, never from here.
     """
     xs = list(xs)
     cfg = cfgs[0]
@@ -70,7 +71,7 @@ def forward(
             if x is None:
                 gates.append(None)
                 continue
-            x = hooks(f"llm.expert{e}.layer.{i}.resid_pre", x, offset=offsets[e])
+            x = hooks(f"llm.expert{e}.layer.{i}.resid_pre", x)
             xs[e] = x
             y, gate = layers.rms_norm(ep[e]["pre_attn"], x, conds[e])
             gates.append(gate)
@@ -90,13 +91,12 @@ def forward(
         b, t = q.shape[:2]
         q = q.reshape(b, t, num_kv, num_heads // num_kv, head_dim)
         logits = jnp.einsum("btkgh,bskh->bkgts", q, k, preferred_element_type=jnp.float32)
-        q_offset = offsets[0] if xs[0] is not None else offsets[1]
-        layer_mask = hooks.knockout_mask(i, prefix_pass, mask, q_offset) if hooks.knockouts else mask
+        layer_mask = hooks.knockout_mask(i, prefix_pass, mask, query_start) if hooks.knockouts else mask
         logits = jnp.where(layer_mask[:, None, None, :, :], logits, layers.MASKED_LOGIT)
         probs = jax.nn.softmax(logits, axis=-1)
         site = f"llm.layer.{i}.attn.{'prefix_probs' if prefix_pass else 'probs'}"
         if hooks.wants(site):
-            hooks(site, probs.reshape(b, num_heads, t, -1), offset=q_offset)
+            hooks(site, probs.reshape(b, num_heads, t, -1))
         probs = probs.astype(k.dtype)
         encoded = jnp.einsum("bkgts,bskh->btkgh", probs, v).reshape(b, t, num_heads, head_dim)
         start = 0
@@ -106,18 +106,17 @@ def forward(
             part = encoded[:, start:start + lengths[e]]
             start += lengths[e]
             attn_out = jnp.einsum("btnh,nhd->btd", part, ep[e]["out"].astype(part.dtype))
-            x = hooks(f"llm.expert{e}.layer.{i}.resid_mid", layers.gated_residual(x, attn_out, gates[e]),
-                      offset=offsets[e])
+            x = hooks(f"llm.expert{e}.layer.{i}.resid_mid", layers.gated_residual(x, attn_out, gates[e]))
             y, gate = layers.rms_norm(ep[e]["pre_ffw"], x, conds[e])
             x = layers.gated_residual(x, _mlp(ep[e], y), gate)
-            xs[e] = hooks(f"llm.expert{e}.layer.{i}.resid_post", x, offset=offsets[e])
+            xs[e] = hooks(f"llm.expert{e}.layer.{i}.resid_post", x)
     outs: list[jax.Array | None] = []
     for e, x in enumerate(xs):
         if x is None:
             outs.append(None)
             continue
         y, _ = layers.rms_norm(params[f"final_norm{_suffix(e)}"], x, conds[e])
-        outs.append(hooks(f"llm.expert{e}.final", y, offset=offsets[e]))
+        outs.append(hooks(f"llm.expert{e}.final", y))
     return outs, (jnp.stack(new_k), jnp.stack(new_v))
 
 

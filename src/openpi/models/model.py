@@ -7,7 +7,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from openpi.interp.hooks import AttentionKnockout, Intervention, Record
+from openpi.models.hooks import AttentionKnockout, Intervention, Record
 from openpi.models import pi0
 from openpi.models.config import Pi0Config
 

@@ -1,17 +1,17 @@
 """Pi0 / Pi0.5 flow-matching VLA: prefix/suffix embedding, loss and KV-cached Euler sampling.
 
 Pure functions over the openpi parameter tree, so the same code serves actions and recording: pass a ``Hooks``
-built from a record/intervention request and the recorded arrays come back next to the actions.
+built from a record/intervention request and the recorded arrays come back next to the actions. Every hook point
+the model calls is declared once in :func:`hook_points` (names, axes, token positions).
 """
 from __future__ import annotations
 
 import dataclasses
-import fnmatch
-
 import jax
 import jax.numpy as jnp
 
-from openpi.interp.hooks import NO_HOOKS, AttentionKnockout, Hooks, Intervention, Record, TokenLayout, resolve_steps
+from openpi.models.hooks import (NO_HOOKS, AttentionKnockout, HookPoint, Hooks, HookTable, Intervention, Record,
+                                 resolve_steps)
 from openpi.models import gemma, layers, siglip
 from openpi.models.config import Pi0Config
 
@@ -26,6 +26,71 @@ class Observation:
     state: jax.Array  # (B, action_dim)
     tokenized_prompt: jax.Array  # (B, max_token_len) int32
     tokenized_prompt_mask: jax.Array  # (B, max_token_len) bool
+
+
+def token_spans(config: Pi0Config) -> dict[str, tuple[int, int]]:
+    """Static positions of the joint sequence [prefix | suffix] (half-open): one span per camera slot, 'images',
+    'prompt', 'prefix', 'state' (empty for Pi0.5), 'actions' and 'suffix'."""
+    n = config.tokens_per_image
+    spans: dict[str, tuple[int, int]] = {key: (i * n, (i + 1) * n) for i, key in enumerate(config.image_keys)}
+    spans["images"] = (0, len(config.image_keys) * n)
+    p = config.prefix_len
+    spans["prompt"] = (spans["images"][1], p)
+    spans["prefix"] = (0, p)
+    spans["state"] = (p, p) if config.pi05 else (p, p + 1)
+    spans["actions"] = (spans["state"][1], spans["state"][1] + config.action_horizon)
+    spans["suffix"] = (p, p + config.suffix_len)
+    return spans
+
+
+def hook_points(config: Pi0Config) -> list[HookPoint]:
+    """Every hook point ``sample_actions`` calls (HOOKS.md is generated from this list)."""
+    spans = token_spans(config)
+    p, s = config.prefix_len, config.suffix_len
+    resid = ("batch", "token", "d_model")
+    pts: list[HookPoint] = []
+    for key in config.image_keys:
+        a, b = spans[key]
+        for i in range(config.siglip.depth):
+            for where, what in (("resid_pre", "before"), ("resid_post", "after")):
+                pts.append(HookPoint(f"img.{key}.layer.{i}.{where}", resid, False, a, b - a,
+                                     f"SigLIP residual stream {what} block i of camera <cam>", "img.resid"))
+        pts.append(HookPoint(f"img.{key}.out", resid, False, a, b - a,
+                             "image tokens after the `head` projection (what the language model sees)", "img.out"))
+    depth = config.llm.depth
+    for i in range(depth):
+        for where, what in (("resid_pre", "before layer i"), ("resid_mid", "after layer i's attention"),
+                            ("resid_post", "after layer i's MLP")):
+            pts.append(HookPoint(f"llm.expert0.layer.{i}.{where}", resid, False, 0, p,
+                                 f"PaliGemma expert residual (prefix tokens) {what}", "llm.expert0.resid"))
+        pts.append(HookPoint(f"llm.layer.{i}.attn.prefix_probs", ("batch", "head", "query", "key"), False, 0, p,
+                             "attention probabilities of the prefix pass (image/text queries over prefix keys)",
+                             "llm.attn.prefix_probs"))
+    pts.append(HookPoint("llm.expert0.final", resid, False, 0, p, "PaliGemma expert after `final_norm`",
+                         "llm.expert0.final"))
+    pts.append(HookPoint("flow.time", ("batch",), True, None, None, "t at the step (1.0, 0.9, ..., 0.1)",
+                         "flow.time"))
+    a, b = spans["actions"]
+    pts.append(HookPoint("flow.x_t", ("batch", "token", "action_dim"), True, a, b - a,
+                         "noisy action chunk entering the step (one row per action token)", "flow.x_t"))
+    for i in range(depth):
+        for where, what in (("resid_pre", "before layer i"), ("resid_mid", "after layer i's attention"),
+                            ("resid_post", "after layer i's MLP")):
+            pts.append(HookPoint(f"llm.expert1.layer.{i}.{where}", resid, True, p, s,
+                                 f"action-expert residual (suffix: [state] + action tokens) {what}",
+                                 "llm.expert1.resid"))
+        pts.append(HookPoint(f"llm.layer.{i}.attn.probs", ("batch", "head", "query", "key"), True, p, s,
+                             "attention of the suffix queries (state + actions) over all keys [prefix, suffix]",
+                             "llm.attn.probs"))
+    pts.append(HookPoint("llm.expert1.final", resid, True, p, s,
+                         "action expert after `final_norm_1` (adaptive for Pi0.5)", "llm.expert1.final"))
+    pts.append(HookPoint("flow.v_t", ("batch", "token", "action_dim"), True, a, b - a,
+                         "predicted velocity of the step", "flow.v_t"))
+    return pts
+
+
+def hook_table(config: Pi0Config) -> HookTable:
+    return HookTable(hook_points(config), token_spans(config), config.prefix_len + config.suffix_len)
 
 
 def _dtype(config: Pi0Config):
@@ -91,17 +156,16 @@ def _velocity(config: Pi0Config, params: dict, suffix_out: jax.Array) -> jax.Arr
     return layers.dense(params["action_out_proj"], out).astype(jnp.float32)
 
 
-def joint_forward(config: Pi0Config, params: dict, obs: Observation, x_t: jax.Array, time: jax.Array,
-                  hooks: Hooks = NO_HOOKS):
-    """One forward of prefix + suffix together (training path). Returns (suffix_out, v_t)."""
-    prefix, prefix_mask, prefix_ar = embed_prefix(config, params, obs, hooks)
+def joint_forward(config: Pi0Config, params: dict, obs: Observation, x_t: jax.Array, time: jax.Array):
+    """One forward of prefix + suffix together (training path, no hooks). Returns (suffix_out, v_t)."""
+    prefix, prefix_mask, prefix_ar = embed_prefix(config, params, obs)
     suffix, suffix_mask, suffix_ar, cond = embed_suffix(config, params, obs, x_t, time)
     input_mask = jnp.concatenate([prefix_mask, suffix_mask], axis=1)
     ar_mask = jnp.concatenate([prefix_ar, suffix_ar])
     mask = layers.make_attn_mask(input_mask, ar_mask)
     positions = jnp.cumsum(input_mask, axis=1) - 1
     (_, suffix_out), _ = gemma.forward(params["PaliGemma"]["llm"], [prefix, suffix], positions, mask, _cfgs(config),
-                                       conds=(None, cond), hooks=hooks, offsets=(0, config.prefix_len))
+                                       conds=(None, cond))
     return suffix_out, _velocity(config, params, suffix_out)
 
 
@@ -134,9 +198,13 @@ def sample_actions(config: Pi0Config, params: dict, obs: Observation, noise: jax
     Returns (actions (B, horizon, action_dim), recordings). Denoising-step sites come back with a leading step axis
     holding only the requested steps; prefix-pass sites have none. With no request the graph is the plain one.
     """
-    layout = TokenLayout(config)
-    hooks = Hooks(records=tuple(records), interventions=tuple(interventions), knockouts=tuple(knockouts),
-                  layout=layout, num_steps=num_steps)
+    records, interventions, knockouts = tuple(records), tuple(interventions), tuple(knockouts)
+    table = None
+    if records or interventions or knockouts:
+        table = hook_table(config)
+        table.validate(records, interventions, knockouts, num_steps)
+    hooks = Hooks(records=records, interventions=interventions, knockouts=knockouts, table=table,
+                  num_steps=num_steps)
     prefix, prefix_mask, prefix_ar = embed_prefix(config, params, obs, hooks)
     prefix_attn = layers.make_attn_mask(prefix_mask, prefix_ar)
     positions = jnp.cumsum(prefix_mask, axis=1) - 1
@@ -145,14 +213,13 @@ def sample_actions(config: Pi0Config, params: dict, obs: Observation, noise: jax
     recorded = dict(hooks.collected)
     dt = -1.0 / num_steps
     b = noise.shape[0]
-    prefix_len = prefix.shape[1]
     prefix_valid = jnp.sum(prefix_mask, axis=-1)
 
     def step(carry, index):
         x_t, time = carry
         step_hooks = hooks.for_step(index)
         step_hooks("flow.time", jnp.broadcast_to(time, (b,)))
-        x_t = step_hooks("flow.x_t", x_t, offset=layout.spans["actions"][0])
+        x_t = step_hooks("flow.x_t", x_t)
         suffix, suffix_mask, suffix_ar, cond = embed_suffix(config, params, obs, x_t, jnp.broadcast_to(time, (b,)))
         suffix_attn = layers.make_attn_mask(suffix_mask, suffix_ar)
         prefix_part = jnp.repeat(prefix_mask[:, None, :], suffix.shape[1], axis=1)
@@ -160,12 +227,12 @@ def sample_actions(config: Pi0Config, params: dict, obs: Observation, noise: jax
         pos = prefix_valid[:, None] + jnp.cumsum(suffix_mask, axis=-1) - 1
         (_, suffix_out), _ = gemma.forward(params["PaliGemma"]["llm"], [None, suffix], pos, mask, _cfgs(config),
                                            conds=(None, cond), kv_cache=kv_cache, hooks=step_hooks,
-                                           offsets=(0, prefix_len))
-        v_t = step_hooks("flow.v_t", _velocity(config, params, suffix_out), offset=layout.spans["actions"][0])
+                                           query_start=config.prefix_len)
+        v_t = step_hooks("flow.v_t", _velocity(config, params, suffix_out))
         return (x_t + dt * v_t, time + dt), step_hooks.collected
 
     (x_0, _), per_step = jax.lax.scan(step, (noise, jnp.asarray(1.0, jnp.float32)), jnp.arange(num_steps))
     for name, arr in per_step.items():
-        steps = next(r.steps for r in hooks.records if fnmatch.fnmatchcase(name, r.site))
+        steps = hooks.record_for(name).steps
         recorded[name] = arr[jnp.asarray(resolve_steps(steps, num_steps))]
     return x_0, recorded

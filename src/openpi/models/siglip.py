@@ -4,7 +4,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from openpi.interp.hooks import NO_HOOKS, Hooks
+from openpi.models.hooks import NO_HOOKS, Hooks
 from openpi.models import layers
 from openpi.models.config import SigLIPConfig
 

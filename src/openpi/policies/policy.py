@@ -9,7 +9,7 @@ from typing import Any
 import jax
 import numpy as np
 
-from openpi.interp.hooks import AttentionKnockout, Intervention, Record
+from openpi.models.hooks import AttentionKnockout, Intervention, Record
 from openpi.interp.spans import span_table
 from openpi.models.model import Pi0Model
 from openpi.policies.libero_policy import LiberoTransforms, batch_observation

@@ -13,12 +13,13 @@ import logging
 import os
 import pathlib
 
-from openpi.interp.hooks import AttentionKnockout, Intervention, Record, TokenLayout, parse_records
+from openpi.models.hooks import AttentionKnockout, Intervention, Record, parse_records
 from openpi.models import checkpoint
 from openpi.models.config import Pi0Config, tiny_config
 from openpi.models.model import Pi0Model
 from openpi.models.normalize import load_norm_stats
 from openpi.models.param_shapes import init_params
+from openpi.models.pi0 import hook_table
 from openpi.models.tokenizer import EMBEDDED_TOKENIZER, PromptTokenizer
 from openpi.policies.libero_policy import LiberoTransforms
 from openpi.policies.policy import Policy
@@ -98,6 +99,13 @@ def create_policy(config_name: str = DEFAULT_CONFIG, checkpoint_dir: str | None 
     """
     cfg = get_config(config_name)
     model_cfg = cfg.model if dtype is None else dataclasses.replace(cfg.model, dtype=dtype)
+    records = parse_records(record_sites or ())
+    # Requests are checked before any weights are loaded: a site that matches nothing is an error naming the
+    # nearest valid names, never an empty store.
+    table = hook_table(model_cfg)
+    table.validate(records, interventions, knockouts, num_steps)
+    if record_dir is not None and not records:
+        raise ValueError("record_dir given but no sites to record (pass --record SITE ...)")
     if random_weights and checkpoint_dir:
         raise ValueError("pass either checkpoint_dir or random_weights, not both")
     ckpt = pathlib.Path(checkpoint_dir).expanduser() if checkpoint_dir else None
@@ -126,16 +134,13 @@ def create_policy(config_name: str = DEFAULT_CONFIG, checkpoint_dir: str | None 
     transforms = LiberoTransforms(model_cfg, PromptTokenizer(tok_path, model_cfg.max_token_len), norm_stats,
                                   quantile_norm=cfg.quantile_norm, delta_actions=cfg.delta_actions,
                                   default_prompt=default_prompt)
-    records = tuple(r if isinstance(r, Record) else Record.parse(r) for r in record_sites or ())
     recorder = None
     if record_dir is not None:
-        if not records:
-            raise ValueError("record_dir given but no sites to record (pass --record SITE ...)")
         from openpi.interp.recorder import StoreRecorder
         from openpi.interp.store import StoreWriter
         writer = StoreWriter(record_dir, {"name": config_name, **model_cfg.to_dict()}, writer_id=writer_id,
                              shard_rows=4096)
-        recorder = StoreRecorder(writer, records, TokenLayout(model_cfg), num_steps)
+        recorder = StoreRecorder(writer, records, table, num_steps)
     metadata = {"config": config_name, "model": model_cfg.model_type, "trained": trained,
                 "action_horizon": model_cfg.action_horizon, "checkpoint": str(ckpt) if ckpt else None,
                 "recording": [f"{r.site}" for r in records]}

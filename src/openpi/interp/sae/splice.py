@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from openpi.interp.hooks import Intervention
+from openpi.models.hooks import Intervention
 from openpi.interp.sae.io import load_sae
 from openpi.interp.sae.model import reconstruct as reconstruct_scaled
 from openpi.shared.io import read_json
