@@ -48,13 +48,17 @@ def main(args: Args) -> dict:
     spec = SteeringSpec(args.sae, args.site, args.feature, args.mode, args.value, args.tokens, args.steps)
     intervention = spec.intervention()  # validates the SAE and feature before any rollout
     plan = rollout.plan_episodes(args.suite, list(args.task_ids), args.trials)
+    policy = create_policy(args.config, args.checkpoint_dir)
+    policy.table.validate((), (intervention,), num_steps=policy.num_steps)  # a site matching nothing: error now
     results = {}
+    # The policy's flow-matching noise is keyed by (suite, task, episode, env step), so both runs see the same
+    # noise at the same query whatever the episode lengths: the edit is the only difference.
     for name, interventions in (("baseline", ()), ("steered", (intervention,))):
-        policy = create_policy(args.config, args.checkpoint_dir, interventions=interventions)
         cfg = rollout.RolloutConfig(run_id=name, out_dir=args.out / name, video_dir=args.out / name / "videos",
                                     seed=args.seed, max_steps=args.max_steps)
-        results[name] = rollout.evaluate(cfg, policy, plan, run_extra={"steering": dataclasses.asdict(spec)
-                                                                       if name == "steered" else None})
+        with policy.hooks(interventions):
+            results[name] = rollout.evaluate(cfg, policy, plan, run_extra={"steering": dataclasses.asdict(spec)
+                                                                           if name == "steered" else None})
     per_episode = []
     for ep in plan:
         records = {name: json.loads((args.out / name / "episodes" /

@@ -6,7 +6,8 @@ Same command shape as openpi's ``scripts/serve_policy.py``:
     python scripts/serve_policy.py policy:checkpoint --policy.config pi0_tiny     # same shapes as openpi's fixtures, random
     python scripts/serve_policy.py --env LIBERO --port 8000 policy:default
     python scripts/serve_policy.py policy:checkpoint --policy.config pi0_libero --policy.dir /ckpt/pi0_libero
-    python scripts/serve_policy.py --record-dir out/acts --record llm.layer.11.resid_post llm.layer.11.attn.probs
+    python scripts/serve_policy.py --record-dir out/acts --record 'llm.expert1.layer.3.resid_post?tokens=actions' \
+        'llm.layer.*.attn.probs?tokens=actions&reduce=heads'      # names: HOOKS.md
 
 Health check: ``curl http://localhost:8000/healthz``. Protocol and error behaviour: docs/serving.md.
 """
@@ -23,7 +24,8 @@ from typing import Any
 
 import tyro
 
-from openpi.serving.websocket_server import LIBERO_REQUIRED_KEYS, WebsocketPolicyServer
+from openpi.serving.websocket_server import (DEFAULT_HOST, DEFAULT_MAX_MESSAGE_BYTES, LIBERO_REQUIRED_KEYS,
+                                             WebsocketPolicyServer)
 
 
 class EnvMode(enum.Enum):
@@ -59,12 +61,16 @@ class Args:
     """Environment the policy serves."""
     default_prompt: str | None = None
     """Prompt used when a request carries none."""
-    host: str = "0.0.0.0"
+    host: str = DEFAULT_HOST
+    """Interface to bind; 0.0.0.0 exposes the server to the network (a warning is logged)."""
     port: int = 8000
+    max_message_mb: float = DEFAULT_MAX_MESSAGE_BYTES / 2**20
+    """Largest request accepted (MiB); a bigger one closes that connection with code 1009. 0 = no limit."""
     record_dir: str | None = None
     """Directory for the activation store; recording is off without it."""
     record: tuple[str, ...] = ()
-    """Hook sites to record (e.g. llm.layer.11.resid_post); needs --record-dir."""
+    """Hook points to record, one-line form SITE?tokens=..&steps=..&reduce=.. (e.g. llm.expert1.layer.3.resid_post;
+    names in HOOKS.md); needs --record-dir. A name matching no hook point is an error at start-up."""
     writer_id: str | None = None
     """Name of this server's store shards (e.g. shard$SLURM_ARRAY_TASK_ID); default: a random id."""
     policy: Checkpoint | Default = dataclasses.field(default_factory=Default)
@@ -104,7 +110,9 @@ def main(args: Args) -> None:
     _exit_on_signals()
     policy = create_policy(args)
     logging.info("serving policy on port %d of %s, metadata %s", args.port, socket.gethostname(), policy.metadata)
-    server = WebsocketPolicyServer(policy, host=args.host, port=args.port, required_keys=ENV_REQUIRED_KEYS[args.env])
+    max_bytes = int(args.max_message_mb * 2**20) if args.max_message_mb > 0 else None
+    server = WebsocketPolicyServer(policy, host=args.host, port=args.port, required_keys=ENV_REQUIRED_KEYS[args.env],
+                                   max_message_bytes=max_bytes)
     try:
         server.serve_forever()
     finally:

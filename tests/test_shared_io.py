@@ -56,14 +56,15 @@ def test_finite_floats_and_json_default():
         json.dumps({1, 2}, default=io.json_default)
 
 
-def test_strict_json_refuses_nan_and_keeps_previous_file(tmp_path):
+def test_one_json_policy_nan_becomes_null_and_failures_keep_previous_file(tmp_path):
     path = tmp_path / "r.json"
     io.write_json_atomic(path, {"ok": 1})
-    with pytest.raises(ValueError):
-        io.write_json_atomic(path, {"bad": float("nan")})
+    with pytest.raises(TypeError, match="set"):
+        io.write_json_atomic(path, {"bad": {1, 2}})  # not serialisable: nothing written
     assert json.loads(path.read_text()) == {"ok": 1}
-    io.write_json_atomic(path, {"nan": float("nan")}, indent=None, allow_nan=True)
-    assert path.read_text() == '{"nan": NaN}'
+    io.write_json_atomic(path, {"nan": float("nan"), "inf": np.float32(np.inf), "a": np.array([1.0, np.nan])},
+                         indent=None)
+    assert path.read_text() == '{"nan": null, "inf": null, "a": [1.0, null]}'  # strict JSON, every file alike
     assert sorted(p.name for p in tmp_path.iterdir()) == ["r.json"]  # no temporaries left behind
 
 

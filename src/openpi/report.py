@@ -844,7 +844,7 @@ def write_report(out: str | os.PathLike) -> pathlib.Path:
                             "figures": s.figures, "links": sorted(set(s.links))} for s in sections],
               "stages": ctx.stages, "summary": summary}
     write_text_atomic(out / "index.html", page)
-    write_json_atomic(out / "report.json", record, indent=1, allow_nan=True)
+    write_json_atomic(out / "report.json", record, indent=1)
     return out / "index.html"
 
 

@@ -263,7 +263,7 @@ def check_or_write_run_config(cfg: RolloutConfig, extra: dict[str, Any] | None =
         return stored
     record = {"schema": RUN_SCHEMA, "run_id": cfg.run_id, "settings": settings, **to_jsonable(extra or {})}
     record["created_at"] = _now()
-    write_json_atomic(path, record, indent=1, allow_nan=True)
+    write_json_atomic(path, record, indent=1)
     return record
 
 
@@ -490,7 +490,7 @@ def write_episode(result: EpisodeResult, cfg: RolloutConfig) -> dict[str, Any]:
         frames_path = cfg.frames_npz(spec)
         save_npz_atomic(frames_path, result.frames, compress=True)
         rec["frames"] = _relative_or_absolute(frames_path, cfg.out_dir)
-    write_json_atomic(json_path, rec, indent=None, allow_nan=True, default=json_default)
+    write_json_atomic(json_path, rec, indent=None, default=json_default)
     return rec
 
 
@@ -593,7 +593,7 @@ def evaluate(
         if env is not None and close_envs:
             env.close()
         summary = summarize(cfg.out_dir, cfg.run_id, expected if expected is not None else episodes)
-        write_json_atomic(cfg.out_dir / "results" / f"{cfg.run_id}.json", summary, indent=1, allow_nan=True)
+        write_json_atomic(cfg.out_dir / "results" / f"{cfg.run_id}.json", summary, indent=1)
     return summary
 
 

@@ -53,7 +53,7 @@ def export_site(store_dir: str | pathlib.Path, site: str, out: str | pathlib.Pat
     summary = {"site": site, "rows": n, "width": width, "row_shape": spec["row_shape"]}
     if episodes_dir is not None:
         summary.update(_export_targets(pathlib.Path(episodes_dir), keys, out))
-    write_json_atomic(out / "export.json", summary, indent=1, allow_nan=True)
+    write_json_atomic(out / "export.json", summary, indent=1)
     return summary
 
 
@@ -88,7 +88,7 @@ def _export_targets(episodes_dir: pathlib.Path, keys: dict[str, np.ndarray], out
     np.save(out / "success.npy", success)
     np.save(out / "groups.npy", groups)
     prompts = {str(g): index[k]["prompt"] for k, g in group_of.items()}
-    write_json_atomic(out / "prompts.json", prompts, indent=1, allow_nan=True)
+    write_json_atomic(out / "prompts.json", prompts, indent=1)
     return {"episodes": len(group_of), "targets": ["actions", "states", "gripper_closed", "task_id", "success"]}
 
 
@@ -129,6 +129,6 @@ def trajectories_from_export(export_dir: pathlib.Path, out_dir: pathlib.Path) ->
     np.save(out_dir / "T.npy", T)
     np.save(out_dir / "success.npy", S)
     info = {"episodes": [list(e) for e in episodes], "n_queries": [int(len(q)) for q in queries], "d": int(x.shape[1])}
-    write_json_atomic(out_dir / "trajectories.json", info, indent=1, allow_nan=True)
+    write_json_atomic(out_dir / "trajectories.json", info, indent=1)
     print(json.dumps({"T": list(T.shape), "successes": int(S.sum())}))
     return info

@@ -1130,7 +1130,7 @@ def _scalar(v: Any) -> Any:
 
 def write_json_atomic(path: str, obj: Any) -> None:
     """Write strict JSON (indent 1, NaN refused) atomically, so a crash never leaves a half-written result."""
-    shared_io.write_json_atomic(path, obj, indent=1, allow_nan=False)
+    shared_io.write_json_atomic(path, obj, indent=1)
 
 
 # -------------------------------------------------------------------------------------------------- plots

@@ -1,8 +1,14 @@
 """Turn one policy inference's recordings into keyed store rows.
 
 Row keys come from the observation's ``meta/*`` entries (sent by the LIBERO client) so server-side recordings join
-rollouts by (run_id, suite, task_id, episode, env_step); without them the websocket server's ``connection_id`` and
-``request_index`` stand in for run id and env step.
+rollouts by (run_id, suite, task_id, episode, attempt, env_step); without them the websocket server's
+``connection_id`` and ``request_index`` stand in for run id and env step.
+
+Durability: rows are buffered and written as shards (temporary file + rename). The buffer is flushed when a request
+starts a new episode (so every finished episode is on disk once the next one begins), when ``shard_rows`` rows are
+buffered, every ``flush_every_s`` seconds by a background thread even when no request arrives, and at shutdown
+(SIGINT/SIGTERM). A hard kill (``kill -9``, OOM) therefore loses at most the rows of the episodes in progress
+that arrived in the last ``flush_every_s`` seconds; a shard never holds half an inference.
 """
 from __future__ import annotations
 
@@ -27,10 +33,9 @@ def site_info(record: Record, table: HookTable, name: str) -> dict:
     point = table[name]
     info = {"request": record.to_text(), "hook_axes": list(point.recorded_axes),
             "row_axes": list(record.row_axes(point)), "per_step": point.per_step}
-    if point.token_axis is not None:
-        local = table.local_indices(record.tokens, name, point.num_tokens)
-        kept = np.arange(point.num_tokens) if local is None else local
-        info["token_index"] = [int(point.token_start + i) for i in kept]
+    kept = record.kept_tokens(point, table)
+    if kept is not None:
+        info["token_index"] = [int(i) for i in kept]
     return info
 
 
@@ -47,6 +52,20 @@ class StoreRecorder:
         self.table = table
         table.validate(records, num_steps=num_steps)
         self._lock = threading.Lock()
+        self._episode: dict[str, tuple] = {}  # per run: the episode of its latest request
+        self._closed = threading.Event()
+        self._flusher = threading.Thread(target=self._flush_periodically, name="store-flush", daemon=True)
+        self._flusher.start()
+
+    def _flush_periodically(self) -> None:
+        while not self._closed.wait(min(1.0, self.flush_every_s)):
+            with self._lock:
+                if time.monotonic() - self._last_flush >= self.flush_every_s:
+                    self._flush()
+
+    def _flush(self) -> None:
+        self.writer.flush()
+        self._last_flush = time.monotonic()
 
     def _record_for(self, name: str) -> Record:
         return next(r for r in self.records if fnmatch.fnmatchcase(name, r.site))
@@ -58,19 +77,21 @@ class StoreRecorder:
             "suite": str(meta.get("suite", "")),
             "task_id": int(meta.get("task_id", -1)),
             "episode": int(meta.get("episode", -1)),
+            "attempt": str(meta.get("attempt", "")),
             "env_step": int(meta.get("env_step", meta.get("request_index", -1))),
             "replan_index": int(meta.get("replan_index", meta.get("request_index", -1))),
         }
+        episode = (base["suite"], base["task_id"], base["episode"], base["attempt"])
         with self._lock:
+            if self._episode.get(base["run_id"], episode) != episode:
+                self._flush()  # the previous episode of this run is finished: make it durable now
+            self._episode[base["run_id"]] = episode
             base["span_table"] = self.writer.add_span_table(table)
             self.writer.add(ACTIONS_SITE, np.asarray(actions, np.float32)[None],
                             base | {"denoise_step": -1, "token_index": -1, "span": "actions"})
             for name, value in recordings.items():
                 self._add_site(name, np.asarray(value), table, base)
             self.writer.commit()
-            if time.monotonic() - self._last_flush > self.flush_every_s:
-                self.writer.flush()
-                self._last_flush = time.monotonic()
 
     def _add_site(self, name: str, value: np.ndarray, table: dict, base: dict) -> None:
         rec = self._record_for(name)
@@ -94,5 +115,6 @@ class StoreRecorder:
                             info=info)
 
     def close(self) -> None:
+        self._closed.set()
         with self._lock:
             self.writer.close()

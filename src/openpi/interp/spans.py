@@ -8,12 +8,13 @@ from openpi.models.pi0 import token_spans
 
 
 def span_table(config, camera_valid: dict[str, bool], prompt_length: int,
-               instruction: tuple[int, int]) -> dict:
+               instruction: tuple[int, int], state_in_prompt: tuple[int, int] | None = None) -> dict:
     """JSON-able span table of one sample (format: docs/conventions.md).
 
     ``prompt_length``: valid prompt tokens; ``instruction``: [start, end) of the instruction words within the
-    prompt positions. ``prompt_head`` holds BOS (and Pi0.5's "Task: "), ``template`` the valid prompt tokens after
-    the instruction (Pi0: the newline; Pi0.5: ", State: <bins>;\\nAction: "), ``pad`` the masked prompt positions.
+    prompt positions; ``state_in_prompt``: [start, end) of Pi0.5's discretised state bins within the prompt, which
+    then form the ``state`` span (Pi0's state is its suffix token). ``template`` holds the other valid prompt
+    tokens (BOS, Pi0's newline, Pi0.5's "Task: ", ", State: ", ";\\nAction: "), ``pad`` the masked positions.
     """
     static = token_spans(config)
     p0, p1 = static["prompt"]
@@ -22,9 +23,17 @@ def span_table(config, camera_valid: dict[str, bool], prompt_length: int,
                          f"max_token_len {p1 - p0}")
     spans = {key: list(static[key]) for key in config.image_keys}
     spans["instruction"] = [p0 + instruction[0], p0 + instruction[1]]
-    spans["template"] = [[p0, p0 + instruction[0]], [p0 + instruction[1], p0 + prompt_length]]
+    if state_in_prompt is None:
+        spans["template"] = [[p0, p0 + instruction[0]], [p0 + instruction[1], p0 + prompt_length]]
+        spans["state"] = list(static["state"])
+    else:
+        s0, s1 = state_in_prompt
+        if not instruction[1] <= s0 <= s1 <= prompt_length or static["state"][0] != static["state"][1]:
+            raise ValueError(f"inconsistent prompt layout: state bins {state_in_prompt} after instruction "
+                             f"{instruction} within {prompt_length} tokens, for a model without a state token")
+        spans["template"] = [[p0, p0 + instruction[0]], [p0 + instruction[1], p0 + s0], [p0 + s1, p0 + prompt_length]]
+        spans["state"] = [p0 + s0, p0 + s1]
     spans["pad"] = [p0 + prompt_length, p1]
-    spans["state"] = list(static["state"])
     spans["actions"] = list(static["actions"])
     return {
         "model": config.model_type,

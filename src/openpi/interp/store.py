@@ -24,12 +24,9 @@ from typing import Any
 import numpy as np
 
 from openpi.shared.io import read_json, save_npz_atomic, write_json_atomic
+from openpi.shared.records import KEY_COLUMNS
 
-FORMAT = "vla-interp-store/1"
-KEY_COLUMNS: dict[str, type] = {
-    "run_id": str, "suite": str, "task_id": int, "episode": int, "env_step": int, "replan_index": int,
-    "denoise_step": int, "token_index": int, "span": str, "span_table": int,
-}
+FORMAT = "vla-interp-store/2"  # /2: the attempt key column, per-site request/axes/token info
 _SEP = "|"
 
 
@@ -81,7 +78,7 @@ class StoreWriter:
         return info
 
     def _write_json(self, info: dict) -> None:
-        write_json_atomic(self.root / "store.json", info, indent=1, allow_nan=True)
+        write_json_atomic(self.root / "store.json", info, indent=1)
 
     def add_span_table(self, table: dict) -> int:
         """Register a span table for rows added next; returns its index for the ``span_table`` key."""

@@ -262,17 +262,26 @@ class Record:
         query = "&".join(f"{k}={v}" for k, v in opts.items() if v != default[k])
         return self.site + (f"?{query}" if query else "")
 
-    def row_axes(self, point: HookPoint) -> tuple[str, ...]:
-        """Axes of one stored row of this record at ``point``: the recorded axes without step, batch and (unless
-        kept whole, as attention queries are) the token axis, after reductions."""
-        axes = [a for a in point.axes if a != "batch"]
+    def result_axes(self, point: HookPoint) -> tuple[str, ...]:
+        """Axes of this record's array at ``point`` as ``sample_actions`` returns it (after reductions)."""
+        axes = list(point.recorded_axes)
         if "heads" in self.reduce:
             axes.remove("head")
         if "tokens" in self.reduce and point.token_axis is not None:
             axes.remove(point.axes[point.token_axis])
-        elif "token" in axes:
-            axes.remove("token")  # one row per token
         return tuple(axes)
+
+    def row_axes(self, point: HookPoint) -> tuple[str, ...]:
+        """Axes of one stored row: the result axes without step and batch, and without the ``token`` axis (one
+        row per token; attention keeps its ``query`` axis whole in one row)."""
+        return tuple(a for a in self.result_axes(point) if a not in ("step", "batch", "token"))
+
+    def kept_tokens(self, point: HookPoint, table: HookTable) -> np.ndarray | None:
+        """Joint-sequence index of each token kept along the point's token/query axis (None: no token axis)."""
+        if point.token_axis is None:
+            return None
+        local = table.local_indices(self.tokens, point.name, point.num_tokens)
+        return point.token_start + (np.arange(point.num_tokens) if local is None else local)
 
 
 def parse_records(texts: Iterable[str | Record]) -> tuple[Record, ...]:

@@ -48,6 +48,7 @@ def hook_points(config: Pi0Config) -> list[HookPoint]:
     spans = token_spans(config)
     p, s = config.prefix_len, config.suffix_len
     resid = ("batch", "token", "d_model")
+    suffix = "action tokens" if config.pi05 else "[state] + action tokens"
     pts: list[HookPoint] = []
     for key in config.image_keys:
         a, b = spans[key]
@@ -77,10 +78,10 @@ def hook_points(config: Pi0Config) -> list[HookPoint]:
         for where, what in (("resid_pre", "before layer i"), ("resid_mid", "after layer i's attention"),
                             ("resid_post", "after layer i's MLP")):
             pts.append(HookPoint(f"llm.expert1.layer.{i}.{where}", resid, True, p, s,
-                                 f"action-expert residual (suffix: [state] + action tokens) {what}",
+                                 f"action-expert residual (suffix: {suffix}) {what}",
                                  "llm.expert1.resid"))
         pts.append(HookPoint(f"llm.layer.{i}.attn.probs", ("batch", "head", "query", "key"), True, p, s,
-                             "attention of the suffix queries (state + actions) over all keys [prefix, suffix]",
+                             f"attention of the suffix queries ({suffix}) over all keys [prefix, suffix]",
                              "llm.attn.probs"))
     pts.append(HookPoint("llm.expert1.final", resid, True, p, s,
                          "action expert after `final_norm_1` (adaptive for Pi0.5)", "llm.expert1.final"))

@@ -32,6 +32,7 @@ class TokenizedPrompt:
     mask: np.ndarray  # (max_len,) bool
     instruction: tuple[int, int]  # [start, end) of the instruction words within the prompt positions
     length: int  # number of valid tokens
+    state: tuple[int, int] | None = None  # [start, end) of the discretised state bins (Pi0.5 state-in-prompt)
 
 
 class PromptTokenizer:
@@ -62,14 +63,21 @@ class PromptTokenizer:
             body = self._sp.encode(text)
             ids = bos + body + self._sp.encode("\n")
             start, end = 1, 1 + len(body)
+            state_span = None
         else:
             state_str = " ".join(str(int(v)) for v in discretize_state(np.asarray(state)))
             ids = bos + self._sp.encode(f"Task: {text}, State: {state_str};\nAction: ")
             # The instruction is where the full sequence agrees with "Task: {text}" but not with "Task: ".
             start = _common_prefix(ids, bos + self._sp.encode("Task: "))
             end = _common_prefix(ids, bos + self._sp.encode(f"Task: {text}"))
+            # The state bins likewise: after "..., State: " and up to where "..., State: {bins}" stops agreeing
+            # (SentencePiece may merge the last digit with ";", which then counts as template).
+            s0 = _common_prefix(ids, bos + self._sp.encode(f"Task: {text}, State: "))
+            s1 = _common_prefix(ids, bos + self._sp.encode(f"Task: {text}, State: {state_str}"))
+            state_span = (max(s0, end), max(s1, s0, end))
         if len(ids) > self.max_len:
-            msg = (f"prompt {prompt!r} is {len(ids)} tokens long, more than max_token_len={self.max_len} "
+            shown = prompt if len(prompt) <= 120 else f"{prompt[:120]}... ({len(prompt)} characters)"
+            msg = (f"prompt {shown!r} is {len(ids)} tokens long, more than max_token_len={self.max_len} "
                    f"(tokenizer {self.model_path.name})")
             if self.on_overflow == "error":
                 raise ValueError(msg)
@@ -79,7 +87,8 @@ class PromptTokenizer:
         out = np.zeros(self.max_len, np.int32)
         out[:n] = ids
         mask = np.arange(self.max_len) < n
-        return TokenizedPrompt(out, mask, (min(start, n), min(end, n)), n)
+        clip = (lambda ab: (min(ab[0], n), min(ab[1], n)))
+        return TokenizedPrompt(out, mask, clip((start, end)), n, None if state_span is None else clip(state_span))
 
 
 def _common_prefix(a: list[int], b: list[int]) -> int:

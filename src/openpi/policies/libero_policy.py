@@ -85,6 +85,7 @@ class LiberoTransforms:
             "tokenized_prompt_mask": tok.mask,
             "prompt_length": tok.length,
             "instruction": tok.instruction,
+            "state_in_prompt": tok.state,
             "prompt": prompt,
         }
 
@@ -108,3 +109,12 @@ def batch_observation(inputs: Sequence[dict]):
                             np.stack([x["state"] for x in inputs]),
                             np.stack([x["tokenized_prompt"] for x in inputs]),
                             np.stack([x["tokenized_prompt_mask"] for x in inputs]))
+
+
+def example_observation(prompt: str = "pick up the black bowl between the plate and the ramekin and place it on the "
+                                      "plate", seed: int = 0, image_size: int = 256) -> dict:
+    """A LIBERO request with random camera images and a zero state: for trying the API without a simulator."""
+    rng = np.random.default_rng(seed)
+    return {IMAGE_KEY: rng.integers(0, 256, (image_size, image_size, 3), dtype=np.uint8),
+            WRIST_KEY: rng.integers(0, 256, (image_size, image_size, 3), dtype=np.uint8),
+            STATE_KEY: np.zeros(STATE_DIM, np.float32), PROMPT_KEY: prompt}

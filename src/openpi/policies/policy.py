@@ -1,24 +1,95 @@
-"""Policy: one observation dict in, an action chunk out, with optional recording of model internals."""
+"""Policy: one observation dict in, an action chunk out, with recording and interventions by hook-point name.
+
+The Python API mirrors TransformerLens / nnsight habits::
+
+    policy = create_policy()                                       # the embedded default
+    actions, cache = policy.run_with_cache(obs, names=["llm.expert1.layer.3.resid_post"])
+    cache["llm.expert1.layer.3.resid_post"].value                  # (step, batch, token, d_model) numpy array
+    with policy.hooks([Intervention("llm.expert1.layer.3.resid_post", "zero", tokens="actions")]):
+        edited = policy.infer(obs)["actions"]
+
+Interventions are checked against the model's hook table when the block is entered (a site that matches nothing is
+an error naming the nearest valid names), and each distinct intervention set is jit-compiled once and cached.
+"""
 from __future__ import annotations
 
+import contextlib
+import dataclasses
+import fnmatch
+import hashlib
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any
 
 import jax
 import numpy as np
 
-from openpi.models.hooks import AttentionKnockout, Intervention, Record
 from openpi.interp.spans import span_table
+from openpi.models.hooks import AttentionKnockout, HookRequest, Intervention, Record, parse_records, split_requests
 from openpi.models.model import Pi0Model
+from openpi.models.pi0 import hook_table
 from openpi.policies.libero_policy import LiberoTransforms, batch_observation
 
 logger = logging.getLogger(__name__)
 META_PREFIX = "meta/"
+# The observation keys that identify one policy query of one episode; when all are present the flow-matching noise
+# is a function of them (see Policy.noise_for). run_id is deliberately not among them: two runs over the same
+# episodes (a baseline and an edited policy, or a rerun) must see the same noise to be comparable.
+NOISE_KEY_FIELDS = ("suite", "task_id", "episode", "env_step")
 
 # recorder(recordings, span_table, meta, actions) is called after every inference that recorded something.
 Recorder = Callable[[dict[str, np.ndarray], dict, dict[str, Any], np.ndarray], None]
+
+
+class PolicyOutputError(RuntimeError):
+    """The model produced an unusable answer (non-finite actions); never sent as if it were one."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Activation:
+    """One recorded hook point: the array, the names of its axes and, along its token/query axis, the
+    joint-sequence index of every kept token (None when the point has no token axis or tokens were averaged)."""
+
+    name: str
+    value: np.ndarray
+    axes: tuple[str, ...]
+    token_index: np.ndarray | None
+    request: str
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return self.value.shape
+
+
+class ActivationCache(Mapping[str, Activation]):
+    """What ``run_with_cache`` returns: recorded hook points by name, plus the span table of the observation
+    (which joint-sequence positions hold which camera, instruction, template, state and action tokens)."""
+
+    def __init__(self, items: dict[str, Activation], span_table: dict) -> None:
+        self._items = items
+        self.span_table = span_table
+
+    def __getitem__(self, name: str) -> Activation:
+        if name not in self._items:
+            raise KeyError(f"{name!r} was not recorded; recorded: {sorted(self._items)}")
+        return self._items[name]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._items)
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    def __repr__(self) -> str:
+        rows = ", ".join(f"{k}: {v.axes}={v.shape}" for k, v in self._items.items())
+        return f"ActivationCache({rows})"
+
+
+def _stable_seed(parts: Iterable[Any]) -> int:
+    """A 31-bit integer from values, identical across processes and platforms (Python's hash() is salted)."""
+    text = "|".join(str(p) for p in parts)
+    return int.from_bytes(hashlib.blake2b(text.encode(), digest_size=4).digest(), "little") & 0x7FFFFFFF
 
 
 class Policy:
@@ -29,47 +100,125 @@ class Policy:
         self.model = model
         self.transforms = transforms
         self.metadata = dict(metadata or {})
-        self.records = tuple(records)
+        self.table = hook_table(model.config)
+        self.records = parse_records(records)
         self.interventions = tuple(interventions)
         self.knockouts = tuple(knockouts)
+        self.table.validate(self.records, self.interventions, self.knockouts, num_steps)
         self.recorder = recorder
         self.num_steps = num_steps
+        self.seed = seed
         self._rng = jax.random.key(seed)
+
+    # ------------------------------------------------------------------------------------------ noise
+
+    def noise_for(self, meta: Mapping[str, Any]) -> np.ndarray | None:
+        """Flow-matching noise keyed by the query's identity (suite, task, episode, env step) and the policy seed,
+        so the same query gets the same noise in any run, order or shard; None when a key is missing."""
+        if not all(f in meta for f in NOISE_KEY_FIELDS):
+            return None
+        cfg = self.model.config
+        seed = _stable_seed([self.seed, *(meta[f] for f in NOISE_KEY_FIELDS)])
+        rng = np.random.default_rng(seed)
+        return rng.standard_normal((1, cfg.action_horizon, cfg.action_dim)).astype(np.float32)
+
+    def _noise(self, meta: Mapping[str, Any], noise: np.ndarray | None) -> np.ndarray:
+        cfg = self.model.config
+        if noise is not None:
+            noise = np.asarray(noise, np.float32)
+            if noise.size != cfg.action_horizon * cfg.action_dim:
+                raise ValueError(f"noise has shape {noise.shape}, expected ({cfg.action_horizon}, {cfg.action_dim})")
+            return noise.reshape(1, cfg.action_horizon, cfg.action_dim)
+        keyed = self.noise_for(meta)
+        if keyed is not None:
+            return keyed
+        self._rng, key = jax.random.split(self._rng)  # keyless requests: one stream per policy
+        return np.asarray(jax.random.normal(key, (1, cfg.action_horizon, cfg.action_dim)))
+
+    # ------------------------------------------------------------------------------------------ inference
 
     def infer(self, obs: dict, *, noise: np.ndarray | None = None, return_recordings: bool = False) -> dict:
         """Observation keys: see LiberoTransforms. Keys starting with 'meta/' are ignored by the model and passed
-        to the recorder (they key the stored rows). Returns {'actions': (H, 7), 'policy_timing': {...}}."""
+        to the recorder (they key the stored rows) and to the noise. Returns {'actions': (H, 7), 'policy_timing'}."""
+        out, _ = self._run(obs, noise, self.records, return_recordings)
+        return out
+
+    def run_with_cache(self, obs: dict, names: Iterable[str | Record] = ("*",), *,
+                       noise: np.ndarray | None = None) -> tuple[np.ndarray, ActivationCache]:
+        """Actions (H, 7) and an :class:`ActivationCache` of the hook points matching ``names`` (glob patterns or
+        one-line records such as ``'llm.layer.*.attn.probs?tokens=actions&reduce=heads'``). The store recorder,
+        if any, is not called."""
+        records = parse_records([names] if isinstance(names, (str, Record)) else names)
+        if not records:
+            raise ValueError("run_with_cache needs at least one hook name or pattern")
+        out, cache = self._run(obs, noise, records, True, use_recorder=False)
+        return out["actions"], cache
+
+    @contextlib.contextmanager
+    def hooks(self, requests: HookRequest | Iterable[HookRequest]) -> Iterator[Policy]:
+        """Apply interventions / attention knockouts to every inference inside the block (on top of those the
+        policy was built with). Not for a policy that a server is answering requests with at the same time."""
+        if isinstance(requests, (Record, Intervention, AttentionKnockout)):
+            requests = [requests]
+        records, interventions, knockouts = split_requests(requests)
+        if records:
+            raise TypeError("policy.hooks takes interventions and knockouts; record with policy.run_with_cache(obs, "
+                            f"names=...) instead (got {[r.site for r in records]})")
+        self.table.validate((), interventions, knockouts, self.num_steps)
+        saved = self.interventions, self.knockouts
+        self.interventions, self.knockouts = saved[0] + interventions, saved[1] + knockouts
+        try:
+            yield self
+        finally:
+            self.interventions, self.knockouts = saved
+
+    def _run(self, obs: dict, noise: np.ndarray | None, records: tuple[Record, ...], want_cache: bool,
+             use_recorder: bool = True) -> tuple[dict, ActivationCache | None]:
         start = time.monotonic()
         if not isinstance(obs, dict):
             raise TypeError(f"observation must be a dict, got {type(obs).__name__}")
         meta = {k[len(META_PREFIX):]: v for k, v in obs.items() if k.startswith(META_PREFIX)}
         inputs = self.transforms.inputs({k: v for k, v in obs.items() if not k.startswith(META_PREFIX)})
         model_obs = batch_observation([inputs])
-        cfg = self.model.config
-        if noise is None:
-            self._rng, key = jax.random.split(self._rng)
-            noise = jax.random.normal(key, (1, cfg.action_horizon, cfg.action_dim))
-        else:
-            noise = np.asarray(noise, np.float32).reshape(1, cfg.action_horizon, cfg.action_dim)
-        actions, recorded = self.model.sample_actions(model_obs, noise, num_steps=self.num_steps,
-                                                      records=self.records, interventions=self.interventions,
+        actions, recorded = self.model.sample_actions(model_obs, self._noise(meta, noise), num_steps=self.num_steps,
+                                                      records=records, interventions=self.interventions,
                                                       knockouts=self.knockouts)
         model_actions = np.asarray(actions[0])
-        infer_ms = (time.monotonic() - start) * 1000
-        out: dict[str, Any] = {"actions": self.transforms.outputs(model_actions, inputs),
-                               "policy_timing": {"infer_ms": infer_ms}}
+        env_actions = self.transforms.outputs(model_actions, inputs)
+        if not np.all(np.isfinite(env_actions)):
+            bad = np.argwhere(~np.isfinite(env_actions))[0]
+            raise PolicyOutputError(
+                f"the model produced non-finite actions (first at chunk row {bad[0]}, dim {bad[1]}); inputs: state "
+                f"range [{float(np.min(inputs['raw_state'])):.3g}, {float(np.max(inputs['raw_state'])):.3g}]"
+                + (f", interventions {[iv.site for iv in self.interventions]}" if self.interventions else ""))
+        out: dict[str, Any] = {"actions": env_actions,
+                               "policy_timing": {"infer_ms": (time.monotonic() - start) * 1000}}
+        cache = None
         if recorded:
             recorded = {k: np.asarray(v) for k, v in recorded.items()}
-            table = span_table(cfg, inputs["image_masks"], inputs["prompt_length"], inputs["instruction"])
-            if self.recorder is not None:
-                self.recorder(recorded, table, meta, out["actions"])
-            if return_recordings:
+            table = span_table(self.model.config, inputs["image_masks"], inputs["prompt_length"],
+                               inputs["instruction"], inputs.get("state_in_prompt"))
+            if use_recorder and self.recorder is not None:
+                self.recorder(recorded, table, meta, env_actions)
+            if want_cache:
+                cache = self._cache(recorded, records, table)
                 out["recordings"] = recorded
                 out["span_table"] = table
-        return out
+        return out, cache
+
+    def _cache(self, recorded: dict[str, np.ndarray], records: tuple[Record, ...], table: dict) -> ActivationCache:
+        items = {}
+        for name, value in recorded.items():
+            rec = next(r for r in records if fnmatch.fnmatchcase(name, r.site))  # first match wins, as in Hooks
+            point = self.table[name]
+            averaged = "tokens" in rec.reduce
+            items[name] = Activation(name, value, rec.result_axes(point),
+                                     None if averaged else rec.kept_tokens(point, self.table), rec.to_text())
+        return ActivationCache(items, table)
 
     def close(self) -> None:
         """Flush recordings still buffered (call at shutdown)."""
         close = getattr(self.recorder, "close", None)
         if close is not None:
             close()
+

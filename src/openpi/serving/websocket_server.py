@@ -25,6 +25,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import http
+import ipaddress
 import logging
 import threading
 import time
@@ -41,6 +42,11 @@ logger = logging.getLogger(__name__)
 
 CLOSE_CODE_INTERNAL_ERROR = 1011
 HEALTH_PATH = "/healthz"
+DEFAULT_HOST = "127.0.0.1"  # client and server share a node (the SLURM recipe); a public bind must be asked for
+# Largest request accepted, in bytes. A LIBERO observation (two 256x256 uint8 images, state, prompt) is ~0.4 MB and
+# a three-camera 224 px one ~0.5 MB; 32 MiB leaves room for bigger cameras while bounding one client's memory use.
+DEFAULT_MAX_MESSAGE_BYTES = 32 * 1024 * 1024
+MAX_ERROR_CHARS = 2000  # error replies echo the problem, never a whole oversized input
 # Keys a LIBERO client always sends (the prompt may come from the server's default prompt instead).
 LIBERO_REQUIRED_KEYS: tuple[str, ...] = ("observation/image", "observation/wrist_image", "observation/state")
 
@@ -69,6 +75,23 @@ def _describe_exception(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {detail}" if detail else type(exc).__name__
 
 
+def cap_text(text: str, limit: int = MAX_ERROR_CHARS) -> str:
+    """``text`` cut to ``limit`` characters, saying how much was cut."""
+    if len(text) <= limit:
+        return text
+    return f"{text[:limit]}... [{len(text) - limit} more characters cut]"
+
+
+def is_public_host(host: str) -> bool:
+    """True unless ``host`` is a loopback name or address (binding it exposes the policy to the network)."""
+    if host in ("localhost", ""):
+        return host == ""
+    try:
+        return not ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return True  # a hostname: assume it resolves to a reachable interface
+
+
 def _health_check(connection: ServerConnection, request: Request) -> Response | None:
     """Answer ``GET /healthz`` with 200 before any websocket handshake; other paths go on to the handshake."""
     if request.path.split("?", 1)[0] == HEALTH_PATH:
@@ -82,15 +105,24 @@ class WebsocketPolicyServer:
     def __init__(
         self,
         policy: InferencePolicy,
-        host: str = "0.0.0.0",
+        host: str = DEFAULT_HOST,
         port: int = 8000,
         metadata: Mapping[str, Any] | None = None,
         required_keys: Sequence[str] = (),
+        max_message_bytes: int | None = DEFAULT_MAX_MESSAGE_BYTES,
     ) -> None:
-        """``metadata`` overrides ``policy.metadata``; ``required_keys`` are checked before the policy is called."""
+        """``metadata`` overrides ``policy.metadata``; ``required_keys`` are checked before the policy is called;
+        a request larger than ``max_message_bytes`` (None: no limit, as openpi's server) closes that connection
+        with code 1009 (message too big) before it is decoded."""
+        if max_message_bytes is not None and max_message_bytes < 1:
+            raise ValueError(f"max_message_bytes must be positive or None, got {max_message_bytes}")
         self._policy = policy
         self._host = host
         self._port = port
+        self._max_message_bytes = max_message_bytes
+        if is_public_host(host):
+            logger.warning("binding %s: the policy server is reachable from other machines (no authentication); "
+                           "use --host 127.0.0.1 unless clients run elsewhere", host or "all interfaces")
         self._metadata = dict(policy.metadata if metadata is None else metadata)
         # Fail at start-up, not on the first connection, if the metadata cannot be sent.
         self._metadata_bytes = msgpack_numpy.packb(self._metadata)
@@ -126,7 +158,7 @@ class WebsocketPolicyServer:
             self._host,
             self._port,
             compression=None,
-            max_size=None,
+            max_size=self._max_message_bytes,
             process_request=_health_check,
         )
         logger.info("policy server listening on ws://%s:%d (health: http://%s:%d%s)",
@@ -231,7 +263,8 @@ class WebsocketPolicyServer:
 
     async def _fail(self, websocket: ServerConnection, connection_id: str, request_index: int,
                     exc: Exception) -> None:
-        message = f"request {request_index} on connection {connection_id} failed: {_describe_exception(exc)}"
+        message = cap_text(f"request {request_index} on connection {connection_id} failed: "
+                           f"{_describe_exception(exc)}")
         if isinstance(exc, (RequestError, msgpack_numpy.MalformedMessageError)):
             logger.error("policy server: %s", message)
         else:

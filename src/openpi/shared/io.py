@@ -70,16 +70,16 @@ def write_text_atomic(path: PathLike, text: str, *, mode: int | None = None, fsy
     write_bytes_atomic(path, text.encode("utf-8"), mode=mode, fsync=fsync)
 
 
-def write_json_atomic(path: PathLike, obj: Any, *, indent: int | None = 1, allow_nan: bool = False,
+def write_json_atomic(path: PathLike, obj: Any, *, indent: int | None = 1,
                       default: Callable[[Any], Any] | None = None, mode: int | None = None,
                       fsync: bool = True) -> None:
-    """Serialise ``obj`` with ``json.dumps`` and replace ``path`` with it all at once.
+    """Write ``obj`` as strict JSON and replace ``path`` with it all at once.
 
-    ``obj`` is written as given (convert numpy values first with :func:`jsonable`, or pass
-    ``default=json_default``). ``allow_nan=False`` (strict JSON) refuses NaN/inf instead of writing the
-    non-standard ``NaN`` token; the text is serialised before any file is touched, so a refusal writes nothing.
+    The one JSON policy of the project: every JSON file goes through here, so numpy values become plain numbers and
+    lists and NaN/inf become ``null`` ("undefined") in every file alike (:func:`jsonable`); ``default`` converts
+    other objects (e.g. ``repr``). The text is serialised before any file is touched, so a failure writes nothing.
     """
-    text = json.dumps(obj, indent=indent, allow_nan=allow_nan, default=default)
+    text = json.dumps(jsonable(obj, default=default), indent=indent)
     write_text_atomic(path, text, mode=mode, fsync=fsync)
 
 

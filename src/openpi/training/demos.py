@@ -203,7 +203,7 @@ def attempt_path(root: str | pathlib.Path, suite: str, task_id: int, episode: in
 
 def write_json_atomic(path: pathlib.Path, obj: Any) -> None:
     """JSON (indent 1) written atomically, mode 0o644 whatever the umask (records are shared read-only)."""
-    shared_io.write_json_atomic(path, obj, indent=1, allow_nan=True, mode=0o644)
+    shared_io.write_json_atomic(path, obj, indent=1, mode=0o644)
 
 
 def write_attempt(root: str | pathlib.Path, record: dict[str, Any]) -> pathlib.Path:

@@ -28,7 +28,7 @@ class RowArgs:
 
 def write_json(path: pathlib.Path, obj) -> None:
     """Write JSON (indent 1) atomically so a crash never leaves half a file."""
-    write_json_atomic(path, obj, indent=1, allow_nan=True)
+    write_json_atomic(path, obj, indent=1)
 
 
 def main_guard(prog: str, fn: Callable[[], object]) -> None:

@@ -90,7 +90,7 @@ def save_sae(out_dir: str | pathlib.Path, sae: sae_model.SparseAutoencoder, extr
     """Write weights then cfg.json into `out_dir`, each atomically (cfg.json last: its presence marks a complete SAE)."""
     out = pathlib.Path(out_dir)
     write_bytes_atomic(out / WEIGHTS_NAME, safetensors_bytes(_folded_weights(sae)))
-    write_json_atomic(out / CFG_NAME, sae_cfg_dict(sae, extras), indent=2, allow_nan=True)
+    write_json_atomic(out / CFG_NAME, sae_cfg_dict(sae, extras), indent=2)
 
 
 def _need(cfg: dict, key: str, path: pathlib.Path, kind: type | tuple[type, ...]):

@@ -17,11 +17,14 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+from collections.abc import Callable
 from typing import Literal
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from openpi.models.hooks import Intervention
 
 Arch = Literal["topk", "batchtopk"]
 Params = dict[str, jax.Array]
@@ -347,6 +350,23 @@ class SparseAutoencoder:
     def reconstruct(self, x: np.ndarray) -> np.ndarray:
         """Raw-unit reconstruction of raw rows (inference encoder)."""
         return self.decode(self.encode(x))
+
+    @functools.cached_property
+    def reconstruction_fn(self) -> Callable[[jax.Array], jax.Array]:
+        """Pure jax (..., d_in) -> (..., d_in): the inference reconstruction of raw activations. One function
+        object per SAE, so an intervention using it is compiled once and reused."""
+        spec, params, thr = self.spec, self.params, self._thr
+
+        def reconstruct_raw(x: jax.Array) -> jax.Array:
+            flat = x.reshape(-1, x.shape[-1]).astype(jnp.float32) * spec.input_scale
+            return (reconstruct(params, spec, flat, thr) / spec.input_scale).reshape(x.shape).astype(x.dtype)
+
+        return reconstruct_raw
+
+    def splice(self, site: str, tokens: str = "actions", steps: str = "all") -> Intervention:
+        """Replace the activation at ``site`` (the hook point the SAE was trained on) by its reconstruction:
+        ``with policy.hooks(sae.splice(site)): ...``."""
+        return Intervention(site, "replace", fn=self.reconstruction_fn, tokens=tokens, steps=steps)
 
     def _check(self, x: np.ndarray) -> jax.Array:
         x = np.asarray(x, np.float32)

@@ -11,32 +11,13 @@ and report  action_error_recovered = 1 - E||a_sae - a||^2 / E||a_zero - a||^2
 from __future__ import annotations
 
 import pathlib
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Iterable, Iterator
 
-import jax
-import jax.numpy as jnp
 import numpy as np
 
-from openpi.models.hooks import Intervention
 from openpi.interp.sae.io import load_sae
-from openpi.interp.sae.model import reconstruct as reconstruct_scaled
+from openpi.models.hooks import Intervention
 from openpi.shared.io import read_json
-
-
-def reconstruction_fn(sae_dir: str | pathlib.Path) -> Callable[[jax.Array], jax.Array]:
-    """Pure (..., d_in) -> (..., d_in): the SAE's inference reconstruction of raw activations."""
-    sae = load_sae(sae_dir)
-    spec = sae.spec
-    params = {k: jnp.asarray(v) for k, v in sae.params.items()}
-    threshold = None if sae.threshold is None else jnp.asarray(sae.threshold)
-
-    def reconstruct(x: jax.Array) -> jax.Array:
-        flat = x.reshape(-1, x.shape[-1]).astype(jnp.float32) * spec.input_scale
-        out = reconstruct_scaled(params, spec, flat, threshold) / spec.input_scale
-        return out.reshape(x.shape).astype(x.dtype)
-
-    reconstruct.__name__ = f"sae_reconstruct_{pathlib.Path(sae_dir).name}"
-    return reconstruct
 
 
 def observations_from_rollouts(rollouts_dir: str | pathlib.Path, max_obs: int | None = None) -> Iterator[dict]:
@@ -66,23 +47,19 @@ def observations_from_rollouts(rollouts_dir: str | pathlib.Path, max_obs: int | 
 def action_error_recovered(policy, sae_dir: str | pathlib.Path, site: str, observations: Iterable[dict], *,
                            tokens: str = "actions", steps: str = "all", seed: int = 0) -> dict:
     """Compare plain / SAE-spliced / zero-ablated actions of ``policy`` (an openpi Policy) on each observation."""
-    splice = Intervention(site, "replace", fn=reconstruction_fn(sae_dir), tokens=tokens, steps=steps)
+    splice = load_sae(sae_dir).splice(site, tokens=tokens, steps=steps)
     zero = Intervention(site, "zero", tokens=tokens, steps=steps)
     cfg = policy.model.config
     rng = np.random.default_rng(seed)
-    original = policy.interventions
     err_sae, err_zero = [], []
-    try:
-        for obs in observations:
-            noise = rng.standard_normal((cfg.action_horizon, cfg.action_dim)).astype(np.float32)
-            chunks = {}
-            for name, ivs in (("plain", ()), ("sae", (splice,)), ("zero", (zero,))):
-                policy.interventions = ivs
+    for obs in observations:
+        noise = rng.standard_normal((cfg.action_horizon, cfg.action_dim)).astype(np.float32)
+        chunks = {}
+        for name, ivs in (("plain", ()), ("sae", (splice,)), ("zero", (zero,))):
+            with policy.hooks(ivs):
                 chunks[name] = policy.infer(obs, noise=noise)["actions"]
-            err_sae.append(float(np.mean((chunks["sae"] - chunks["plain"]) ** 2)))
-            err_zero.append(float(np.mean((chunks["zero"] - chunks["plain"]) ** 2)))
-    finally:
-        policy.interventions = original
+        err_sae.append(float(np.mean((chunks["sae"] - chunks["plain"]) ** 2)))
+        err_zero.append(float(np.mean((chunks["zero"] - chunks["plain"]) ** 2)))
     mse_sae, mse_zero = float(np.mean(err_sae)), float(np.mean(err_zero))
     return {"site": site, "tokens": tokens, "steps": steps, "n_observations": len(err_sae),
             "mse_spliced": mse_sae, "mse_zero_ablated": mse_zero,

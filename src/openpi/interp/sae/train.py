@@ -596,8 +596,8 @@ def train(
         extras.update(extra_metadata)
     sae_io.save_sae(out, sae, extras)
     _plot_curves(out, curves, cfg.arch)
-    write_json_atomic(out / "curves.json", curves, indent=None, allow_nan=True)
-    write_json_atomic(done, metrics, indent=2, allow_nan=True)
+    write_json_atomic(out / "curves.json", curves, indent=None)
+    write_json_atomic(done, metrics, indent=2)
     shutil.rmtree(ckpt_dir, ignore_errors=True)
     return TrainResult(sae, metrics, completed=True)
 
