@@ -26,7 +26,8 @@ import websockets.sync.client
 
 from openpi.serving import msgpack_numpy
 from openpi.serving.websocket_client import WebsocketClientPolicy
-from openpi.serving.websocket_server import LIBERO_REQUIRED_KEYS, BackgroundServer, WebsocketPolicyServer
+from openpi.serving.websocket_server import (DEFAULT_HOST, LIBERO_REQUIRED_KEYS, MAX_ERROR_CHARS, BackgroundServer,
+                                             WebsocketPolicyServer)
 
 HORIZON = 10
 IMAGE_SHAPE = (32, 32, 3)
@@ -77,6 +78,8 @@ class EchoPolicy:
                 return {"not_actions": 1}
             if obs["prompt"] == "__complex__":
                 return {"actions": np.zeros((HORIZON, 7), np.complex64)}
+            if obs["prompt"].startswith("__long_error__"):
+                raise ValueError(f"bad prompt {obs['prompt']!r}")
             image = obs["observation/image"]
             if image.shape != IMAGE_SHAPE or image.dtype != np.uint8:
                 raise ValueError(
@@ -362,3 +365,47 @@ def test_server_module_does_not_import_the_model_code():
            "m.startswith('openpi.models.') or m == 'jax' for m in sys.modules))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True)
     assert out.stdout.strip() == "False"
+
+
+def test_error_replies_are_capped_not_echoing_a_huge_input(echo_server):
+    srv, _ = echo_server
+    with raw_connect(srv.port) as (ws, _):
+        ws.send(msgpack_numpy.packb(make_obs(1, prompt="__long_error__" + "x" * 100_000)))
+        text = ws.recv(timeout=10)
+        assert isinstance(text, str) and "bad prompt" in text and "more characters cut" in text
+        assert len(text) <= MAX_ERROR_CHARS + 60
+
+
+def test_oversized_messages_are_refused_and_other_clients_keep_working():
+    policy = EchoPolicy()
+    with BackgroundServer(policy, required_keys=LIBERO_REQUIRED_KEYS, max_message_bytes=64 * 1024) as srv:
+        with raw_connect(srv.port) as (ws, _):
+            big = make_obs(2)
+            big["observation/image"] = np.zeros((256, 256, 3), np.uint8)  # 196 KB > 64 KB
+            ws.send(msgpack_numpy.packb(big))
+            with pytest.raises(websockets.ConnectionClosed) as info:
+                ws.recv(timeout=10)
+            assert info.value.rcvd is not None and info.value.rcvd.code == 1009  # message too big
+        with WebsocketClientPolicy("127.0.0.1", srv.port) as client:
+            np.testing.assert_allclose(client.infer(make_obs(3))["actions"], expected_actions(make_obs(3)))
+
+
+def test_server_binds_loopback_by_default_and_warns_on_public_binds(caplog):
+    script = load_serve_policy_script()
+    assert tyro.cli(script.Args, args=[]).host == DEFAULT_HOST == "127.0.0.1"
+    with caplog.at_level(logging.WARNING):
+        WebsocketPolicyServer(EchoPolicy(), host="127.0.0.1")
+        assert not [r for r in caplog.records if "reachable from other machines" in r.message]
+        WebsocketPolicyServer(EchoPolicy(), host="0.0.0.0")
+    assert [r for r in caplog.records if "reachable from other machines" in r.message]
+
+
+def test_serve_policy_refuses_a_record_name_that_matches_nothing(tmp_path):
+    """Review item 10: the --help example recorded nothing and served on; now it is a start-up error."""
+    script = pathlib.Path(__file__).resolve().parents[1] / "scripts" / "serve_policy.py"
+    out = subprocess.run([sys.executable, str(script), "--port", str(free_port()), "--record-dir",
+                          str(tmp_path / "store"), "--record", "llm.layer.11.resid_post"],
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode != 0
+    assert "matches no hook point" in out.stderr and "nearest valid names" in out.stderr
+    assert not (tmp_path / "store").exists()  # nothing written

@@ -71,7 +71,11 @@ class LiberoTransforms:
         base = resize_with_pad(_as_uint8_image(obs[IMAGE_KEY], IMAGE_KEY), size, size)
         wrist = resize_with_pad(_as_uint8_image(obs[WRIST_KEY], WRIST_KEY), size, size)
         if self.norm_stats is not None:
-            state = normalize(state, self.norm_stats["state"], self.quantile_norm)
+            with np.errstate(over="ignore", invalid="ignore"):
+                state = normalize(state, self.norm_stats["state"], self.quantile_norm)
+            if not np.isfinite(state).all():
+                raise ValueError(f"{STATE_KEY!r} is out of range: it normalises to a non-finite value (max |state| "
+                                 f"{float(np.max(np.abs(obs[STATE_KEY]))):.3g})")
         padded = np.zeros(self.config.action_dim, np.float32)
         padded[:STATE_DIM] = state
         tok = self.tokenizer.tokenize(prompt, state=state if self.config.discrete_state_input else None)
@@ -113,8 +117,12 @@ def batch_observation(inputs: Sequence[dict]):
 
 def example_observation(prompt: str = "pick up the black bowl between the plate and the ramekin and place it on the "
                                       "plate", seed: int = 0, image_size: int = 256) -> dict:
-    """A LIBERO request with random camera images and a zero state: for trying the API without a simulator."""
+    """A LIBERO request with random camera images and a zero state, for trying the API without a simulator.
+
+    It carries the ``meta/*`` keys of a query (libero_spatial task 0, episode ``seed``, env step 0), so the
+    policy's flow-matching noise is keyed by them and repeated calls give identical actions."""
     rng = np.random.default_rng(seed)
     return {IMAGE_KEY: rng.integers(0, 256, (image_size, image_size, 3), dtype=np.uint8),
             WRIST_KEY: rng.integers(0, 256, (image_size, image_size, 3), dtype=np.uint8),
-            STATE_KEY: np.zeros(STATE_DIM, np.float32), PROMPT_KEY: prompt}
+            STATE_KEY: np.zeros(STATE_DIM, np.float32), PROMPT_KEY: prompt,
+            "meta/suite": "libero_spatial", "meta/task_id": 0, "meta/episode": seed, "meta/env_step": 0}
