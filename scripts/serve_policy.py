@@ -64,6 +64,10 @@ class Args:
     host: str = DEFAULT_HOST
     """Interface to bind; 0.0.0.0 exposes the server to the network (a warning is logged)."""
     port: int = 8000
+    max_batch: int = 1
+    """Gather up to this many concurrent requests (several clients) into one batched model call."""
+    batch_wait_ms: float = 5.0
+    """With --max-batch > 1: how long the first request of a batch waits for others."""
     max_message_mb: float = DEFAULT_MAX_MESSAGE_BYTES / 2**20
     """Largest request accepted (MiB); a bigger one closes that connection with code 1009. 0 = no limit."""
     record_dir: str | None = None
@@ -112,7 +116,8 @@ def main(args: Args) -> None:
     logging.info("serving policy on port %d of %s, metadata %s", args.port, socket.gethostname(), policy.metadata)
     max_bytes = int(args.max_message_mb * 2**20) if args.max_message_mb > 0 else None
     server = WebsocketPolicyServer(policy, host=args.host, port=args.port, required_keys=ENV_REQUIRED_KEYS[args.env],
-                                   max_message_bytes=max_bytes)
+                                   max_message_bytes=max_bytes, max_batch=args.max_batch,
+                                   batch_wait_ms=args.batch_wait_ms)
     try:
         server.serve_forever()
     finally:

@@ -172,39 +172,87 @@ class Policy:
         finally:
             self.interventions, self.knockouts = saved
 
-    def _run(self, obs: dict, noise: np.ndarray | None, records: tuple[Record, ...], want_cache: bool,
-             use_recorder: bool = True) -> tuple[dict, ActivationCache | None]:
-        start = time.monotonic()
+    def infer_batch(self, observations: list[dict]) -> list[dict | Exception]:
+        """Answer several requests with one batched model call (the server gathers concurrent requests).
+
+        Each request gets the noise it would get alone (keyed by its ``meta/*`` or drawn from the stream in list
+        order) and its own recording rows. A request whose inputs are invalid, or whose actions come out
+        non-finite, gets its exception in its slot; the others are answered. The batch is padded to a power of
+        two so a server compiles a handful of shapes, not one per batch size."""
+        results: list[dict | Exception] = [ValueError("not run")] * len(observations)
+        prepared = []
+        for i, obs in enumerate(observations):
+            try:
+                prepared.append((i, *self._prepare(obs)))
+            except Exception as exc:  # noqa: BLE001 - reported to that request only
+                results[i] = exc
+        if prepared:
+            noises = [self._noise(meta, None) for _, meta, _ in prepared]
+            outs = self._forward([inp for _, _, inp in prepared], [m for _, m, _ in prepared], noises, self.records,
+                                 want_cache=False, use_recorder=True, pad=True)
+            for (i, _, _), out in zip(prepared, outs):
+                results[i] = out[0] if not isinstance(out, Exception) else out
+        return results
+
+    def _prepare(self, obs: dict) -> tuple[dict, dict]:
         if not isinstance(obs, dict):
             raise TypeError(f"observation must be a dict, got {type(obs).__name__}")
         meta = {k[len(META_PREFIX):]: v for k, v in obs.items() if k.startswith(META_PREFIX)}
-        inputs = self.transforms.inputs({k: v for k, v in obs.items() if not k.startswith(META_PREFIX)})
-        model_obs = batch_observation([inputs])
-        actions, recorded = self.model.sample_actions(model_obs, self._noise(meta, noise), num_steps=self.num_steps,
+        return meta, self.transforms.inputs({k: v for k, v in obs.items() if not k.startswith(META_PREFIX)})
+
+    def _run(self, obs: dict, noise: np.ndarray | None, records: tuple[Record, ...], want_cache: bool,
+             use_recorder: bool = True) -> tuple[dict, ActivationCache | None]:
+        meta, inputs = self._prepare(obs)
+        (out,) = self._forward([inputs], [meta], [self._noise(meta, noise)], records, want_cache, use_recorder)
+        if isinstance(out, Exception):
+            raise out
+        return out
+
+    def _forward(self, inputs: list[dict], metas: list[dict], noises: list[np.ndarray], records: tuple[Record, ...],
+                 want_cache: bool, use_recorder: bool, pad: bool = False) -> list[tuple[dict, ActivationCache | None]
+                                                                                 | Exception]:
+        """One model call for prepared inputs; per-request outputs (or the exception for that request)."""
+        start = time.monotonic()
+        n = len(inputs)
+        size = 1 << (n - 1).bit_length() if pad else n  # padded rows repeat the first request and are dropped
+        rows = inputs + [inputs[0]] * (size - n)
+        noise = np.concatenate(noises + [noises[0]] * (size - n), axis=0)
+        actions, recorded = self.model.sample_actions(batch_observation(rows), noise, num_steps=self.num_steps,
                                                       records=records, interventions=self.interventions,
                                                       knockouts=self.knockouts)
-        model_actions = np.asarray(actions[0])
-        env_actions = self.transforms.outputs(model_actions, inputs)
-        if not np.all(np.isfinite(env_actions)):
-            bad = np.argwhere(~np.isfinite(env_actions))[0]
-            raise PolicyOutputError(
-                f"the model produced non-finite actions (first at chunk row {bad[0]}, dim {bad[1]}); inputs: state "
-                f"range [{float(np.min(inputs['raw_state'])):.3g}, {float(np.max(inputs['raw_state'])):.3g}]"
-                + (f", interventions {[iv.site for iv in self.interventions]}" if self.interventions else ""))
-        out: dict[str, Any] = {"actions": env_actions,
-                               "policy_timing": {"infer_ms": (time.monotonic() - start) * 1000}}
-        cache = None
-        if recorded:
-            recorded = {k: np.asarray(v) for k, v in recorded.items()}
-            table = span_table(self.model.config, inputs["image_masks"], inputs["prompt_length"],
-                               inputs["instruction"], inputs.get("state_in_prompt"))
-            if use_recorder and self.recorder is not None:
-                self.recorder(recorded, table, meta, env_actions)
-            if want_cache:
-                cache = self._cache(recorded, records, table)
-                out["recordings"] = recorded
-                out["span_table"] = table
-        return out, cache
+        actions = np.asarray(actions)
+        recorded = {k: np.asarray(v) for k, v in recorded.items()}
+        infer_ms = (time.monotonic() - start) * 1000
+        outs: list = []
+        for b in range(n):
+            env_actions = self.transforms.outputs(actions[b], inputs[b])
+            if not np.all(np.isfinite(env_actions)):
+                bad = np.argwhere(~np.isfinite(env_actions))[0]
+                raw = inputs[b]["raw_state"]
+                outs.append(PolicyOutputError(
+                    f"the model produced non-finite actions (first at chunk row {bad[0]}, dim {bad[1]}); inputs: "
+                    f"state range [{float(np.min(raw)):.3g}, {float(np.max(raw)):.3g}]"
+                    + (f", interventions {[iv.site for iv in self.interventions]}" if self.interventions else "")))
+                continue
+            out: dict[str, Any] = {"actions": env_actions, "policy_timing": {"infer_ms": infer_ms, "batch_size": n}}
+            cache = None
+            if recorded:
+                mine = {k: self._batch_row(k, v, b) for k, v in recorded.items()}
+                table = span_table(self.model.config, inputs[b]["image_masks"], inputs[b]["prompt_length"],
+                                   inputs[b]["instruction"], inputs[b].get("state_in_prompt"))
+                if use_recorder and self.recorder is not None:
+                    self.recorder(mine, table, metas[b], env_actions)
+                if want_cache:
+                    cache = self._cache(mine, records, table)
+                    out["recordings"] = mine
+                    out["span_table"] = table
+            outs.append((out, cache))
+        return outs
+
+    def _batch_row(self, name: str, value: np.ndarray, b: int) -> np.ndarray:
+        """Request b's slice of a recording, keeping a batch axis of 1 (step-major points: axis 1)."""
+        axis = 1 if self.table[name].per_step else 0
+        return np.take(value, [b], axis=axis)
 
     def _cache(self, recorded: dict[str, np.ndarray], records: tuple[Record, ...], table: dict) -> ActivationCache:
         items = {}

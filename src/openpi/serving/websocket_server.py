@@ -16,7 +16,10 @@ hex id per connection) and ``meta/request_index`` (0-based count of requests on 
 already set them, so recordings are keyed even for clients that send no metadata.
 
 Inference runs on one worker thread under a lock (policies are not assumed thread-safe), so the event loop keeps
-answering health checks, handshakes and pings while a slow model runs; concurrent requests queue for the policy.
+answering health checks, handshakes and pings while a slow model runs. With ``max_batch > 1`` and a policy that has
+``infer_batch`` (``openpi.policies.policy.Policy`` does), concurrent requests are gathered (up to ``max_batch``,
+waiting at most ``batch_wait_ms`` after the first) into one batched call; each request still gets its own reply,
+error and recording rows. Otherwise concurrent requests queue for the policy one at a time.
 This module does not import the model code: anything with ``infer(obs) -> dict`` and ``metadata`` can be served.
 """
 
@@ -58,6 +61,12 @@ class InferencePolicy(Protocol):
     def metadata(self) -> Mapping[str, Any]: ...
 
     def infer(self, obs: dict) -> dict: ...
+
+
+class BatchPolicy(InferencePolicy, Protocol):
+    """A policy that can answer several observations in one call; a failed request's slot holds its exception."""
+
+    def infer_batch(self, observations: list[dict]) -> list[dict | Exception]: ...
 
 
 class RequestError(Exception):
@@ -110,10 +119,20 @@ class WebsocketPolicyServer:
         metadata: Mapping[str, Any] | None = None,
         required_keys: Sequence[str] = (),
         max_message_bytes: int | None = DEFAULT_MAX_MESSAGE_BYTES,
+        max_batch: int = 1,
+        batch_wait_ms: float = 5.0,
     ) -> None:
         """``metadata`` overrides ``policy.metadata``; ``required_keys`` are checked before the policy is called;
         a request larger than ``max_message_bytes`` (None: no limit, as openpi's server) closes that connection
         with code 1009 (message too big) before it is decoded."""
+        if max_batch < 1 or batch_wait_ms < 0:
+            raise ValueError(f"need max_batch >= 1 and batch_wait_ms >= 0, got {max_batch}, {batch_wait_ms}")
+        if max_batch > 1 and not callable(getattr(policy, "infer_batch", None)):
+            raise TypeError(f"max_batch={max_batch} needs a policy with infer_batch(); {type(policy).__name__} has none")
+        self._max_batch = max_batch
+        self._batch_wait_s = batch_wait_ms / 1000
+        self._queue: asyncio.Queue | None = None
+        self._batcher: asyncio.Task | None = None
         if max_message_bytes is not None and max_message_bytes < 1:
             raise ValueError(f"max_message_bytes must be positive or None, got {max_message_bytes}")
         self._policy = policy
@@ -151,8 +170,63 @@ class WebsocketPolicyServer:
             t2 = time.perf_counter()
         return result, (t1 - t0) * 1e3, (t2 - t1) * 1e3
 
+    def infer_batch_locked(self, observations: list[dict]) -> tuple[list[dict | Exception], float]:
+        """Run ``policy.infer_batch`` under the policy lock; returns (per-request results, infer_ms)."""
+        with self._policy_lock:
+            t0 = time.perf_counter()
+            results = self._policy.infer_batch(observations)
+            return results, (time.perf_counter() - t0) * 1e3
+
+    async def _gather_batches(self) -> None:
+        """Take the first queued request, wait up to ``batch_wait_ms`` for more (up to ``max_batch``), answer all."""
+        loop = asyncio.get_running_loop()
+        assert self._queue is not None
+        while True:
+            batch = [await self._queue.get()]
+            deadline = loop.time() + self._batch_wait_s
+            while len(batch) < self._max_batch:
+                try:
+                    batch.append(self._queue.get_nowait())
+                    continue
+                except asyncio.QueueEmpty:
+                    pass
+                timeout = deadline - loop.time()
+                if timeout <= 0:
+                    break
+                try:
+                    batch.append(await asyncio.wait_for(self._queue.get(), timeout))
+                except TimeoutError:
+                    break
+            started = time.perf_counter()
+            try:
+                results, infer_ms = await loop.run_in_executor(self._executor, self.infer_batch_locked,
+                                                               [obs for obs, _, _ in batch])
+                if len(results) != len(batch):
+                    raise RequestError(f"infer_batch returned {len(results)} results for {len(batch)} requests")
+            except Exception as exc:  # noqa: BLE001 - the whole call failed: every request in it gets the error
+                results, infer_ms = [exc] * len(batch), 0.0
+            for (_, fut, queued), res in zip(batch, results):
+                if fut.done():
+                    continue
+                if isinstance(res, BaseException):
+                    fut.set_exception(res)
+                else:
+                    fut.set_result((res, (started - queued) * 1e3, infer_ms))
+
+    async def _infer(self, obs: dict) -> tuple[dict, float, float]:
+        """(result, wait_ms, infer_ms) for one request, batched with concurrent ones when configured."""
+        loop = asyncio.get_running_loop()
+        if self._max_batch == 1:
+            return await loop.run_in_executor(self._executor, self.infer_locked, obs)
+        fut = loop.create_future()
+        await self._queue.put((obs, fut, time.perf_counter()))
+        return await fut
+
     async def start(self) -> Server:
         """Bind and start accepting connections on the running event loop."""
+        if self._max_batch > 1:
+            self._queue = asyncio.Queue()
+            self._batcher = asyncio.get_running_loop().create_task(self._gather_batches())
         self._server = await serve(
             self._handle_connection,
             self._host,
@@ -177,6 +251,8 @@ class WebsocketPolicyServer:
         if self._server is not None:
             self._server.close()
             await self._server.wait_closed()
+        if self._batcher is not None:
+            self._batcher.cancel()
         self._executor.shutdown(wait=False, cancel_futures=True)
 
     def serve_forever(self) -> None:
@@ -197,7 +273,6 @@ class WebsocketPolicyServer:
         except websockets.ConnectionClosed:
             logger.info("connection %s closed before the metadata was sent", connection_id)
             return
-        loop = asyncio.get_running_loop()
         request_index = 0
         prev_total_ms: float | None = None
         while True:
@@ -213,7 +288,7 @@ class WebsocketPolicyServer:
                     obs.setdefault("meta/connection_id", connection_id)
                     obs.setdefault("meta/request_index", request_index)
                 t_decoded = time.perf_counter()
-                result, wait_ms, infer_ms = await loop.run_in_executor(self._executor, self.infer_locked, obs)
+                result, wait_ms, infer_ms = await self._infer(obs)
                 reply = self._build_reply(result)
                 reply["server_timing"] = {
                     "infer_ms": infer_ms,
