@@ -136,7 +136,7 @@ def test_spec_rejects_k_larger_than_dictionary():
         sae_model.SAESpec(d_in=4, d_sae=8, arch="topk", k=9)
 
 
-@pytest.mark.parametrize("mode", ["dense", "scatter"])
+@pytest.mark.parametrize("mode", ["slots", "dense", "scatter"])
 def test_sparse_training_forward_and_gradients_match_dense_formulation(mode):
     rng = np.random.default_rng(1)
     d, n, k, b = 10, 30, 4, 16

@@ -91,7 +91,7 @@ class TrainConfig:
     """BatchTopK threshold EMA decay."""
     batchtopk_width: int | None = None
     """BatchTopK: per-row slots of the sparse path (default 4k); batches needing more use the exact dense path."""
-    backward: Literal["auto", "dense", "scatter"] = "auto"
+    backward: Literal["auto", "slots", "dense", "scatter"] = "auto"
     """Weight gradients of the sparse gathers: scatter-add (GPU) or one dense product (CPU); auto picks by backend."""
     holdout_frac: float = 0.05
     """Fraction of rows held out for evaluation (whole episodes when keys are given, else blocks of rows)."""
