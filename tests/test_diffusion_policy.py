@@ -201,3 +201,65 @@ def test_hook_request_errors_name_the_site(fx):
     with pytest.raises(ValueError, match="no token axis"):
         model.sample_chunk(obs, z["sample_init_noise"], step_noise=step_noise,
                            records=(Record("cond.global", tokens="0:2"),))
+
+
+def test_batchnorm_backbone_keys_and_modes():
+    """LeRobot's default backbone keeps BatchNorm: its running statistics are weights, and eval mode with running
+    statistics equal to the batch's reproduces train mode (batch statistics)."""
+    from openpi.models.diffusion import ops
+
+    cfg = dp_config.load_config(POLICY).replace(use_group_norm=False)
+    shapes = checkpoint.param_shapes(cfg)
+    assert shapes["diffusion.rgb_encoder.backbone.1.running_var"] == (64,)
+    assert shapes["diffusion.rgb_encoder.backbone.5.0.downsample.1.num_batches_tracked"] == ()
+    x = jax.random.normal(jax.random.key(0), (4, 3, 5, 5)) * 2.0 + 1.0
+    p = {"weight": jnp.array([1.0, 2.0, 0.5]), "bias": jnp.array([0.0, -1.0, 3.0]),
+         "running_mean": x.mean((0, 2, 3)), "running_var": x.var((0, 2, 3))}
+    train = ops.batch_norm(p, x, train=True)
+    np.testing.assert_allclose(ops.batch_norm(p, x, train=False), train, atol=1e-5)
+    np.testing.assert_allclose(train[:, 1].mean(), -1.0, atol=1e-5)  # bias of channel 1
+    stale = dict(p, running_mean=p["running_mean"] + 1.0)
+    assert np.max(np.abs(ops.batch_norm(stale, x, train=False) - train)) > 0.1
+
+
+def test_three_stage_unet_reads_exactly_its_declared_weights_and_hooks():
+    """A deeper UNet than the fixture's (LeRobot's default has three stages): the weights ``param_shapes`` lists
+    are the ones the forward reads, and every block name it calls is declared."""
+    from openpi.models.diffusion import unet as dp_unet
+    from openpi.models.hooks import Hooks
+    from openpi.models.params_util import unflatten
+
+    cfg = dp_config.load_config(POLICY).replace(down_dims=(16, 32, 64), diffusion_step_embed_dim=8, horizon=16)
+    shapes = dp_unet.param_shapes(cfg)
+    rng = np.random.default_rng(0)
+    flat = {k.replace(".", "/"): jnp.asarray(rng.normal(0, 0.1, s), jnp.float32) for k, s in shapes.items()}
+    params = unflatten(flat)["diffusion"]["unet"]
+    table = dp.hook_table(cfg)
+    hooks = Hooks(records=(Record("unet.*"),), table=table)
+    b = 2
+    x = jnp.asarray(rng.normal(size=(b, cfg.horizon, cfg.action_dim)), jnp.float32)
+    out = dp_unet.unet(cfg, params, x, jnp.array([3, 70]), jnp.ones((b, cfg.global_cond_dim)),
+                       hook=lambda n, v: hooks("unet." + n, v))
+    assert out.shape == x.shape
+    declared = {n for n in table.names if n.startswith("unet.")}
+    assert set(hooks.collected) == declared
+    assert hooks.collected["unet.down.1.downsample"].shape == (b, 32, 4)
+    assert hooks.collected["unet.up.1.upsample"].shape == (b, 16, 16)
+    # every listed weight is read by the forward (and nothing else is asked for)
+    read: set[str] = set()
+
+    class Tracked(dict):
+        def __init__(self, tree, path):
+            super().__init__(tree)
+            self.path = path
+
+        def __getitem__(self, key):
+            value = super().__getitem__(key)
+            name = f"{self.path}.{key}"
+            if isinstance(value, dict):
+                return Tracked(value, name)
+            read.add(name)
+            return value
+
+    dp_unet.unet(cfg, Tracked(params, "diffusion.unet"), x, jnp.array([3, 70]), jnp.ones((b, cfg.global_cond_dim)))
+    assert read == set(shapes)

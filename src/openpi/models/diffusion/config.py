@@ -218,7 +218,9 @@ def validate(cfg: DiffusionConfig) -> None:
         _fail(cfg, "diffusion_step_embed_dim", cfg.diffusion_step_embed_dim, "expected an even number >= 4")
     if cfg.kernel_size % 2 == 0:
         _fail(cfg, "kernel_size", cfg.kernel_size, "expected an odd kernel (padding kernel_size // 2 keeps length)")
-    if not 1 <= cfg.n_obs_steps or not 1 <= cfg.n_action_steps <= cfg.horizon - cfg.n_obs_steps + 1:
+    if cfg.n_obs_steps < 1:
+        _fail(cfg, "n_obs_steps", cfg.n_obs_steps, "expected >= 1")
+    if not 1 <= cfg.n_action_steps <= cfg.horizon - cfg.n_obs_steps + 1:
         _fail(cfg, "n_action_steps", cfg.n_action_steps,
               f"need 1 <= n_action_steps <= horizon - n_obs_steps + 1 = {cfg.horizon - cfg.n_obs_steps + 1}")
     if not 1 <= cfg.inference_steps <= cfg.num_train_timesteps:
