@@ -165,15 +165,17 @@ def encode_images(config: DiffusionConfig, params: dict, obs: Observation, crop:
     if crop is not None and crop.ndim == 2 and not config.use_separate_rgb_encoder_per_camera:
         raise ValueError("per-camera crops (num_cameras, 2) need separate encoders; a shared encoder takes one "
                          "(top, left) per call, as LeRobot's RandomCrop")
-    groups = ([list(range(len(keys)))] if not config.use_separate_rgb_encoder_per_camera
-              else [[i] for i in range(len(keys))])
+    groups = ([range(len(keys))] if not config.use_separate_rgb_encoder_per_camera
+              else [range(i, i + 1) for i in range(len(keys))])
     feats = []
     for g, idx in enumerate(groups):
         p = enc_p[str(g)] if config.use_separate_rgb_encoder_per_camera else enc_p
-        x = imgs[:, :, idx].reshape(b * s * len(idx), *imgs.shape[3:])
+        x = imgs[:, :, idx.start:idx.stop].reshape(b * s * len(idx), *imgs.shape[3:])
         top_left = None if crop is None else (crop[g] if crop.ndim == 2 else crop)
 
         def hook(stage, v, idx=idx):
+            # One hook call per camera; the batch is split only when something is requested, so with no request
+            # the graph is the plain one.
             if hooks.empty:
                 return v
             per = v.reshape(b, s, len(idx), *v.shape[1:])
@@ -198,7 +200,10 @@ def global_conditioning(config: DiffusionConfig, params: dict, obs: Observation,
     if config.env_state_dim:
         if obs.env_state is None:
             raise KeyError("the policy expects observation.environment_state; Observation.env_state is None")
-        parts.append(jnp.asarray(obs.env_state, jnp.float32))
+        env = jnp.asarray(obs.env_state, jnp.float32)
+        if env.shape != (b, s, config.env_state_dim):
+            raise ValueError(f"env_state has shape {env.shape}, expected {(b, s, config.env_state_dim)}")
+        parts.append(env)
     return hooks("cond.global", jnp.concatenate(parts, axis=-1).reshape(b, -1))
 
 

@@ -146,7 +146,8 @@ def param_shapes(config: DiffusionConfig, prefix: str = "diffusion.unet") -> dic
     for i, (c_out, c_in) in enumerate(reversed(io[1:])):
         res(f"{prefix}.up_modules.{i}.0", 2 * c_in, c_out)
         res(f"{prefix}.up_modules.{i}.1", c_out, c_out)
-        out.update({f"{prefix}.up_modules.{i}.2.weight": (c_out, c_out, 4), f"{prefix}.up_modules.{i}.2.bias": (c_out,)})
+        out.update({f"{prefix}.up_modules.{i}.2.weight": (c_out, c_out, 4),
+                    f"{prefix}.up_modules.{i}.2.bias": (c_out,)})
     d0 = config.down_dims[0]
     conv_block_shapes(f"{prefix}.final_conv.0", d0, d0, k)
     out.update({f"{prefix}.final_conv.1.weight": (config.action_dim, d0, 1),
