@@ -1,5 +1,5 @@
-"""Parameter paths and shapes of a Pi0 / Pi0.5 / Pi0-FAST config (openpi's tree layout), built without allocating weights,
-plus a seeded initialiser for the embedded untrained default."""
+"""Parameter paths and shapes of a Pi0 / Pi0.5 / Pi0-FAST config (openpi's tree layout), built without allocating
+weights, plus a seeded initialiser for the embedded untrained default."""
 from __future__ import annotations
 
 import math
