@@ -185,11 +185,11 @@ def _eos_push(cfg, sample: int, step: int) -> Intervention:
     return Intervention("llm.logits", "add", value=jnp.asarray(value), steps=str(step))
 
 
-def test_eos_stop_openpi_and_per_sample(fx):
+def test_eos_stop_openpi_and_per_sample(model, fx):
     cfg, params, _, infer, _ = fx
     eos = cfg.eos_token
     staggered = (_eos_push(cfg, 0, 2), _eos_push(cfg, 1, 5))
-    openpi = Pi0FASTModel(cfg, params).sample_actions(infer, interventions=staggered)
+    openpi = model.sample_actions(infer, interventions=staggered)
     tokens = np.asarray(openpi.tokens)
     assert tokens[0, 2] == eos and tokens[1, 5] == eos
     assert int(openpi.num_steps) == cfg.max_decoding_steps and tokens[0, 3] != 0  # no common EOS step: no stop
@@ -200,8 +200,7 @@ def test_eos_stop_openpi_and_per_sample(fx):
     np.testing.assert_array_equal(per_tokens[0, :3], tokens[0, :3])
     np.testing.assert_array_equal(per_tokens[1, :6], tokens[1, :6])
     assert np.all(per_tokens[0, 3:] == 0) and np.all(per_tokens[1, 6:] == 0)
-    together = Pi0FASTModel(cfg, params).sample_actions(infer, interventions=(_eos_push(cfg, 0, 4),
-                                                                              _eos_push(cfg, 1, 4)))
+    together = model.sample_actions(infer, interventions=(_eos_push(cfg, 0, 4), _eos_push(cfg, 1, 4)))
     assert int(together.num_steps) == 5 and np.all(np.asarray(together.tokens)[:, 4] == eos)
     assert np.all(np.asarray(together.tokens)[:, 5:] == 0)
 
