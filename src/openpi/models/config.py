@@ -159,8 +159,8 @@ class Pi0FASTConfig:
 
     Defaults are openpi's ``Pi0FASTConfig()`` (gemma_2b, action_dim 32, horizon 32, max_token_len 250; openpi's
     ``sample_actions`` default of 256 decoding steps). The three ``decode_*``/``eos_stop`` fields choose between
-    reproducing openpi's decoding exactly (``"openpi"``, the default) and the corrected paths documented in
-    :func:`openpi.models.pi0_fast.sample_actions`.
+    reproducing openpi's decoding exactly (``"openpi"``, the default) and the corrected paths (``"valid"``,
+    ``"contiguous"``, ``"per_sample"``) explained in the docstring of :mod:`openpi.models.pi0_fast`.
     """
 
     paligemma_variant: str = "gemma_2b"
@@ -194,41 +194,18 @@ class Pi0FASTConfig:
         if self.max_decoding_steps < 1:
             raise ValueError(f"max_decoding_steps must be >= 1, got {self.max_decoding_steps}")
 
-    @property
-    def siglip(self) -> SigLIPConfig:
-        return siglip_config(self.siglip_variant)
-
-    @property
-    def llm(self) -> GemmaConfig:
-        return gemma_config(self.paligemma_variant)
-
-    @property
-    def grid(self) -> int:
-        return self.image_size // self.siglip.patch
-
-    @property
-    def tokens_per_image(self) -> int:
-        return self.grid * self.grid
-
-    @property
-    def prefix_len(self) -> int:
-        """Length of the model input: image tokens of every camera, then ``max_token_len`` prompt tokens."""
-        return len(self.image_keys) * self.tokens_per_image + self.max_token_len
+    # Sizes and (de)serialisation are the same derivations as Pi0's, over the same field names.
+    siglip = Pi0Config.siglip
+    llm = Pi0Config.llm
+    grid = Pi0Config.grid
+    tokens_per_image = Pi0Config.tokens_per_image
+    prefix_len = Pi0Config.prefix_len  # image tokens of every camera, then max_token_len prompt tokens
+    to_dict = Pi0Config.to_dict
+    from_dict = Pi0Config.__dict__["from_dict"]
 
     @property
     def model_type(self) -> str:
         return "pi0_fast"
-
-    def to_dict(self) -> dict:
-        d = dataclasses.asdict(self)
-        d["image_keys"] = list(self.image_keys)
-        return d
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "Pi0FASTConfig":
-        d = dict(d)
-        d["image_keys"] = tuple(d.get("image_keys", IMAGE_KEYS))
-        return cls(**d)
 
 
 def tiny_fast_config(**overrides) -> Pi0FASTConfig:
