@@ -266,3 +266,13 @@ def test_intervention_during_decoding(model, fx):
     before, after = _step_logits(big), _step_logits(base)
     np.testing.assert_allclose(before[:, :4], after[:, :4], atol=1e-6, rtol=0)  # steps up to the edited one
     assert np.abs(before[:, 4] - after[:, 4]).max() > 0.1  # the edited token's output feeds step 4's logits
+
+
+def test_bfloat16_compute_decodes_close_to_float32(fx):
+    """Released checkpoints run in bfloat16: the same decoding runs (cache, embedding, logits in bf16 compute)."""
+    cfg, params, train, infer, z = fx
+    bf16 = Pi0FASTModel(dataclasses.replace(cfg, dtype="bfloat16"), params)
+    out = bf16.sample_actions(infer, records=(Record("llm.logits"),))
+    err = np.abs(_step_logits(out) - z["output/sample/step_logits"]).max()
+    assert out.tokens.dtype == jnp.int32 and 0 < err < 0.2, err  # bf16 differs from f32 but stays close
+    np.testing.assert_allclose(bf16.compute_loss(train), z["output/loss"], atol=0.05, rtol=0)
