@@ -1,9 +1,10 @@
 """Latency of jit-compiled ``sample_actions`` (median of N runs after warm-up).
 
-    python benchmarks/bench_model.py                      # tiny Pi0 and Pi0.5 on this machine
-    python benchmarks/bench_model.py --full               # + bf16 pi05_libero-sized random weights (GPU machine)
+    python benchmarks/bench_model.py                      # tiny Pi0, Pi0.5 and Pi0-FAST on this machine
+    python benchmarks/bench_model.py --full               # + bf16 pi05_libero / pi0_fast_libero-sized random weights
 
-Last printed line: one JSON object {config: {"median_ms", "p90_ms", "compile_s", "device"}, ...}.
+Last printed line: one JSON object {config: {"median_ms", "p90_ms", "compile_s", "device"}, ...}; Pi0-FAST entries
+also give the decoding steps run ("steps") and "ms_per_step" (the whole call divided by the steps).
 """
 from __future__ import annotations
 
@@ -16,18 +17,20 @@ import jax.numpy as jnp
 import numpy as np
 import tyro
 
-from openpi.models.config import Pi0Config, tiny_config
-from openpi.models.model import Pi0Model, make_observation
+from openpi.models.config import Pi0Config, Pi0FASTConfig, tiny_config, tiny_fast_config
+from openpi.models.model import Pi0FASTModel, Pi0Model, make_fast_observation, make_observation
 
 
 @dataclasses.dataclass
 class Args:
     runs: int = 20
     full: bool = False
-    """also time a bf16 Pi0.5 of pi05_libero size with random weights (needs ~8 GB of accelerator memory)"""
+    """also time bf16 Pi0.5 / Pi0-FAST of pi05_libero / pi0_fast_libero size with random weights (~8 GB each)"""
+    fast_steps: int = 64
+    """Pi0-FAST decoding steps (random weights rarely emit EOS, so every step runs; LIBERO chunks are ~30-60)"""
 
 
-def _random_params(config: Pi0Config, dtype) -> dict:
+def _random_params(config: Pi0Config | Pi0FASTConfig, dtype) -> dict:
     from openpi.models.param_shapes import abstract_params
     key = jax.random.key(0)
     leaves, treedef = jax.tree.flatten(abstract_params(config))
@@ -35,21 +38,15 @@ def _random_params(config: Pi0Config, dtype) -> dict:
     return jax.tree.unflatten(treedef, [0.02 * jax.random.normal(k, l.shape, dtype) for k, l in zip(keys, leaves)])
 
 
-def time_config(name: str, config: Pi0Config, params: dict, runs: int) -> dict:
-    rng = np.random.default_rng(0)
-    obs = make_observation({k: rng.integers(0, 256, (1, 224, 224, 3), dtype=np.uint8) for k in config.image_keys},
-                           {k: np.array([k != "right_wrist_0_rgb"]) for k in config.image_keys},
-                           np.zeros((1, config.action_dim), np.float32),
-                           rng.integers(1, 100, (1, config.max_token_len)), np.arange(config.max_token_len)[None] < 20)
-    model = Pi0Model(config, params)
-    noise = jnp.asarray(rng.standard_normal((1, config.action_horizon, config.action_dim)), jnp.float32)
+def _time_calls(name: str, call, runs: int) -> dict:
+    """Compile once, then time ``runs`` calls (each blocked until its outputs are ready)."""
     start = time.perf_counter()
-    jax.block_until_ready(model.sample_actions(obs, noise)[0])
+    jax.block_until_ready(call())
     compile_s = time.perf_counter() - start
     times = []
     for _ in range(runs):
         start = time.perf_counter()
-        jax.block_until_ready(model.sample_actions(obs, noise)[0])
+        jax.block_until_ready(call())
         times.append((time.perf_counter() - start) * 1000)
     result = {"median_ms": float(np.median(times)), "p90_ms": float(np.percentile(times, 90)),
               "compile_s": compile_s, "device": str(jax.devices()[0])}
@@ -58,15 +55,49 @@ def time_config(name: str, config: Pi0Config, params: dict, runs: int) -> dict:
     return result
 
 
+def _images(config, rng) -> dict:
+    return {k: rng.integers(0, 256, (1, 224, 224, 3), dtype=np.uint8) for k in config.image_keys}
+
+
+def time_config(name: str, config: Pi0Config, params: dict, runs: int) -> dict:
+    rng = np.random.default_rng(0)
+    obs = make_observation(_images(config, rng), {k: np.array([k != "right_wrist_0_rgb"]) for k in config.image_keys},
+                           np.zeros((1, config.action_dim), np.float32),
+                           rng.integers(1, 100, (1, config.max_token_len)), np.arange(config.max_token_len)[None] < 20)
+    model = Pi0Model(config, params)
+    noise = jnp.asarray(rng.standard_normal((1, config.action_horizon, config.action_dim)), jnp.float32)
+    return _time_calls(name, lambda: model.sample_actions(obs, noise)[0], runs)
+
+
+def time_fast_config(name: str, config: Pi0FASTConfig, params: dict, runs: int) -> dict:
+    """Greedy Pi0-FAST decoding of ``config.max_decoding_steps`` tokens after a 20-token prompt (all cameras valid,
+    as openpi's FAST policies pass them)."""
+    rng = np.random.default_rng(0)
+    obs = make_fast_observation(_images(config, rng), {k: np.array([True]) for k in config.image_keys},
+                                rng.integers(4, 100, (1, config.max_token_len)),
+                                np.arange(config.max_token_len)[None] < 20)
+    model = Pi0FASTModel(config, params)
+    result = _time_calls(name, lambda: model.sample_actions(obs).tokens, runs)
+    steps = int(model.sample_actions(obs).num_steps)
+    result.update(steps=steps, ms_per_step=result["median_ms"] / steps)
+    print(f"{name}: {steps} decoding steps, {result['ms_per_step']:.2f} ms per step")
+    return result
+
+
 def main(args: Args) -> None:
     from openpi.models.param_shapes import init_params
     results = {}
     for name, cfg in (("pi0_tiny", tiny_config(max_token_len=48)), ("pi05_tiny", tiny_config(pi05=True, max_token_len=64))):
         results[name] = time_config(name, cfg, init_params(cfg), args.runs)
+    fast = tiny_fast_config(max_decoding_steps=args.fast_steps)
+    results["pi0_fast_tiny"] = time_fast_config("pi0_fast_tiny", fast, init_params(fast), args.runs)
     if args.full:
         cfg = Pi0Config(pi05=True, action_horizon=10, max_token_len=200, dtype="bfloat16")
         results["pi05_libero_bf16_random"] = time_config("pi05_libero (bf16, random)", cfg,
                                                          _random_params(cfg, jnp.bfloat16), args.runs)
+        fast = Pi0FASTConfig(action_dim=7, action_horizon=10, max_token_len=180, max_decoding_steps=args.fast_steps)
+        results["pi0_fast_libero_bf16_random"] = time_fast_config("pi0_fast_libero (bf16, random)", fast,
+                                                                  _random_params(fast, jnp.bfloat16), args.runs)
     print(json.dumps(results))
 
 

@@ -117,3 +117,34 @@ def test_parity_cli_reports_ok_and_fails_on_tampered_fixture(tmp_path):
     assert out.returncode == 1
     report = json.loads(out.stdout)
     assert report["ok"] is False and report["v_t"] > 9e-4
+
+
+def test_parity_reports_pi05_adarms_cond(tmp_path):
+    """A Pi0.5 fixture's ``adarms_cond`` (swish(time_mlp_out(swish(time_mlp_in(time_emb))))) is computed and
+    compared, not reported as null. The reference is written here in numpy, with small t so float32 angles agree."""
+    from openpi.models import parity
+    from openpi.models.params_util import flatten
+    cfg = tiny_config(pi05=True, max_token_len=16)
+    flat = {k: np.asarray(v) for k, v in flatten(init_params(cfg, seed=2)).items()}
+    rng = np.random.default_rng(0)
+    time = np.array([0.004, 0.02], np.float32)
+    inputs = {f"input/image_uint8/{k}": rng.integers(0, 256, (2, 224, 224, 3), dtype=np.uint8) for k in cfg.image_keys}
+    inputs.update({f"input/image_mask/{k}": np.ones(2, bool) for k in cfg.image_keys})
+    inputs.update({"input/state": np.zeros((2, 32), np.float32), "input/time": time,
+                   "input/tokenized_prompt": rng.integers(1, 1024, (2, 16)).astype(np.int32),
+                   "input/tokenized_prompt_mask": np.ones((2, 16), bool),
+                   "input/noise": rng.standard_normal((2, 10, 32)).astype(np.float32),
+                   "input/x_t": rng.standard_normal((2, 10, 32)).astype(np.float32), "input/num_steps": np.int32(2)})
+    fraction = np.linspace(0.0, 1.0, 32)
+    period = 4e-3 * (4.0 / 4e-3) ** fraction
+    angles = time[:, None].astype(np.float64) * (2 * np.pi / period)[None]
+    emb = np.concatenate([np.sin(angles), np.cos(angles)], axis=-1)
+    swish = lambda x: x / (1 + np.exp(-x))  # noqa: E731
+    hidden = swish(emb @ flat["time_mlp_in/kernel"] + flat["time_mlp_in/bias"])
+    cond = swish(hidden @ flat["time_mlp_out/kernel"] + flat["time_mlp_out/bias"]).astype(np.float32)
+    np.savez(tmp_path / "pi05.npz", **flat, **inputs, **{"output/adarms_cond": cond})
+    report = parity.run_parity(tmp_path / "pi05.npz")
+    assert report["model"] == "pi05" and report["ok"] is True
+    assert isinstance(report["adarms_cond"], float) and report["adarms_cond"] < 1e-5
+    np.savez(tmp_path / "bad.npz", **flat, **inputs, **{"output/adarms_cond": cond + 1e-3})
+    assert parity.run_parity(tmp_path / "bad.npz")["ok"] is False

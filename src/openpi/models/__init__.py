@@ -1,4 +1,5 @@
-"""Models (Pi0 / Pi0.5) as pure JAX functions over openpi's parameter trees, with their named hook points.
+"""Models (Pi0 / Pi0.5 / Pi0-FAST, and LeRobot's Diffusion Policy) as pure JAX functions over their released
+parameter trees, with their named hook points.
 
 ``hook_points(config)`` / ``hook_names(config)`` list every hook point of a model config (names and axes): the
 table that recording, interventions, the activation store and HOOKS.md all read.
@@ -11,12 +12,17 @@ from openpi.models.hooks import HookPoint, HookTable
 
 
 def _family(config: Any):
-    from openpi.models import pi0
-    from openpi.models.config import Pi0Config
+    from openpi.models import pi0, pi0_fast
+    from openpi.models.config import Pi0Config, Pi0FASTConfig
+    from openpi.models.diffusion import model as diffusion
+    from openpi.models.diffusion.config import DiffusionConfig
 
-    if isinstance(config, Pi0Config):
-        return pi0
-    raise TypeError(f"no hook table for config type {type(config).__name__}; known: Pi0Config")
+    families = {Pi0Config: pi0, Pi0FASTConfig: pi0_fast, DiffusionConfig: diffusion}
+    for kind, module in families.items():
+        if isinstance(config, kind):
+            return module
+    raise TypeError(f"no hook table for config type {type(config).__name__}; known: "
+                    f"{[k.__name__ for k in families]}")
 
 
 def hook_points(config: Any) -> list[HookPoint]:

@@ -12,7 +12,7 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
-from openpi.models.config import Pi0Config
+from openpi.models.config import AnyModelConfig, Pi0FASTConfig
 from openpi.models.param_shapes import param_shapes
 from openpi.models.params_util import flatten, unflatten
 
@@ -49,13 +49,19 @@ def _metadata_tree(directory: pathlib.Path) -> dict:
     return tree
 
 
-def validate_shapes(found: dict[str, tuple], config: Pi0Config, source: str) -> None:
+def _describe(config: AnyModelConfig) -> str:
+    if isinstance(config, Pi0FASTConfig):
+        return f"{config.model_type}, {config.paligemma_variant}"
+    return f"{config.model_type}, {config.paligemma_variant}/{config.action_expert_variant}"
+
+
+def validate_shapes(found: dict[str, tuple], config: AnyModelConfig, source: str) -> None:
     """Compare flat path -> shape with the config; raise naming the first mismatch."""
     expected = param_shapes(config)
     for path in sorted(set(expected) | set(found)):
         if path not in found:
-            raise CheckpointError(f"{source}: parameter {path!r} expected by config ({config.model_type}, "
-                                  f"{config.paligemma_variant}/{config.action_expert_variant}) is missing")
+            raise CheckpointError(f"{source}: parameter {path!r} expected by config ({_describe(config)}) "
+                                  "is missing")
         if path not in expected:
             raise CheckpointError(f"{source}: unexpected parameter {path!r} (shape {found[path]}) not in the "
                                   f"{config.model_type} config; wrong config for this checkpoint?")
@@ -64,7 +70,7 @@ def validate_shapes(found: dict[str, tuple], config: Pi0Config, source: str) -> 
                                   f"{tuple(expected[path])}")
 
 
-def load_params(path: str | pathlib.Path, config: Pi0Config, dtype=None) -> dict:
+def load_params(path: str | pathlib.Path, config: AnyModelConfig, dtype=None) -> dict:
     """Restore parameters as numpy arrays (cast to ``dtype`` if given, else the stored dtype)."""
     directory = params_dir(path)
     tree = _metadata_tree(directory)

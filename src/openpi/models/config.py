@@ -146,3 +146,75 @@ def tiny_config(pi05: bool = False, **overrides) -> Pi0Config:
                   discrete_state_input=pi05)
     kwargs.update(overrides)
     return Pi0Config(**kwargs)
+
+
+DECODE_ATTENTION_MODES = ("openpi", "valid")
+DECODE_POSITION_MODES = ("openpi", "contiguous")
+EOS_STOP_MODES = ("openpi", "per_sample")
+
+
+@dataclasses.dataclass(frozen=True)
+class Pi0FASTConfig:
+    """Pi0-FAST: PaliGemma (SigLIP + one Gemma) decoding FAST action tokens autoregressively.
+
+    Defaults are openpi's ``Pi0FASTConfig()`` (gemma_2b, action_dim 32, horizon 32, max_token_len 250; openpi's
+    ``sample_actions`` default of 256 decoding steps). The three ``decode_*``/``eos_stop`` fields choose between
+    reproducing openpi's decoding exactly (``"openpi"``, the default) and the corrected paths (``"valid"``,
+    ``"contiguous"``, ``"per_sample"``) explained in the docstring of :mod:`openpi.models.pi0_fast`.
+    """
+
+    paligemma_variant: str = "gemma_2b"
+    siglip_variant: str = "So400m/14"
+    vocab_size: int = PALIGEMMA_VOCAB_SIZE
+    dtype: str = "bfloat16"
+    action_dim: int = 32
+    action_horizon: int = 32
+    max_token_len: int = 250
+    image_size: int = 224
+    image_keys: tuple[str, ...] = IMAGE_KEYS
+    max_decoding_steps: int = 256
+    # FAST ids live at the top of the vocabulary, below its last `fast_skip_tokens` (special) ids.
+    fast_skip_tokens: int = 128
+    eos_token: int = 1
+    decode_attention: str = "openpi"
+    decode_positions: str = "openpi"
+    eos_stop: str = "openpi"
+
+    def __post_init__(self) -> None:
+        if self.dtype not in ("float32", "bfloat16"):
+            raise ValueError(f"dtype must be 'float32' or 'bfloat16', got {self.dtype!r}")
+        if self.image_size % self.siglip.patch:
+            raise ValueError(f"image_size {self.image_size} is not a multiple of the patch size {self.siglip.patch}")
+        self.llm  # noqa: B018 - validates the variant name
+        for name, value, allowed in (("decode_attention", self.decode_attention, DECODE_ATTENTION_MODES),
+                                     ("decode_positions", self.decode_positions, DECODE_POSITION_MODES),
+                                     ("eos_stop", self.eos_stop, EOS_STOP_MODES)):
+            if value not in allowed:
+                raise ValueError(f"{name} must be one of {allowed}, got {value!r}")
+        if self.max_decoding_steps < 1:
+            raise ValueError(f"max_decoding_steps must be >= 1, got {self.max_decoding_steps}")
+
+    # Sizes and (de)serialisation are the same derivations as Pi0's, over the same field names.
+    siglip = Pi0Config.siglip
+    llm = Pi0Config.llm
+    grid = Pi0Config.grid
+    tokens_per_image = Pi0Config.tokens_per_image
+    prefix_len = Pi0Config.prefix_len  # image tokens of every camera, then max_token_len prompt tokens
+    to_dict = Pi0Config.to_dict
+    from_dict = Pi0Config.__dict__["from_dict"]
+
+    @property
+    def model_type(self) -> str:
+        return "pi0_fast"
+
+
+def tiny_fast_config(**overrides) -> Pi0FASTConfig:
+    """The configuration of openpi's tiny Pi0-FAST fixture (pi0_fast_tiny.npz): SigLIP mu/14, Gemma 'dummy',
+    vocab 1024, float32, action_dim 7, horizon 10, 48 prompt tokens, 16 decoding steps."""
+    kwargs = dict(paligemma_variant="dummy", siglip_variant="mu/14", vocab_size=1024, dtype="float32", action_dim=7,
+                  action_horizon=10, max_token_len=48, max_decoding_steps=16)
+    kwargs.update(overrides)
+    return Pi0FASTConfig(**kwargs)
+
+
+AnyModelConfig = Pi0Config | Pi0FASTConfig

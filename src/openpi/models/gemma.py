@@ -1,6 +1,6 @@
-"""Two-expert Gemma: expert 0 (PaliGemma, prefix tokens) and expert 1 (action expert, suffix tokens) with their own
-weights but one attention over the concatenated sequence. Parameters are the stacked (scanned) openpi layout;
-layers are unrolled here so every layer has its own hook points.
+"""Gemma with one or two experts: expert 0 (PaliGemma, prefix tokens) and expert 1 (Pi0's action expert, suffix
+tokens) with their own weights but one attention over the concatenated sequence; Pi0-FAST runs expert 0 alone.
+Parameters are the stacked (scanned) openpi layout; layers are unrolled here so every layer has its own hook points.
 """
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ from openpi.models import layers
 from openpi.models.config import GemmaConfig
 
 KVCache = tuple[jax.Array, jax.Array]  # (depth, B, S, K, H) keys after RoPE, values
+EXPERT_STREAMS = ("llm.expert0", "llm.expert1")  # hook-name prefix of each expert's residual stream
 
 
 def _suffix(expert: int) -> str:
@@ -42,20 +43,25 @@ def forward(
     xs: list[jax.Array | None],
     positions: jax.Array,
     mask: jax.Array,
-    cfgs: tuple[GemmaConfig, GemmaConfig],
+    cfgs: tuple[GemmaConfig, ...],
     *,
     conds: tuple[jax.Array | None, jax.Array | None] = (None, None),
     kv_cache: KVCache | None = None,
+    cache_index: jax.Array | int | None = None,
     hooks: Hooks = NO_HOOKS,
     query_start: int = 0,
     prefix_pass: bool = False,
+    streams: tuple[str, ...] = EXPERT_STREAMS,
 ) -> tuple[list[jax.Array | None], KVCache]:
-    """Run both experts through all layers.
+    """Run every expert (one for Pi0-FAST, two for Pi0) through all layers.
 
     xs: per-expert token embeddings (None for an expert with no tokens in this call), concatenated in order.
     mask: (B, T, S) with S = cached length + T. Returns per-expert outputs after the final norms and the KV cache of
-    this call's tokens (to reuse the prefix at every denoising step). ``query_start`` is the joint-sequence index
-    of this call's first token (for attention knockouts); ``prefix_pass`` names attention sites ``prefix_probs``.
+    this call's tokens (to reuse the prefix at every denoising step). With ``cache_index`` the cache is instead a
+    fixed-size buffer (autoregressive decoding): this call's keys/values are written into it at that slot, attention
+    runs over the whole buffer (``mask`` covers all of it) and the updated buffer is returned. ``query_start`` is the
+    joint-sequence index of this call's first token (for attention knockouts); ``prefix_pass`` names attention sites
+    ``prefix_probs``; ``streams`` names each expert's residual hook points (``<stream>.layer.<i>.resid_post``).
     Hook positions come from the model's hook table, never from here.
     """
     xs = list(xs)
@@ -71,7 +77,7 @@ def forward(
             if x is None:
                 gates.append(None)
                 continue
-            x = hooks(f"llm.expert{e}.layer.{i}.resid_pre", x)
+            x = hooks(f"{streams[e]}.layer.{i}.resid_pre", x)
             xs[e] = x
             y, gate = layers.rms_norm(ep[e]["pre_attn"], x, conds[e])
             gates.append(gate)
@@ -83,11 +89,17 @@ def forward(
         k = layers.rope(jnp.concatenate(ks, axis=1), positions)
         v = jnp.concatenate(vs, axis=1)
         q = q * jnp.asarray(head_dim ** -0.5, q.dtype)
-        new_k.append(k)
-        new_v.append(v)
-        if kv_cache is not None:
-            k = jnp.concatenate([kv_cache[0][i].astype(k.dtype), k], axis=1)
-            v = jnp.concatenate([kv_cache[1][i].astype(v.dtype), v], axis=1)
+        if cache_index is not None:
+            k = jax.lax.dynamic_update_slice_in_dim(kv_cache[0][i], k.astype(kv_cache[0].dtype), cache_index, axis=1)
+            v = jax.lax.dynamic_update_slice_in_dim(kv_cache[1][i], v.astype(kv_cache[1].dtype), cache_index, axis=1)
+            new_k.append(k)
+            new_v.append(v)
+        else:
+            new_k.append(k)
+            new_v.append(v)
+            if kv_cache is not None:
+                k = jnp.concatenate([kv_cache[0][i].astype(k.dtype), k], axis=1)
+                v = jnp.concatenate([kv_cache[1][i].astype(v.dtype), v], axis=1)
         b, t = q.shape[:2]
         q = q.reshape(b, t, num_kv, num_heads // num_kv, head_dim)
         logits = jnp.einsum("btkgh,bskh->bkgts", q, k, preferred_element_type=jnp.float32)
@@ -106,17 +118,17 @@ def forward(
             part = encoded[:, start:start + lengths[e]]
             start += lengths[e]
             attn_out = jnp.einsum("btnh,nhd->btd", part, ep[e]["out"].astype(part.dtype))
-            x = hooks(f"llm.expert{e}.layer.{i}.resid_mid", layers.gated_residual(x, attn_out, gates[e]))
+            x = hooks(f"{streams[e]}.layer.{i}.resid_mid", layers.gated_residual(x, attn_out, gates[e]))
             y, gate = layers.rms_norm(ep[e]["pre_ffw"], x, conds[e])
             x = layers.gated_residual(x, _mlp(ep[e], y), gate)
-            xs[e] = hooks(f"llm.expert{e}.layer.{i}.resid_post", x)
+            xs[e] = hooks(f"{streams[e]}.layer.{i}.resid_post", x)
     outs: list[jax.Array | None] = []
     for e, x in enumerate(xs):
         if x is None:
             outs.append(None)
             continue
         y, _ = layers.rms_norm(params[f"final_norm{_suffix(e)}"], x, conds[e])
-        outs.append(hooks(f"llm.expert{e}.final", y))
+        outs.append(hooks(f"{streams[e]}.final", y))
     return outs, (jnp.stack(new_k), jnp.stack(new_v))
 
 
@@ -124,3 +136,9 @@ def embed_tokens(params: dict, tokens: jax.Array, width: int, dtype) -> jax.Arra
     """Token embedding multiplied by sqrt(width) (Gemma convention)."""
     x = params["embedder"]["input_embedding"].astype(dtype)[tokens]
     return x * jnp.sqrt(width).astype(x.dtype)
+
+
+def decode_logits(params: dict, x: jax.Array) -> jax.Array:
+    """Vocabulary logits from final-norm outputs with the tied input embedding (Gemma), accumulated in float32."""
+    table = params["embedder"]["input_embedding"].astype(x.dtype)
+    return jnp.dot(x, table.T, preferred_element_type=jnp.float32)

@@ -96,7 +96,36 @@ class ModelSection:
     note: str
 
 
+FAST_NOTE = """\
+Autoregressive: the prefix pass has Pi0's names; every decoding step adds the rows marked "every decoding step".
+`step` counts the requested decoding steps; steps after an end-of-sequence stop come back as zeros. The token axis
+of a decoding-step point holds one token whose joint-sequence index depends on the step: `token_start` is `P`
+(= `prefix_len`, the first generated slot) and **joint index = token_start + step**. Keys are in joint order
+(cameras, prompt, then the generated tokens, span `generated`), so camera spans key attention rows as for Pi0.
+Token selectors on decoding-step points must be `all`. Interventions and knockouts work during decoding with
+`steps=` as for Pi0, e.g. `Intervention("llm.decode.layer.2.resid_post", "add", value=v, steps="3")`."""
+
+DP_NOTE = """\
+LeRobot's Diffusion Policy (ResNet-18 + spatial softmax per camera, FiLM-conditioned 1-D UNet), shown for a
+LIBERO-shaped config (cameras `image` and `wrist_image`, 96 px cropped to 84, 2 observation steps). There is no
+token sequence: `<cam>` is the LeRobot image key without `observation.images.` / `observation.`, `step` is the
+denoising step, `horizon` the action-chunk axis (halved at each UNet down stage). `enc.<cam>.attn` is the spatial
+softmax: attention of each keypoint over the feature-map locations (`location = h * W + w`, row-major), which
+`openpi.models.diffusion.model.attention_grid(config)` maps onto the cropped image."""
+
+
+def _dp_config():
+    from openpi.models.diffusion.config import from_dict
+
+    visual = {"type": "VISUAL", "shape": [3, 96, 96]}
+    return from_dict({"input_features": {"observation.images.image": visual, "observation.images.wrist_image": visual,
+                                         "observation.state": {"type": "STATE", "shape": [8]}},
+                      "output_features": {"action": {"type": "ACTION", "shape": [7]}}, "crop_shape": [84, 84],
+                      "horizon": 16, "n_action_steps": 8, "use_group_norm": True}, "HOOKS.md example")
+
+
 def _sections():
+    from openpi.models.config import Pi0FASTConfig
     from openpi.policies.policy_config import get_config
 
     return [(ModelSection("Pi0 (`pi0_libero`: SigLIP So400m/14, Gemma 2B + 300M action expert)", "pi0_libero",
@@ -107,14 +136,17 @@ def _sections():
                           "its own `state` span in the span table."), get_config("pi05_libero").model),
             (ModelSection("Embedded default (`pi0_tiny_spatial`)", "pi0_tiny_spatial",
                           "Tiny Pi0: 96 px images in 12 px patches (8x8 tokens per camera), 4 Gemma layers."),
-             get_config("pi0_tiny_spatial").model)]
+             get_config("pi0_tiny_spatial").model),
+            (ModelSection("Pi0-FAST (openpi's `Pi0FASTConfig()`: SigLIP So400m/14, Gemma 2B)", "pi0_fast",
+                          FAST_NOTE), Pi0FASTConfig()),
+            (ModelSection("Diffusion Policy (LeRobot)", "diffusion", DP_NOTE), _dp_config())]
 
 
 def _pattern(name: str, cameras: tuple[str, ...]) -> str:
     out = re.sub(r"\.layer\.\d+\.", ".layer.<i>.", name)
     for cam in cameras:
         out = out.replace(f".{cam}.", ".<cam>.")
-    return out
+    return re.sub(r"\.(down|up|mid)\.\d+\.", r".\1.<s>.", re.sub(r"\.block\.\d+$", ".block.<j>", out))
 
 
 def _rows(points: list[HookPoint], cameras: tuple[str, ...], spans: dict) -> list[str]:
@@ -125,7 +157,9 @@ def _rows(points: list[HookPoint], cameras: tuple[str, ...], spans: dict) -> lis
     for pattern, group in by_pattern.items():
         p = group[0]
         layers = sorted({int(m.group(1)) for q in group if (m := re.search(r"\.layer\.(\d+)\.", q.name))})
-        where = "every denoising step" if p.per_step else "prefix pass (once per query)"
+        where = ("every decoding step" if pattern.startswith(("llm.decode", "llm.logits")) or
+                 (p.per_step and "generated" in spans) else
+                 "every denoising step" if p.per_step else "once per query")
         if p.token_start is None:
             tokens = "-"
         elif "<cam>" in pattern:
@@ -139,16 +173,28 @@ def _rows(points: list[HookPoint], cameras: tuple[str, ...], spans: dict) -> lis
     return rows
 
 
+def _camera_names(config) -> tuple[str, ...]:
+    """Camera part of the hook names: Pi0's camera slots, or Diffusion Policy's shortened LeRobot keys."""
+    from openpi.models.diffusion.config import DiffusionConfig
+    from openpi.models.diffusion.model import camera_names
+
+    if isinstance(config, DiffusionConfig):
+        return tuple(camera_names(config).values())
+    return tuple(config.image_keys)
+
+
 def render() -> str:
     from openpi.models import hook_table
 
     parts = [INTRO]
     for section, config in _sections():
         table = hook_table(config)
-        parts.append(f"## {section.title}\n{section.note} Joint sequence length {table.seq_len}; spans: "
-                     + ", ".join(f"`{k}` [{a}, {b})" for k, (a, b) in table.spans.items()) + ".\n")
+        cameras = _camera_names(config)
+        spans = (f" Joint sequence length {table.seq_len}; spans: "
+                 + ", ".join(f"`{k}` [{a}, {b})" for k, (a, b) in table.spans.items()) + ".") if table.spans else ""
+        parts.append(f"## {section.title}\n{section.note}{spans}\n")
         parts.append("| name | called | axes | tokens | what |\n| --- | --- | --- | --- | --- |")
-        parts.extend(_rows(hook_points(config), config.image_keys, table.spans))
+        parts.extend(_rows(hook_points(config), cameras, table.spans))
         parts.append("")
     return "\n".join(parts)
 

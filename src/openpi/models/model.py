@@ -1,4 +1,4 @@
-"""A loaded Pi0 / Pi0.5 model: config + parameters + cached jit-compiled entry points."""
+"""A loaded Pi0 / Pi0.5 / Pi0-FAST model: config + parameters + cached jit-compiled entry points."""
 from __future__ import annotations
 
 import functools
@@ -8,8 +8,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from openpi.models.hooks import AttentionKnockout, Intervention, Record
-from openpi.models import pi0
-from openpi.models.config import Pi0Config
+from openpi.models import pi0, pi0_fast
+from openpi.models.config import AnyModelConfig, Pi0Config, Pi0FASTConfig
 
 
 def images_to_float(images: np.ndarray | jax.Array) -> jax.Array:
@@ -29,15 +29,33 @@ def make_observation(images: dict, image_masks: dict, state, tokenized_prompt, t
     )
 
 
+def make_fast_observation(images: dict, image_masks: dict, tokenized_prompt, tokenized_prompt_mask,
+                          token_ar_mask=None, token_loss_mask=None) -> pi0_fast.Observation:
+    """Pi0-FAST inputs; without ar/loss masks the prompt is an inference prefix (all 0 / all False)."""
+    ids = jnp.asarray(tokenized_prompt, jnp.int32)
+    return pi0_fast.Observation(
+        images={k: images_to_float(v) for k, v in images.items()},
+        image_masks={k: jnp.asarray(v, bool) for k, v in image_masks.items()},
+        tokenized_prompt=ids,
+        tokenized_prompt_mask=jnp.asarray(tokenized_prompt_mask, bool),
+        token_ar_mask=jnp.zeros(ids.shape, jnp.int32) if token_ar_mask is None else jnp.asarray(token_ar_mask,
+                                                                                               jnp.int32),
+        token_loss_mask=jnp.zeros(ids.shape, bool) if token_loss_mask is None else jnp.asarray(token_loss_mask, bool),
+    )
+
+
+def cast_params(config: AnyModelConfig, params: dict) -> dict:
+    """Parameters in the compute dtype; norm scales and 1-D leaves stay float32 (they are applied in float32)."""
+    dtype = jnp.dtype(config.dtype)
+    return jax.tree.map(lambda a: jnp.asarray(a, dtype if np.asarray(a).ndim >= 2 else jnp.float32), params)
+
+
 class Pi0Model:
     """Holds parameters in the compute dtype (bfloat16 for released checkpoints) and compiled functions."""
 
     def __init__(self, config: Pi0Config, params: dict) -> None:
         self.config = config
-        dtype = jnp.dtype(config.dtype)
-        # Norm scales and the SigLIP stem/position embedding stay float32 (they are applied in float32).
-        self.params = jax.tree.map(lambda a: jnp.asarray(a, dtype if np.asarray(a).ndim >= 2 else jnp.float32),
-                                   params)
+        self.params = cast_params(config, params)
 
     @functools.cached_property
     def _sample(self):
@@ -59,3 +77,36 @@ class Pi0Model:
 
     def compute_loss(self, obs: pi0.Observation, actions, noise, time) -> jax.Array:
         return self._loss(self.params, obs, actions, noise, time)
+
+
+class Pi0FASTModel:
+    """Pi0-FAST counterpart of :class:`Pi0Model`: parameters in the compute dtype and compiled decoding."""
+
+    def __init__(self, config: Pi0FASTConfig, params: dict) -> None:
+        self.config = config
+        self.params = cast_params(config, params)
+
+    @functools.cached_property
+    def _sample(self):
+        def run(params, obs, rng, temperature, interventions, *, max_decoding_steps, records, knockouts):
+            return pi0_fast.sample_actions(self.config, params, obs, rng=rng, max_decoding_steps=max_decoding_steps,
+                                           temperature=temperature, records=records, interventions=interventions,
+                                           knockouts=knockouts)
+        return jax.jit(run, static_argnames=("max_decoding_steps", "records", "knockouts"))
+
+    def sample_actions(self, obs: pi0_fast.Observation, *, rng: jax.Array | None = None, temperature: float = 0.0,
+                       max_decoding_steps: int | None = None, records: tuple[Record, ...] = (),
+                       interventions: tuple[Intervention, ...] = (),
+                       knockouts: tuple[AttentionKnockout, ...] = ()) -> pi0_fast.DecodeOutput:
+        """Generated token ids (parse them with ``openpi.models.fast_prompt``), steps run and recordings."""
+        rng = jax.random.key(0) if rng is None else rng
+        steps = self.config.max_decoding_steps if max_decoding_steps is None else max_decoding_steps
+        return self._sample(self.params, obs, rng, jnp.float32(temperature), tuple(interventions),
+                            max_decoding_steps=steps, records=tuple(records), knockouts=tuple(knockouts))
+
+    @functools.cached_property
+    def _loss(self):
+        return jax.jit(lambda params, obs: pi0_fast.compute_loss(self.config, params, obs))
+
+    def compute_loss(self, obs: pi0_fast.Observation) -> jax.Array:
+        return self._loss(self.params, obs)

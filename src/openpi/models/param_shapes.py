@@ -1,5 +1,5 @@
-"""Parameter paths and shapes of a Pi0 / Pi0.5 config (openpi's tree layout), built without allocating weights,
-plus a seeded initialiser for the embedded untrained default."""
+"""Parameter paths and shapes of a Pi0 / Pi0.5 / Pi0-FAST config (openpi's tree layout), built without allocating
+weights, plus a seeded initialiser for the embedded untrained default."""
 from __future__ import annotations
 
 import math
@@ -8,7 +8,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from openpi.models.config import Pi0Config
+from openpi.models.config import AnyModelConfig, GemmaConfig, Pi0FASTConfig
 from openpi.models.params_util import unflatten
 
 
@@ -19,9 +19,9 @@ def _norm(prefix: str, width: int, depth: int | None, adaptive_cond: int | None)
     return {f"{prefix}/Dense_0/kernel": lead + (adaptive_cond, 3 * width), f"{prefix}/Dense_0/bias": lead + (3 * width,)}
 
 
-def param_shapes(config: Pi0Config) -> dict[str, tuple[int, ...]]:
-    """Flat '/'-path -> shape for every parameter, matching openpi's released layout."""
-    s, llm, ex = config.siglip, config.llm, config.expert
+def _siglip_shapes(config: AnyModelConfig) -> dict[str, tuple[int, ...]]:
+    """SigLIP image encoder, including the `head` projection to the language model's width."""
+    s, llm = config.siglip, config.llm
     shapes: dict[str, tuple[int, ...]] = {}
     img = "PaliGemma/img"
     blk = f"{img}/Transformer/encoderblock"
@@ -42,21 +42,37 @@ def param_shapes(config: Pi0Config) -> dict[str, tuple[int, ...]]:
         shapes[f"{mha}/{name}/bias"] = (d, s.num_heads, s.head_dim)
     shapes[f"{mha}/out/kernel"] = (d, s.num_heads, s.head_dim, w)
     shapes[f"{mha}/out/bias"] = (d, w)
+    return shapes
 
-    g = "PaliGemma/llm"
-    shapes[f"{g}/embedder/input_embedding"] = (config.vocab_size, llm.width)
-    for e, cfg in enumerate((llm, ex)):
-        sfx = "" if e == 0 else f"_{e}"
+
+def _gemma_expert_shapes(cfg: GemmaConfig, sfx: str, cond: int | None) -> dict[str, tuple[int, ...]]:
+    """One Gemma expert's stacked layers and final norm (``sfx`` is '' for PaliGemma, '_1' for the action
+    expert; ``cond`` the adaptive-norm conditioning width of Pi0.5's action expert)."""
+    g, L = "PaliGemma/llm", cfg.depth
+    shapes = {
+        f"{g}/layers/attn/q_einsum{sfx}/w": (L, cfg.num_heads, cfg.width, cfg.head_dim),
+        f"{g}/layers/attn/kv_einsum{sfx}/w": (L, 2, cfg.num_kv_heads, cfg.width, cfg.head_dim),
+        f"{g}/layers/attn/attn_vec_einsum{sfx}/w": (L, cfg.num_heads, cfg.head_dim, cfg.width),
+        f"{g}/layers/mlp{sfx}/gating_einsum": (L, 2, cfg.width, cfg.mlp_dim),
+        f"{g}/layers/mlp{sfx}/linear": (L, cfg.mlp_dim, cfg.width),
+    }
+    shapes.update(_norm(f"{g}/layers/pre_attention_norm{sfx}", cfg.width, L, cond))
+    shapes.update(_norm(f"{g}/layers/pre_ffw_norm{sfx}", cfg.width, L, cond))
+    shapes.update(_norm(f"{g}/final_norm{sfx}", cfg.width, None, cond))
+    return shapes
+
+
+def param_shapes(config: AnyModelConfig) -> dict[str, tuple[int, ...]]:
+    """Flat '/'-path -> shape for every parameter, matching openpi's released layout (Pi0, Pi0.5 or Pi0-FAST)."""
+    shapes = _siglip_shapes(config)
+    shapes["PaliGemma/llm/embedder/input_embedding"] = (config.vocab_size, config.llm.width)
+    if isinstance(config, Pi0FASTConfig):  # one Gemma, tied embedding, no action heads
+        shapes.update(_gemma_expert_shapes(config.llm, "", None))
+        return dict(sorted(shapes.items()))
+    ex = config.expert
+    for e, cfg in enumerate((config.llm, ex)):
         cond = cfg.width if (config.pi05 and e == 1) else None
-        L = cfg.depth
-        shapes[f"{g}/layers/attn/q_einsum{sfx}/w"] = (L, cfg.num_heads, cfg.width, cfg.head_dim)
-        shapes[f"{g}/layers/attn/kv_einsum{sfx}/w"] = (L, 2, cfg.num_kv_heads, cfg.width, cfg.head_dim)
-        shapes[f"{g}/layers/attn/attn_vec_einsum{sfx}/w"] = (L, cfg.num_heads, cfg.head_dim, cfg.width)
-        shapes[f"{g}/layers/mlp{sfx}/gating_einsum"] = (L, 2, cfg.width, cfg.mlp_dim)
-        shapes[f"{g}/layers/mlp{sfx}/linear"] = (L, cfg.mlp_dim, cfg.width)
-        shapes.update(_norm(f"{g}/layers/pre_attention_norm{sfx}", cfg.width, L, cond))
-        shapes.update(_norm(f"{g}/layers/pre_ffw_norm{sfx}", cfg.width, L, cond))
-        shapes.update(_norm(f"{g}/final_norm{sfx}", cfg.width, None, cond))
+        shapes.update(_gemma_expert_shapes(cfg, "" if e == 0 else f"_{e}", cond))
 
     ew, ad = ex.width, config.action_dim
     shapes.update({"action_in_proj/kernel": (ad, ew), "action_in_proj/bias": (ew,),
@@ -71,7 +87,7 @@ def param_shapes(config: Pi0Config) -> dict[str, tuple[int, ...]]:
     return dict(sorted(shapes.items()))
 
 
-def abstract_params(config: Pi0Config, dtype=jnp.float32) -> dict:
+def abstract_params(config: AnyModelConfig, dtype=jnp.float32) -> dict:
     """Nested tree of jax.ShapeDtypeStruct: the full-size model described without memory."""
     return unflatten({k: jax.ShapeDtypeStruct(v, dtype) for k, v in param_shapes(config).items()})
 
@@ -86,7 +102,7 @@ def _fan_in(path: str, shape: tuple[int, ...]) -> int:
     return shape[0] if len(shape) >= 2 else 1
 
 
-def init_params(config: Pi0Config, seed: int = 0) -> dict:
+def init_params(config: AnyModelConfig, seed: int = 0) -> dict:
     """Seeded deterministic random weights (scaled normal kernels, small random norms and biases).
 
     Used for the embedded *untrained* default: every path has a non-constant value so no sub-network is silently

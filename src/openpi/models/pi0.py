@@ -13,7 +13,7 @@ import jax.numpy as jnp
 from openpi.models.hooks import (NO_HOOKS, AttentionKnockout, HookPoint, Hooks, HookTable, Intervention, Record,
                                  resolve_steps)
 from openpi.models import gemma, layers, siglip
-from openpi.models.config import Pi0Config
+from openpi.models.config import Pi0Config, Pi0FASTConfig
 
 
 @jax.tree_util.register_dataclass
@@ -28,47 +28,72 @@ class Observation:
     tokenized_prompt_mask: jax.Array  # (B, max_token_len) bool
 
 
-def token_spans(config: Pi0Config) -> dict[str, tuple[int, int]]:
-    """Static positions of the joint sequence [prefix | suffix] (half-open): one span per camera slot, 'images',
-    'prompt', 'prefix', 'state' (empty for Pi0.5), 'actions' and 'suffix'."""
+def prefix_spans(config: Pi0Config | Pi0FASTConfig) -> dict[str, tuple[int, int]]:
+    """Static positions of the prefix (half-open): one span per camera slot, 'images', 'prompt' and 'prefix'."""
     n = config.tokens_per_image
     spans: dict[str, tuple[int, int]] = {key: (i * n, (i + 1) * n) for i, key in enumerate(config.image_keys)}
     spans["images"] = (0, len(config.image_keys) * n)
+    spans["prompt"] = (spans["images"][1], config.prefix_len)
+    spans["prefix"] = (0, config.prefix_len)
+    return spans
+
+
+def token_spans(config: Pi0Config) -> dict[str, tuple[int, int]]:
+    """Static positions of the joint sequence [prefix | suffix] (half-open): one span per camera slot, 'images',
+    'prompt', 'prefix', 'state' (empty for Pi0.5), 'actions' and 'suffix'."""
+    spans = prefix_spans(config)
     p = config.prefix_len
-    spans["prompt"] = (spans["images"][1], p)
-    spans["prefix"] = (0, p)
     spans["state"] = (p, p) if config.pi05 else (p, p + 1)
     spans["actions"] = (spans["state"][1], spans["state"][1] + config.action_horizon)
     spans["suffix"] = (p, p + config.suffix_len)
     return spans
 
 
-def hook_points(config: Pi0Config) -> list[HookPoint]:
-    """Every hook point ``sample_actions`` calls (HOOKS.md is generated from this list)."""
-    spans = token_spans(config)
-    p, s = config.prefix_len, config.suffix_len
-    resid = ("batch", "token", "d_model")
-    suffix = "action tokens" if config.pi05 else "[state] + action tokens"
+RESID_AXES = ("batch", "token", "d_model")
+ATTN_AXES = ("batch", "head", "query", "key")
+
+
+def image_hook_points(config: Pi0Config | Pi0FASTConfig) -> list[HookPoint]:
+    """SigLIP residual streams and output tokens of every camera (shared by Pi0 and Pi0-FAST)."""
+    spans = prefix_spans(config)
     pts: list[HookPoint] = []
     for key in config.image_keys:
         a, b = spans[key]
         for i in range(config.siglip.depth):
             for where, what in (("resid_pre", "before"), ("resid_post", "after")):
-                pts.append(HookPoint(f"img.{key}.layer.{i}.{where}", resid, False, a, b - a,
+                pts.append(HookPoint(f"img.{key}.layer.{i}.{where}", RESID_AXES, False, a, b - a,
                                      f"SigLIP residual stream {what} block i of camera <cam>", "img.resid"))
-        pts.append(HookPoint(f"img.{key}.out", resid, False, a, b - a,
+        pts.append(HookPoint(f"img.{key}.out", RESID_AXES, False, a, b - a,
                              "image tokens after the `head` projection (what the language model sees)", "img.out"))
-    depth = config.llm.depth
-    for i in range(depth):
+    return pts
+
+
+def prefix_llm_hook_points(config: Pi0Config | Pi0FASTConfig, probs_description: str) -> list[HookPoint]:
+    """PaliGemma residual streams and attention of the prefix pass, then its final norm (Pi0 and Pi0-FAST)."""
+    p = config.prefix_len
+    pts: list[HookPoint] = []
+    for i in range(config.llm.depth):
         for where, what in (("resid_pre", "before layer i"), ("resid_mid", "after layer i's attention"),
                             ("resid_post", "after layer i's MLP")):
-            pts.append(HookPoint(f"llm.expert0.layer.{i}.{where}", resid, False, 0, p,
+            pts.append(HookPoint(f"llm.expert0.layer.{i}.{where}", RESID_AXES, False, 0, p,
                                  f"PaliGemma expert residual (prefix tokens) {what}", "llm.expert0.resid"))
-        pts.append(HookPoint(f"llm.layer.{i}.attn.prefix_probs", ("batch", "head", "query", "key"), False, 0, p,
-                             "attention probabilities of the prefix pass (image/text queries over prefix keys)",
+        pts.append(HookPoint(f"llm.layer.{i}.attn.prefix_probs", ATTN_AXES, False, 0, p, probs_description,
                              "llm.attn.prefix_probs"))
-    pts.append(HookPoint("llm.expert0.final", resid, False, 0, p, "PaliGemma expert after `final_norm`",
+    pts.append(HookPoint("llm.expert0.final", RESID_AXES, False, 0, p, "PaliGemma expert after `final_norm`",
                          "llm.expert0.final"))
+    return pts
+
+
+def hook_points(config: Pi0Config) -> list[HookPoint]:
+    """Every hook point ``sample_actions`` calls (HOOKS.md is generated from this list)."""
+    spans = token_spans(config)
+    p, s = config.prefix_len, config.suffix_len
+    resid = RESID_AXES
+    suffix = "action tokens" if config.pi05 else "[state] + action tokens"
+    pts = image_hook_points(config)
+    pts += prefix_llm_hook_points(
+        config, "attention probabilities of the prefix pass (image/text queries over prefix keys)")
+    depth = config.llm.depth
     pts.append(HookPoint("flow.time", ("batch",), True, None, None, "t at the step (1.0, 0.9, ..., 0.1)",
                          "flow.time"))
     a, b = spans["actions"]
@@ -80,7 +105,7 @@ def hook_points(config: Pi0Config) -> list[HookPoint]:
             pts.append(HookPoint(f"llm.expert1.layer.{i}.{where}", resid, True, p, s,
                                  f"action-expert residual (suffix: {suffix}) {what}",
                                  "llm.expert1.resid"))
-        pts.append(HookPoint(f"llm.layer.{i}.attn.probs", ("batch", "head", "query", "key"), True, p, s,
+        pts.append(HookPoint(f"llm.layer.{i}.attn.probs", ATTN_AXES, True, p, s,
                              f"attention of the suffix queries ({suffix}) over all keys [prefix, suffix]",
                              "llm.attn.probs"))
     pts.append(HookPoint("llm.expert1.final", resid, True, p, s,
@@ -98,8 +123,10 @@ def _dtype(config: Pi0Config):
     return jnp.dtype(config.dtype)
 
 
-def embed_prefix(config: Pi0Config, params: dict, obs: Observation, hooks: Hooks = NO_HOOKS):
-    """Image tokens of every camera slot, then prompt tokens. Returns (tokens, input_mask, ar_mask)."""
+def embed_prefix(config: Pi0Config | Pi0FASTConfig, params: dict, obs, hooks: Hooks = NO_HOOKS):
+    """Image tokens of every camera slot, then prompt tokens. Returns (tokens, input_mask, ar_mask).
+
+    Shared with Pi0-FAST, whose observation has the same image and prompt fields."""
     dtype = _dtype(config)
     pg = params["PaliGemma"]
     tokens, masks = [], []
