@@ -106,15 +106,6 @@ class EpisodeFrames:
                             f"{int(self.replan_index[row])}, the store says {replan_index}")
         return row
 
-    def object_mask(self, camera: str, row: int) -> np.ndarray:
-        """Instance mask of ``camera`` at ``row`` keeping only the episode's objects of interest (others -> 0)."""
-        if camera not in self.masks:
-            raise JoinError(f"frames file {self.path} has no instance masks for {camera} "
-                            f"({CAMERA_TO_FRAME_KEY.get(camera, camera)}_seg)")
-        mask = self.masks[camera][row]
-        keep = np.isin(mask, np.asarray(sorted(self.object_ids.values()), mask.dtype))
-        return np.where(keep, mask, 0).astype(np.int32)
-
 
 def _json_field(z, name: str, path: pathlib.Path, default):
     if name not in z.files:

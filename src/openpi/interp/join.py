@@ -109,7 +109,7 @@ def refuse_mixed_attempts(keys: Mapping[str, np.ndarray], source: str) -> None:
         eps, n_att = np.unique(pairs[:, 0].astype(np.int64), return_counts=True)
         mixed = eps[n_att > 1]
         if mixed.size:
-            examples = "; ".join(f"{ep_keys[e].stem}: attempts {sorted(set(attempt[ep_ids == e]))}"
+            examples = "; ".join(f"{ep_keys[e].stem}: attempts {sorted(set(attempt[ep_ids == e].tolist()))}"
                                  for e in mixed[:3])
             raise JoinError(f"{source}: {mixed.size} episode(s) hold rows of several attempts ({examples}); "
                             "pass the rollout folder (--rollouts) to keep the attempt that wrote each record")
@@ -176,6 +176,10 @@ class RowLabels:
     executed_valid: np.ndarray  # (n,) bool
     answered: np.ndarray  # (n,) bool: the record holds the chunk of the row's query
     action_index: np.ndarray  # (n,) int, -1 for rows that are not one action token
+
+    def subset(self, rows: np.ndarray) -> RowLabels:
+        return RowLabels(self.predicted[rows], self.executed[rows], self.executed_valid[rows], self.answered[rows],
+                         self.action_index[rows])
 
     def get(self, label: str) -> np.ndarray:
         if label not in LABELS:

@@ -18,7 +18,7 @@ import json
 import pathlib
 import uuid
 import zipfile
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import numpy as np
@@ -149,6 +149,18 @@ class StoreWriter:
 
 
 Filter = dict[str, Any] | Callable[[dict[str, np.ndarray]], np.ndarray] | None
+
+
+def parse_filter(items: Sequence[str]) -> dict[str, list[str]]:
+    """Command-line filters ``COLUMN=VALUE[,VALUE...]`` (e.g. ``span=actions denoise_step=8,9``) -> {column:
+    [values]}; values are cast to the column's dtype when rows are selected."""
+    out: dict[str, list[str]] = {}
+    for item in items:
+        if "=" not in item:
+            raise ValueError(f"bad selection {item!r}: expected COLUMN=VALUE[,VALUE...]")
+        col, vals = item.split("=", 1)
+        out.setdefault(col.strip(), []).extend(v.strip() for v in vals.split(","))
+    return out
 
 
 def _values(column: np.ndarray, limit: int = 20) -> list:
