@@ -176,7 +176,7 @@ def test_scripts_write_their_outputs_and_reject_bad_input(planted, tmp_path):
         tools.top_prompts(_tool(info, root, tmp_path / "q", features=(99,)))
     bad = _tool(info, root, tmp_path / "q")
     bad.inputs.rollouts = info["episodes"]  # the episodes/ subfolder instead of the rollout folder
-    with pytest.raises(FileNotFoundError, match="pass its parent"):
+    with pytest.raises(JoinError, match="pass its parent"):
         tools.top_actions(bad)
     assert not (tmp_path / "q").exists()
     # Activations of the wrong width for this SAE.

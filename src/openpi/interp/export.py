@@ -37,11 +37,11 @@ from typing import Any
 import numpy as np
 from tqdm import tqdm
 
-from openpi.interp.join import AttemptSelection, JoinError, RowLabels, action_index, record_of, row_labels, \
-    select_attempts
+from openpi.interp.join import (AttemptSelection, JoinError, RowLabels, action_index, open_rollouts, record_of,
+                                row_labels, select_attempts)
 from openpi.interp.store import ActivationStore, StoreError
 from openpi.shared.io import write_json_atomic
-from openpi.shared.records import STATE_DIM, RecordError, RolloutDir, episode_keys_of_rows
+from openpi.shared.records import STATE_DIM, RolloutDir, episode_keys_of_rows
 from openpi.shared.rundir import atomic_dir
 
 SCHEMA = "vla-interp/export/1"
@@ -82,12 +82,7 @@ def plan_export(store_dir: str | pathlib.Path, site: str, *, where: Mapping[str,
     where = dict(where) if where else None
     keys = store.require_keys(site, where)
     keys.pop("shard", None)
-    rollout_dir = None
-    if rollouts is not None:
-        try:
-            rollout_dir = RolloutDir(rollouts)
-        except RecordError as exc:
-            raise JoinError(str(exc)) from None
+    rollout_dir = open_rollouts(rollouts)
     source = f"site {site}"
     attempts = select_attempts(keys, rollout_dir, source)
     keep = attempts.keep.copy()

@@ -17,6 +17,7 @@ about. Two rules, written once here:
 from __future__ import annotations
 
 import dataclasses
+import os
 from collections.abc import Mapping, Sequence
 from typing import Any, Literal
 
@@ -37,6 +38,17 @@ LABEL_RULE = {
 
 class JoinError(ValueError):
     """Rows and rollout records that do not match (the message names the episode, file and key)."""
+
+
+def open_rollouts(path: str | os.PathLike | None) -> RolloutDir | None:
+    """The rollout folder at ``path`` (None stays None); a JoinError (with the schema's hint when ``path`` is the
+    episodes/ subfolder) when it is not one."""
+    if path is None:
+        return None
+    try:
+        return RolloutDir(path)
+    except RecordError as exc:
+        raise JoinError(str(exc)) from None
 
 
 # ------------------------------------------------------------------------------------------------------ attempts

@@ -45,9 +45,9 @@ import numpy as np
 
 from openpi.interp.attention import SpanTable
 from openpi.interp.episode_frames import EpisodeFrames, frames_path
-from openpi.interp.join import JoinError, select_attempts
+from openpi.interp.join import JoinError, open_rollouts, select_attempts
 from openpi.interp.store import ActivationStore, StoreError
-from openpi.shared.records import EpisodeKey, EpisodeRecord, RecordError, RolloutDir, episode_keys_of_rows
+from openpi.shared.records import EpisodeKey, EpisodeRecord, episode_keys_of_rows
 
 __all__ = ["ATTN_SITE_RE", "EpisodeKey", "JoinError", "PolicyQuery", "QUERY_AXES", "RecordedRun", "RowLayout",
            "attention_layers"]
@@ -180,10 +180,7 @@ class RecordedRun:
 
     def __post_init__(self) -> None:
         self.store = ActivationStore(self.store_dir)
-        try:
-            self.rollouts = RolloutDir(self.rollouts_dir)
-        except RecordError as exc:
-            raise JoinError(str(exc)) from None
+        self.rollouts = open_rollouts(self.rollouts_dir)
         available = attention_layers(self.store)
         if not available:
             raise JoinError(f"store {self.store.root} has no llm.layer.<i>.attn.probs site (sites: "

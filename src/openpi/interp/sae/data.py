@@ -17,7 +17,7 @@ import numpy as np
 
 from openpi.interp import join
 from openpi.interp.store import parse_filter as parse_select
-from openpi.shared.records import EPISODE_COLUMNS, EpisodeKey, RecordError, RolloutDir, episode_keys_of_rows
+from openpi.shared.records import EPISODE_COLUMNS, EpisodeKey, RolloutDir, episode_keys_of_rows
 
 __all__ = ["EPISODE_COLUMNS", "ActivationRows", "check_keys", "episode_ids", "iter_row_chunks", "load_keys",
            "open_activations", "open_rows", "parse_select", "row_action_labels", "select_rows", "split_episodes",
@@ -190,12 +190,7 @@ def open_rows(activations: str | pathlib.Path, keys_path: str | pathlib.Path, se
     x = open_activations(activations)
     keys = load_keys(keys_path, x.shape[0], required)
     rows = select_rows(keys, parse_select(select), x.shape[0]) if select else np.arange(x.shape[0])
-    folder = None
-    if rollouts is not None:
-        try:
-            folder = RolloutDir(rollouts)
-        except RecordError as exc:
-            raise FileNotFoundError(str(exc)) from None
+    folder = join.open_rollouts(rollouts)
     selected = subset_keys(keys, rows)
     attempts = join.select_attempts(selected, folder, str(activations))
     rows = rows[attempts.keep]
