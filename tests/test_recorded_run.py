@@ -232,3 +232,19 @@ def test_rows_of_an_earlier_attempt_are_dropped(tmp_path):
     record.write_text(record.read_text().replace('"a2"', '"a9"'))
     with pytest.raises(JoinError, match=r"recorded by attempt 'a9'.*attempts \['a1', 'a2'\]"):
         RecordedRun(store, rollouts).episode_keys()
+
+
+def test_the_query_a_policy_error_ended_on_is_skipped_and_others_must_have_chunks(tmp_path):
+    """The server answered the last query but the client never got the reply: that query has rows but no chunk.
+    It is skipped (with a warning); a query without a chunk anywhere else is an error."""
+    store, rollouts = make_run(tmp_path, [EP])
+    path = next((rollouts / "episodes").glob("*.json"))
+    record = json.loads(path.read_text())
+    record["chunks"] = record["chunks"][:3]  # the query at env step 6 never got its reply
+    path.write_text(json.dumps(record | {"status": "policy_error"}))
+    run = RecordedRun(store, rollouts)
+    assert [q.env_step for q in run.queries()] == [0, 2, 4]
+    assert any("env_step 6 that ended it on a policy error" in w for w in run.warnings)
+    path.write_text(json.dumps(record | {"status": "complete"}))
+    with pytest.raises(JoinError, match="rows at env_step 6 but its record"):
+        list(RecordedRun(store, rollouts).queries())

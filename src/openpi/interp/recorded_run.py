@@ -272,7 +272,7 @@ class RecordedRun:
                 tables.setdefault(inf, row_tables[i])
             per_layer[layer] = groups
         first = next(iter(per_layer.values()))
-        env_steps = sorted(first)
+        env_steps = [inf for inf in sorted(first) if self._answered(key, rec, inf[0])]
         dup = [s for s in {e for e, _ in env_steps} if sum(e == s for e, _ in env_steps) > 1]
         if dup:
             raise JoinError(f"episode {key.stem}: env steps {sorted(dup)} were queried with several replan indices "
@@ -297,6 +297,20 @@ class RecordedRun:
             raise JoinError(f"episode {key.stem}: inferences {sorted(set(extra))[:5]} are recorded for some layers "
                             "only")
         return out
+
+    def _answered(self, key: EpisodeKey, rec: EpisodeRecord, env_step: int) -> bool:
+        """Whether the record holds the chunk of a recorded query. The one query a ``policy_error`` episode ended
+        on (the server answered, the client never got the reply) is skipped with a warning, as in the export;
+        any other query without a chunk means rows and record disagree."""
+        if env_step in rec.chunk_at:
+            return True
+        if rec.status == "policy_error" and env_step > max(rec.chunk_at, default=-1):
+            note = f"episode {key.stem}: skipped the query at env_step {env_step} that ended it on a policy error"
+            if note not in self.warnings:
+                self.warnings.append(note)
+            return False
+        raise JoinError(f"episode {key.stem}: the store has rows at env_step {env_step} but its record {rec.path} "
+                        f"returned no chunk there (queried steps: {sorted(rec.chunk_at)[:8]})")
 
     def _make_query(self, key: EpisodeKey, rec: EpisodeRecord, frames: EpisodeFrames, inf: tuple[int, int],
                     att: np.ndarray, steps: list[int], table: dict) -> PolicyQuery:
