@@ -1,6 +1,5 @@
 """Store -> plain arrays: targets joined from rollout records by key (rows deliberately out of order), action-token
 labels (token j of the chunk predicted at t is labelled with chunk action j), attempts, and atomic output folders."""
-import json
 
 import numpy as np
 import pytest
