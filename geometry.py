@@ -27,7 +27,7 @@ import numpy as np
 import tyro
 
 from openpi.interp import geometry as G
-from openpi.interp.probes import write_json_atomic
+from openpi.shared.io import write_json_atomic
 
 
 @dataclasses.dataclass

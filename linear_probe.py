@@ -4,6 +4,11 @@
     python linear_probe.py --features acts/ --layer-names L0 L1 L2 --targets gripper.npy --groups ep.npy \\
         --target-kind binary --out out/probe_gripper
     python linear_probe.py --features acts/layer_11.npy --targets actions.npy --groups ep.npy --inlp --out out/inlp
+    python linear_probe.py --features EXPORT/X.npy --targets EXPORT/actions.npy --groups EXPORT/groups.npy --out out/probe
+
+An export_activations.py folder holds all three: ``actions.npy`` labels each action-token row with the chunk action
+its token predicts (``executed_actions.npy`` + ``executed_valid.npy`` hold the executed one where it exists),
+``groups.npy`` the episode of each row.
 
 Inputs: each ``--features`` entry is a .npy file (n, d), a directory (its *.npy files, natural order) or a
 glob; one entry per layer. ``--targets`` (n,) or (n, t); ``--groups`` (n,) episode ids (int or str; make them
@@ -34,6 +39,7 @@ import tyro
 
 from openpi.interp import inlp as I
 from openpi.interp import probes as P
+from openpi.shared.records import ACTION_NAMES
 
 SCHEMA = "vla-interp/probe_results/v1"
 
@@ -125,7 +131,7 @@ def prepare_targets(args: Args, y: np.ndarray) -> tuple[np.ndarray, list[str]]:
             if bad:
                 raise P.ProbeInputError(f"--target-columns {bad} out of range for targets {args.targets} with {Y.shape[1]} columns")
             Y = Y[:, list(args.target_columns)]
-        names = list(args.target_names) or (["dx", "dy", "dz", "droll", "dpitch", "dyaw", "gripper"] if Y.shape[1] == 7 else [f"dim{j}" for j in range(Y.shape[1])])
+        names = list(args.target_names) or (list(ACTION_NAMES) if Y.shape[1] == len(ACTION_NAMES) else [f"dim{j}" for j in range(Y.shape[1])])
         if len(names) != Y.shape[1]:
             raise P.ProbeInputError(f"--target-names has {len(names)} names for {Y.shape[1]} target columns")
         P.check_not_constant(Y, names)

@@ -47,6 +47,7 @@ class Args:
     render_every_step: bool = False
     save_video: bool = True
     out_dir: str = "data/libero_eval"
+    """Root for episodes/, results/, videos/: the folder every analysis takes as --rollouts."""
     run_id: str | None = None
     """Default: <policy config>[-random]-<suite>."""
     shard_index: int = 0

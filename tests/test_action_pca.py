@@ -4,14 +4,12 @@ from __future__ import annotations
 
 import json
 import os
-import sys
 
 import numpy as np
 import pytest
 
 from openpi.interp import action_pca as A
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def test_planted_rank_two_actions_are_recovered():
@@ -61,42 +59,36 @@ def _write_episode(root, i, T=20, **override):
 def test_reader_validates_records(tmp_path):
     for i in range(4):
         _write_episode(tmp_path, i, T=10 + i)
-    recs = A.load_episode_records(str(tmp_path))
+    recs, skipped = A.load_records(tmp_path)
     table = A.table_from_records(recs)
-    assert table.actions.shape == (10 + 11 + 12 + 13, 7) and len(table.episode_ids) == 4
+    assert table.actions.shape == (10 + 11 + 12 + 13, 7) and len(table.episode_ids) == 4 and skipped == []
     assert set(table.task.tolist()) == {"libero_spatial/0", "libero_goal/1", "libero_spatial/2", "libero_goal/0"}
     bad = _write_episode(tmp_path, 5, states=np.zeros((3, 8)).tolist())
-    with pytest.raises(A.ActionInputError, match=r"ep5.json: 'states' must be T x 8 with T = 20"):
-        A.load_episode_records(str(tmp_path))
+    with pytest.raises(A.ActionInputError, match=r"ep5.json: 20 actions but 3 states"):
+        A.load_records(tmp_path)
     bad.unlink()
     p = _write_episode(tmp_path, 6)
     rec = json.loads(p.read_text())
     del rec["success"]
     p.write_text(json.dumps(rec))
     with pytest.raises(A.ActionInputError, match=r"ep6.json: missing fields \['success'\]"):
-        A.load_episode_records(str(tmp_path))
-    with pytest.raises(A.ActionInputError, match="does not exist"):
-        A.load_episode_records(str(tmp_path / "episodes" / "nothing_here"))
-    (tmp_path / "empty").mkdir()
-    with pytest.raises(A.ActionInputError, match="no episode JSON"):
-        A.load_episode_records(str(tmp_path / "empty"))
+        A.load_records(tmp_path)
+    p.unlink()
+    _write_episode(tmp_path, 7, T=0, status="policy_error")  # no step executed: skipped, and said so
+    recs, skipped = A.load_records(tmp_path)
+    assert len(recs) == 4 and skipped == ["run0__libero_goal__task1__ep7"]
+    with pytest.raises(A.ActionInputError, match="pass its parent"):
+        A.load_records(tmp_path / "episodes")
+    (tmp_path / "empty" / "episodes").mkdir(parents=True)
+    with pytest.raises(A.ActionInputError, match="no episode records"):
+        A.load_records(tmp_path / "empty")
 
 
-def _script():
-    sys.path.insert(0, ROOT)
-    try:
-        import action_pca as script
-    finally:
-        sys.path.remove(ROOT)
-    return script
-
-
-def test_cli_from_episodes_and_from_arrays(tmp_path):
+def test_cli_from_rollouts_and_from_arrays(tmp_path):
     for i in range(6):
         _write_episode(tmp_path, i)
-    script = _script()
     out = tmp_path / "pca"
-    assert script.main(script.Args(episodes_dir=str(tmp_path), out=str(out))) == 0
+    A.run(A.PcaArgs(rollouts=str(tmp_path), out=str(out)))
     res = json.loads((out / "action_pca.json").read_text())
     assert res["schema"] == "vla-interp/action_pca/v1" and res["n_rows"] == 120 and res["n_episodes"] == 6
     assert len(res["components"]) == 7 and len(res["components"][0]) == 7
@@ -110,10 +102,13 @@ def test_cli_from_episodes_and_from_arrays(tmp_path):
     np.save(tmp_path / "A.npy", rng.standard_normal((50, 4)))
     np.save(tmp_path / "E.npy", np.repeat(np.arange(5), 10))
     np.save(tmp_path / "S.npy", np.array(["a", "b"] * 25))
-    assert script.main(script.Args(actions=str(tmp_path / "A.npy"), episode_ids=str(tmp_path / "E.npy"), suite_labels=str(tmp_path / "S.npy"), out=str(tmp_path / "pca2"))) == 0
+    A.run(A.PcaArgs(actions=str(tmp_path / "A.npy"), episode_ids=str(tmp_path / "E.npy"),
+                    suite_labels=str(tmp_path / "S.npy"), out=str(tmp_path / "pca2")))
     res2 = json.loads((tmp_path / "pca2" / "action_pca.json").read_text())
     assert res2["dim_names"] == ["dim0", "dim1", "dim2", "dim3"] and res2["label_counts"]["suite"] == {"a": 25, "b": 25}
     np.save(tmp_path / "S3.npy", np.array(["a"] * 49))
     with pytest.raises(A.ActionInputError, match=r"suite labels must have shape \(50,\) to match actions; found \(49,\)"):
-        script.main(script.Args(actions=str(tmp_path / "A.npy"), suite_labels=str(tmp_path / "S3.npy"), out=str(tmp_path / "pca3")))
+        A.run(A.PcaArgs(actions=str(tmp_path / "A.npy"), suite_labels=str(tmp_path / "S3.npy"), out=str(tmp_path / "pca3")))
     assert not (tmp_path / "pca3").exists()
+    with pytest.raises(ValueError, match="exactly one of --rollouts or --actions"):
+        A.run(A.PcaArgs(out=str(tmp_path / "pca4")))

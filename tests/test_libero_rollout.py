@@ -92,7 +92,7 @@ def test_run_id_validation():
 
 def test_unique_video_names_never_overwrite(tmp_path):
     frames = [np.full((16, 32, 3), i * 20, np.uint8) for i in range(5)]
-    rec = {"suite": SUITE, "task_id": 2, "episode": 4, "success": True}
+    rec = {"run_id": "t1", "suite": SUITE, "task_id": 2, "episode": 4, "success": True}
     cfg = _cfg(tmp_path, save_frames=False)
     first = rollout.write_episode(rollout.EpisodeResult(dict(rec), frames, None), cfg)["video"]
     first_bytes = (tmp_path / first).read_bytes()
@@ -208,10 +208,11 @@ def test_requests_carry_join_keys_and_frames_are_what_was_sent(first_run):
     sent0 = [r for r in policy.requests if r["meta/episode"] == 0]
     assert len(sent0) == 3
     rec = _record(cfg, 0)
+    assert rec["attempt"] and {r["meta/attempt"] for r in sent0} == {rec["attempt"]}  # one attempt, recorded
     for k, req in enumerate(sent0):
         assert {key: req[key] for key in req if key.startswith("meta/")} == {
             "meta/run_id": "t1", "meta/suite": SUITE, "meta/task_id": TASK, "meta/episode": 0,
-            "meta/env_step": 2 * k, "meta/replan_index": k,
+            "meta/attempt": rec["attempt"], "meta/env_step": 2 * k, "meta/replan_index": k,
         }
         assert req["prompt"] == rec["prompt"]
         np.testing.assert_allclose(req["observation/state"], rec["states"][2 * k])
@@ -253,6 +254,7 @@ def test_resume_skips_finished_then_retries_errors(first_run, env):
     assert ep0.stat().st_mtime_ns == stamps[ep0]
     archived = json.loads((cfg.out_dir / "episodes" / "_errors" / "t1__libero_spatial__task0__ep1.json").read_text())
     assert archived["status"] == "policy_error"
+    assert archived["attempt"] != _record(cfg, 1)["attempt"]  # the rerun is a new attempt: its rows are told apart
     assert summary["total"] == {"episodes": 2, "successes": 0, "errors": 0, "success_rate": 0.0}
 
 

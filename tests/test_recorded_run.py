@@ -12,10 +12,10 @@ import pathlib
 import numpy as np
 import pytest
 
-from openpi.models.hooks import Record
-from openpi.interp.recorded_run import JoinError, RecordedRun, query_joint_indices
+from openpi.models.hooks import HookPoint, HookTable, Record
+from openpi.interp.recorded_run import JoinError, RecordedRun, RowLayout
 from openpi.interp.recorder import StoreRecorder
-from openpi.interp.store import StoreWriter
+from openpi.interp.store import ActivationStore, StoreWriter
 
 GRID, IMG, T, REPLAN, HEADS = 4, 32, 8, 2, 2
 OBJ_ID, OTHER_ID = 5, 7
@@ -25,6 +25,11 @@ TABLE = {"model": "pi0", "seq_len": 60, "prefix_len": 56, "grid": [GRID, GRID],
                    "instruction": [49, 53], "template": [[48, 49], [53, 54]], "pad": [54, 56],
                    "state": [56, 57], "actions": [57, 60]},
          "camera_valid": {"base_0_rgb": True, "left_wrist_0_rgb": True, "right_wrist_0_rgb": False}}
+
+
+# The hook points of this synthetic 60-token model: attention of the 4 suffix queries (state + 3 actions).
+HOOKS = HookTable([HookPoint(f"llm.layer.{i}.attn.probs", ("batch", "head", "query", "key"), True, 56, 4)
+                   for i in range(4)], {"state": (56, 57), "actions": (57, 60), "suffix": (56, 60)}, 60)
 
 
 def object_patches(query_index: int) -> list[int]:
@@ -53,26 +58,30 @@ def make_run(root: pathlib.Path, episodes: list[dict], *, selector: str = "actio
              layers=(0, 1), steps=(0, 1), frames: bool = True) -> tuple[pathlib.Path, pathlib.Path]:
     """Store (real writer + recorder) and rollout folder (real file format) for the given episodes.
 
-    Each episode dict: run_id, task_id, episode, success, attend, visual (fraction), prompt_mode.
+    Each episode dict: run_id, task_id, episode, success, attend, visual (fraction), prompt_mode, and optionally
+    attempt (default "a1": the attempt that wrote the record and the rows) and stale_attempt (an earlier attempt
+    whose rows, recorded first with wrong attention, stay in the store as a rerun episode's would).
     """
     store, rollouts = root / "store", root / "rollouts"
     writer = StoreWriter(store, {"name": "synthetic"}, writer_id="w0", shard_rows=7)
     reduce = "" if per_head else "&reduce=heads"
     rec = Record.parse(f"llm.layer.*.attn.probs?tokens={selector}&steps={','.join(map(str, steps))}{reduce}")
-    recorder = StoreRecorder(writer, (rec,), None, num_steps=max(steps) + 1)
+    recorder = StoreRecorder(writer, (rec,), HOOKS, num_steps=max(steps) + 1)
     for ep in episodes:
         suite = ep.get("suite", "libero_spatial")
         stem = f"{ep['run_id']}__{suite}__task{ep['task_id']}__ep{ep['episode']}"
         queried = [s for s in range(T) if s % REPLAN == 0]
-        for qi, step in enumerate(queried):
-            act = np.stack([attention_row(qi, ep["attend"], ep["visual"])] * 3)
-            if selector in ("", "suffix"):
-                act = np.concatenate([attention_row(qi, ep["attend"], ep["visual"], state_query=True)[None], act])
-            one = np.broadcast_to(act, (HEADS, *act.shape)) if per_head else act
-            value = np.stack([one] * len(steps))[:, None].astype(np.float32)  # (steps, batch, ...)
-            meta = {"run_id": ep["run_id"], "suite": suite, "task_id": ep["task_id"], "episode": ep["episode"],
-                    "env_step": step, "replan_index": qi}
-            recorder({f"llm.layer.{i}.attn.probs": value for i in layers}, TABLE, meta, np.zeros((3, 7)))
+        attempts = ([(ep["stale_attempt"], not ep["attend"])] if "stale_attempt" in ep else [])
+        for attempt, attend in attempts + [(ep.get("attempt", "a1"), ep["attend"])]:
+            for qi, step in enumerate(queried):
+                act = np.stack([attention_row(qi, attend, ep["visual"])] * 3)
+                if selector in ("", "suffix"):
+                    act = np.concatenate([attention_row(qi, attend, ep["visual"], state_query=True)[None], act])
+                one = np.broadcast_to(act, (HEADS, *act.shape)) if per_head else act
+                value = np.stack([one] * len(steps))[:, None].astype(np.float32)  # (steps, batch, ...)
+                meta = {"run_id": ep["run_id"], "suite": suite, "task_id": ep["task_id"], "episode": ep["episode"],
+                        "attempt": attempt, "env_step": step, "replan_index": qi}
+                recorder({f"llm.layer.{i}.attn.probs": value for i in layers}, TABLE, meta, np.zeros((3, 7)))
         seg = np.zeros((T, IMG, IMG), np.int32)
         seg[:, 24:32, 0:8] = OTHER_ID
         images = np.zeros((T, IMG, IMG, 3), np.uint8)
@@ -83,7 +92,8 @@ def make_run(root: pathlib.Path, episodes: list[dict], *, selector: str = "actio
         ids = {} if ep.get("no_object") else {"akita_black_bowl_1": OBJ_ID}
         (rollouts / "episodes").mkdir(parents=True, exist_ok=True)
         record = {"schema": "vla-interp/libero-episode/1", "run_id": ep["run_id"], "suite": suite,
-                  "task_id": ep["task_id"], "episode": ep["episode"], "init_state_index": ep["episode"],
+                  "task_id": ep["task_id"], "episode": ep["episode"], "attempt": ep.get("attempt", "a1"),
+                  "init_state_index": ep["episode"],
                   "prompt": "" if ep.get("prompt_mode", "original") == "empty" else "pick up the bowl",
                   "original_prompt": "pick up the bowl", "success": ep["success"], "status": "complete",
                   "steps": T, "chunks": [{"env_step": s, "replan_index": i, "actions": [[0.0] * 7] * 3}
@@ -178,16 +188,63 @@ def test_bad_selection_errors(tmp_path):
     store, rollouts = make_run(tmp_path, [EP])
     with pytest.raises(JoinError, match=r"layers \[7\] are not recorded"):
         RecordedRun(store, rollouts, layers=[7])
-    with pytest.raises(JoinError, match="no rows for episode"):
+    with pytest.raises(JoinError, match=r"no rows of site .* match \{'denoise_step': \[5\]\}.*'denoise_step': \[0, 1\]"):
         list(RecordedRun(store, rollouts, steps=[5]).queries())
+
+
+def test_row_layout_comes_from_the_store_not_the_shape(tmp_path):
+    """(heads, keys) and (queries, keys) rows can have the same shape; the stored axes tell them apart."""
+    store, rollouts = make_run(tmp_path, [EP], selector="")
+    layout = RowLayout.of(ActivationStore(store), "llm.layer.0.attn.probs")
+    assert layout.axes == ("query", "key") and layout.token_index.tolist() == [56, 57, 58, 59]
+    assert layout.action_rows(TABLE).tolist() == [1, 2, 3]  # the state query (joint 56) is not an action token
     with pytest.raises(JoinError, match="include no action token"):
-        from openpi.interp.recorded_run import row_layout
-        row_layout((1, 60), "state", TABLE, None, "llm.layer.0.attn.probs")
+        RowLayout("s", ("query", "key"), np.array([56])).action_rows(TABLE)
+    with pytest.raises(JoinError, match="include non-action tokens"):
+        RowLayout("s", ("key",), np.array([56, 57])).action_rows(TABLE)
 
 
-def test_query_joint_indices():
-    assert query_joint_indices("", TABLE).tolist() == [56, 57, 58, 59]
-    assert query_joint_indices("actions", TABLE).tolist() == [57, 58, 59]
-    assert query_joint_indices("57:59", TABLE).tolist() == [57, 58]
-    with pytest.raises(JoinError):
-        query_joint_indices("nonsense", TABLE)
+def test_store_without_site_info_is_refused(tmp_path):
+    """Rows added without the recorder's site info (an older store): a clear error, never a guessed layout."""
+    _, rollouts = make_run(tmp_path, [EP])
+    with StoreWriter(tmp_path / "old", {"name": "synthetic"}, writer_id="w") as w:
+        w.add_span_table(TABLE)
+        w.add("llm.layer.0.attn.probs", np.zeros((1, 2, 60), np.float32),
+              {"run_id": "r0", "suite": "libero_spatial", "task_id": 0, "episode": 0, "attempt": "a1", "env_step": 0,
+               "replan_index": 0, "denoise_step": 0, "token_index": -1, "span": "actions", "span_table": 0})
+    with pytest.raises(JoinError, match=r"has no \['request', 'row_axes'\].*re-record"):
+        RecordedRun(tmp_path / "old", rollouts)
+
+
+def test_rows_of_an_earlier_attempt_are_dropped(tmp_path):
+    """A rerun episode leaves the first attempt's rows (planted: attention off the object) in the store; the join
+    reads only the attempt that wrote the record and says how many rows it dropped."""
+    store, rollouts = make_run(tmp_path, [EP | {"attempt": "a2", "stale_attempt": "a1"}])
+    assert len(ActivationStore(store).keys("llm.layer.0.attn.probs")["run_id"]) == 2 * 4 * 2  # 2 attempts
+    run = RecordedRun(store, rollouts)
+    qs = list(run.queries())
+    assert [q.env_step for q in qs] == [0, 2, 4, 6]
+    for q in qs:
+        assert set(np.flatnonzero(q.attention[0, 0, 0, 0, :16])) == set(object_patches(q.replan_index))
+    assert run.stale_rows == {"r0__libero_spatial__task0__ep0": {"a1": 8}}
+    assert any("dropped 8 stale rows" in w for w in run.warnings)
+    record = next((rollouts / "episodes").glob("*.json"))
+    record.write_text(record.read_text().replace('"a2"', '"a9"'))
+    with pytest.raises(JoinError, match=r"recorded by attempt 'a9'.*attempts \['a1', 'a2'\]"):
+        RecordedRun(store, rollouts).episode_keys()
+
+
+def test_the_query_a_policy_error_ended_on_is_skipped_and_others_must_have_chunks(tmp_path):
+    """The server answered the last query but the client never got the reply: that query has rows but no chunk.
+    It is skipped (with a warning); a query without a chunk anywhere else is an error."""
+    store, rollouts = make_run(tmp_path, [EP])
+    path = next((rollouts / "episodes").glob("*.json"))
+    record = json.loads(path.read_text())
+    record["chunks"] = record["chunks"][:3]  # the query at env step 6 never got its reply
+    path.write_text(json.dumps(record | {"status": "policy_error"}))
+    run = RecordedRun(store, rollouts)
+    assert [q.env_step for q in run.queries()] == [0, 2, 4]
+    assert any("env_step 6 that ended it on a policy error" in w for w in run.warnings)
+    path.write_text(json.dumps(record | {"status": "complete"}))
+    with pytest.raises(JoinError, match="rows at env_step 6 but its record"):
+        list(RecordedRun(store, rollouts).queries())

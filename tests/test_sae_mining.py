@@ -1,28 +1,17 @@
 """Feature mining on planted rollouts: NMS top moments, actions, tasks/prompts, frames, dashboard, scripts."""
 
 import json
-import pathlib
 import re
-import sys
 
 import numpy as np
 import pytest
 from PIL import Image
 
-from openpi.interp.sae import data, frames, io as sae_io, mining, synthetic
-
-REPO = pathlib.Path(__file__).resolve().parents[1]
-
-
-def _script(name):
-    """Load sae/<name>.py under a unique module name (no sys.path changes)."""
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location(f"sae_script_{name}", REPO / "sae" / f"{name}.py")
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = mod  # dataclasses look their module up while the class is created
-    spec.loader.exec_module(mod)
-    return mod
+from openpi.interp import join
+from openpi.interp.join import JoinError
+from openpi.interp.sae import data, frames, io as sae_io, mining, synthetic, tools
+from openpi.interp.sae.cli import SaeInputs, ToolArgs
+from openpi.shared.records import RolloutDir
 
 
 @pytest.fixture(scope="module")
@@ -78,10 +67,9 @@ def test_streaming_pool_nms_equals_brute_force():
 
 def test_mining_recovers_planted_features(planted):
     info, sae, root = planted
-    rows = data.open_rows(info["activations"], info["keys"])
-    records = data.EpisodeRecords(info["episodes"])
+    rows = data.open_rows(info["activations"], info["keys"], rollouts=info["rollouts"])
     cfg = mining.MiningConfig(top_n=6, max_per_episode=2, min_step_gap=10, window=3)
-    rep = mining.mine(sae, rows, cfg, records, features=[0, 1, 2], progress=False)
+    rep = mining.mine(sae, rows, cfg, features=[0, 1, 2], progress=False)
     by = {f["feature"]: f for f in rep["features"]}
     assert rep["n_rows"] == 12 * 40 * 2 and rep["n_episodes"] == 12
     # Feature 2 fires at the event step of every episode, strongest in later episodes; NMS keeps one per episode.
@@ -94,9 +82,10 @@ def test_mining_recovers_planted_features(planted):
     assert {t["task_id"] for t in tasks[:2]} == {1} and all(t["fire_rate"] == 1.0 for t in tasks[:2])
     assert all(t["fire_rate"] == 0.0 for t in tasks[2:])
     assert by[1]["prompts"][0] == {"prompt": "open the drawer", "n_rows": 320, "fire_rate": 1.0, "mean_activation": pytest.approx(1.05, rel=1e-3)}
-    # Feature 0 = relu(2 * x-action): correlated with action dim 0 only; its top moments have large x actions.
+    # Feature 0 = relu(2 * x of the chunk action the token predicts): correlated with action dim 0 only; its top
+    # moments have large x actions.
     corr = np.asarray(by[0]["actions"]["corr"])
-    assert corr[0] > 0.85 and np.all(np.abs(corr[1:6]) < 0.6)
+    assert corr[0] > 0.85 and np.all(np.abs(corr[1:6]) < 0.6) and by[0]["actions"]["label"] == "predicted"
     assert by[0]["actions"]["at_top_mean"][0] > 0.7
     win = np.asarray(by[0]["actions"]["window_mean"], float)
     assert win.shape == (7, 7) and win[3, 0] == pytest.approx(by[0]["actions"]["at_top_mean"][0])
@@ -129,7 +118,7 @@ def test_thumbnails_show_the_joined_frames(planted, tmp_path):
     rep = mining.mine(sae, rows, mining.MiningConfig(top_n=3), features=[2], progress=False)
     tops = {2: rep["features"][0]["top"]}
     tops[2].append({"rank": 3, "stem": "runA__libero_goal__task9__ep99", "env_step": 1})
-    stats = frames.write_thumbnails(tops, info["frames"], tmp_path / "thumbs", tmp_path)
+    stats = frames.write_thumbnails(tops, RolloutDir(info["rollouts"]), tmp_path / "thumbs", tmp_path)
     assert stats["written"] == 3 and stats["missing"] == 1
     assert "task9__ep99.npz" in tops[2][3]["image_error"]
     for t in tops[2][:3]:
@@ -138,13 +127,16 @@ def test_thumbnails_show_the_joined_frames(planted, tmp_path):
         assert tuple(img[0, 0]) == (t["episode"], t["env_step"], 0)
 
 
+def _tool(info, root, out, select=(), rollouts=True, **kw):
+    inputs = SaeInputs(sae=root / "sae", activations=info["activations"], keys=info["keys"], select=tuple(select),
+                       rollouts=info["rollouts"] if rollouts else None)
+    return ToolArgs(inputs=inputs, out=out, **kw)
+
+
 def test_dashboard_pages_link_to_existing_files(planted, tmp_path):
     info, sae, root = planted
-    dash_script = _script("dashboard")
-
-    args = dash_script.Args(sae=root / "sae", rows=_rowargs(info), out=tmp_path / "dash", episodes_dir=info["episodes"], frames_dir=info["frames"],
-                            mining=mining.MiningConfig(top_n=3), features=(0, 1, 2), sort_by="max_activation")
-    index = dash_script.run(args)
+    index = tools.dashboard(_tool(info, root, tmp_path / "dash", mining=mining.MiningConfig(top_n=3),
+                                  features=(0, 1, 2), sort_by="max_activation"))
     html = index.read_text()
     order = [int(m) for m in re.findall(r"feature_(\d+)\.html", html)]
     assert order == [2, 0, 1]  # max activations 4.65 > 1.6 > 1.1
@@ -161,42 +153,38 @@ def test_dashboard_pages_link_to_existing_files(planted, tmp_path):
     assert [f["feature"] for f in rep["features"]] == [0, 1, 2]
 
 
-def _rowargs(info, select=()):
-    from openpi.interp.sae.cli import RowArgs
-
-    return RowArgs(activations=info["activations"], keys=info["keys"], select=tuple(select))
-
-
 def test_scripts_write_their_outputs_and_reject_bad_input(planted, tmp_path):
     info, sae, root = planted
-    top_activating_actions = _script("top_activating_actions")
-    top_activating_frames = _script("top_activating_frames")
-    top_activating_prompts = _script("top_activating_prompts")
-
     cfg = mining.MiningConfig(top_n=3)
-    fr = top_activating_frames.run(top_activating_frames.Args(sae=root / "sae", rows=_rowargs(info, ["token_index=0"]), frames_dir=info["frames"], out=tmp_path / "f", mining=cfg, num_features=3))
+    fr = tools.top_frames(_tool(info, root, tmp_path / "f", ["action_index=0"], mining=cfg, num_features=3))
     assert fr["n_rows"] == 480 and len(fr["features"]) == 3
     assert all((tmp_path / "f" / t["image"]).is_file() for f in fr["features"] for t in f["top"])
-    ac = top_activating_actions.run(top_activating_actions.Args(sae=root / "sae", rows=_rowargs(info), episodes_dir=info["episodes"], out=tmp_path / "a", mining=cfg, num_features=2))
+    ac = tools.top_actions(_tool(info, root, tmp_path / "a", mining=cfg, num_features=2, sort_by="action_corr"))
     assert ac["features"][0]["feature"] == 0  # sorted by max |corr with actions|: the planted action feature
-    assert (tmp_path / "a" / "top_actions.csv").read_text().splitlines()[0].startswith("feature,fire_rate,max_activation,corr_x")
-    pr = top_activating_prompts.run(top_activating_prompts.Args(sae=root / "sae", rows=_rowargs(info), out=tmp_path / "p", episodes_dir=info["episodes"], mining=cfg, features=(1,)))
+    assert (tmp_path / "a" / "top_actions.csv").read_text().splitlines()[0].startswith(
+        "feature,fire_rate,max_activation,corr_dx")
+    assert ac["label_rule"]["label"] == "predicted" and ac["dropped_stale_rows"] == 0
+    pr = tools.top_prompts(_tool(info, root, tmp_path / "p", mining=cfg, features=(1,)))
     assert pr["features"][0]["prompts"][0]["prompt"] == "open the drawer"
-    with pytest.raises(ValueError, match="empty selection"):
-        top_activating_prompts.run(top_activating_prompts.Args(sae=root / "sae", rows=_rowargs(info, ["span=image"]), out=tmp_path / "q"))
+    with pytest.raises(ValueError, match=r"empty selection.*values present: \{'span': \['actions'\]\}"):
+        tools.top_prompts(_tool(info, root, tmp_path / "q", ["span=image"]))
     with pytest.raises(KeyError, match="unknown key column 'spam'"):
-        top_activating_prompts.run(top_activating_prompts.Args(sae=root / "sae", rows=_rowargs(info, ["spam=1"]), out=tmp_path / "q"))
-    with pytest.raises(FileNotFoundError, match="episodes directory not found"):
-        top_activating_actions.run(top_activating_actions.Args(sae=root / "sae", rows=_rowargs(info), episodes_dir=tmp_path / "nope", out=tmp_path / "q"))
+        tools.top_prompts(_tool(info, root, tmp_path / "q", ["spam=1"]))
+    with pytest.raises(ValueError, match="--rollouts is required"):
+        tools.top_actions(_tool(info, root, tmp_path / "q", rollouts=False))
     with pytest.raises(ValueError, match="outside the dictionary"):
-        top_activating_prompts.run(top_activating_prompts.Args(sae=root / "sae", rows=_rowargs(info), out=tmp_path / "q", features=(99,)))
+        tools.top_prompts(_tool(info, root, tmp_path / "q", features=(99,)))
+    bad = _tool(info, root, tmp_path / "q")
+    bad.inputs.rollouts = info["episodes"]  # the episodes/ subfolder instead of the rollout folder
+    with pytest.raises(JoinError, match="pass its parent"):
+        tools.top_actions(bad)
     assert not (tmp_path / "q").exists()
     # Activations of the wrong width for this SAE.
     np.save(tmp_path / "narrow.npy", np.zeros((960, 5), np.float32))
-    from openpi.interp.sae.cli import RowArgs
-
+    narrow = _tool(info, root, tmp_path / "q")
+    narrow.inputs.activations = tmp_path / "narrow.npy"
     with pytest.raises(ValueError, match="d=5 but the SAE expects d_in=32"):
-        top_activating_prompts.run(top_activating_prompts.Args(sae=root / "sae", rows=RowArgs(tmp_path / "narrow.npy", info["keys"]), out=tmp_path / "q"))
+        tools.top_prompts(narrow)
 
 
 def test_keys_missing_columns_are_named(planted, tmp_path):
@@ -208,19 +196,49 @@ def test_keys_missing_columns_are_named(planted, tmp_path):
         data.open_rows(info["activations"], tmp_path / "k.npz")
 
 
-def test_row_actions_join_and_errors(planted, tmp_path):
+def test_row_labels_follow_the_token_not_the_step(planted, tmp_path):
+    """Planted: atom 0 of token j is relu(2 * x of chunk action j). The predicted label reproduces it for every
+    token; labelling token 1 with the step's first (executed) action, as before, does not."""
     info, _, _ = planted
-    records = data.EpisodeRecords(info["episodes"])
-    stems = ["runA__libero_spatial__task0__ep0", "runA__libero_goal__task1__ep1"]
-    ep = np.array([1, 0, 1])
-    step = np.array([3, 0, 39])
-    y = data.row_actions(ep, stems, step, records)
-    acts1 = np.asarray(json.loads((info["episodes"] / f"{stems[1]}.json").read_text())["actions"])
-    np.testing.assert_allclose(y[0], acts1[3])
-    np.testing.assert_allclose(y[2], acts1[39])
-    with pytest.raises(ValueError, match="env_step 40 outside the 40 recorded actions"):
-        data.row_actions(ep, stems, np.array([3, 0, 40]), records)
-    with pytest.raises(FileNotFoundError, match="no rollout record for episode runB__x__task0__ep0"):
-        data.row_actions(np.array([0]), ["runB__x__task0__ep0"], np.array([0]), records)
-    y2 = data.row_actions(np.array([0, 1]), ["runB__x__task0__ep0", stems[1]], np.array([0, 2]), records, strict=False)
-    assert np.isnan(y2[0]).all() and np.allclose(y2[1], acts1[2])
+    rows = data.open_rows(info["activations"], info["keys"], rollouts=info["rollouts"])
+    y, rule = data.row_action_labels(rows, "predicted")
+    code0 = info["codes"][:, 0]
+    tok = rows.keys["action_index"]
+    on = code0 > 0.05
+    np.testing.assert_allclose(code0[on], 2 * y[on, 0], atol=1e-6)
+    executed, _ = data.row_action_labels(rows, "executed")
+    assert np.isnan(executed[tok == 1]).all()  # replanned every step: chunk action 1 is never executed
+    np.testing.assert_allclose(executed[tok == 0], y[tok == 0])
+    # the old rule: every token of a query labelled with the chunk's first action (= executed at its env step)
+    old_rule = join.row_labels(rows.keys, np.full(rows.n, -1), rows.rollouts, "old rule").predicted
+    assert np.abs(code0[on & (tok == 1)] - 2 * old_rule[on & (tok == 1), 0]).max() > 0.1
+    assert rule["action_token_rows"] == rows.n and rule["label"] == "predicted"
+
+
+def test_row_labels_need_records_and_action_index(planted, tmp_path):
+    info, _, _ = planted
+    with np.load(info["keys"]) as z:
+        keys = {k: z[k] for k in z.files}
+    np.savez(tmp_path / "no_index.npz", **{k: v for k, v in keys.items() if k != "action_index"})
+    rows = data.open_rows(info["activations"], tmp_path / "no_index.npz", rollouts=info["rollouts"])
+    with pytest.raises(KeyError, match="no 'action_index' column"):
+        data.row_action_labels(rows, "predicted")
+    keys["episode"] = np.where(keys["episode"] == 3, 99, keys["episode"])
+    np.savez(tmp_path / "orphan.npz", **keys)
+    with pytest.raises(JoinError, match="rows of episode runA__libero_goal__task0__ep99 have no usable episode record"):
+        data.open_rows(info["activations"], tmp_path / "orphan.npz", rollouts=info["rollouts"])
+
+
+def test_rows_of_two_attempts_are_refused_without_records_and_filtered_with(planted, tmp_path):
+    info, _, _ = planted
+    x = np.load(info["activations"])
+    with np.load(info["keys"]) as z:
+        keys = {k: z[k] for k in z.files}
+    stale = keys["episode"] == 5
+    np.save(tmp_path / "x.npy", np.concatenate([x, x[stale]]))
+    np.savez(tmp_path / "k.npz", **{k: np.concatenate([v, v[stale] if k != "attempt" else
+                                                       np.full(stale.sum(), "old", v.dtype)]) for k, v in keys.items()})
+    with pytest.raises(JoinError, match=r"runA__libero_goal__task2__ep5: attempts \['attempt-5', 'old'\]"):
+        data.open_rows(tmp_path / "x.npy", tmp_path / "k.npz")
+    rows = data.open_rows(tmp_path / "x.npy", tmp_path / "k.npz", rollouts=info["rollouts"])
+    assert rows.n == x.shape[0] and rows.attempts.dropped == int(stale.sum())

@@ -1,18 +1,16 @@
 """Action readout scoring: ridge vs scikit-learn, planted linear readout, controls, MCC, the sweep script."""
 
 import csv
+import dataclasses
 import json
-import pathlib
-import sys
 
 import numpy as np
 import pytest
 import scipy.sparse as sp
 from sklearn.linear_model import Ridge
 
-from openpi.interp.sae import data, io as sae_io, scoring, synthetic
-
-REPO = pathlib.Path(__file__).resolve().parents[1]
+from openpi.interp.sae import data, io as sae_io, scoring, sweep, synthetic
+from openpi.interp.sae.cli import RowInputs
 
 
 def _stream(z, chunk=37, sparse=True):
@@ -79,44 +77,44 @@ def test_too_few_episodes_or_no_actions_is_an_error():
     z, y, ep = _planted(n_eps=2)
     with pytest.raises(ValueError, match="need at least 3 episodes"):
         scoring.score_readout(_stream(z), z.shape[1], y, ep, scoring.ScoringConfig(), progress=False)
-    with pytest.raises(ValueError, match="no row has an executed action"):
+    with pytest.raises(ValueError, match="no row has a predicted action label"):
         scoring.score_readout(_stream(z), z.shape[1], np.full_like(y, np.nan), ep, scoring.ScoringConfig(), progress=False)
 
 
-def test_sweep_script_scores_every_sae_and_resumes(tmp_path):
+def test_sweep_scores_every_sae_and_resumes(tmp_path):
     info = synthetic.planted_rollouts(tmp_path / "roll", n_episodes=15, steps=30)
     sae_io.save_sae(tmp_path / "saes" / "exact", synthetic.exact_sae(info["atoms"], 8))
     sae_io.save_sae(tmp_path / "saes" / "unrelated", synthetic.exact_sae(synthetic.orthonormal_atoms(16, 32, seed=9)[:3], 1))
-    sys.path.insert(0, str(REPO))
-    import sweep_sae_score_actions as sweep
-    from openpi.interp.sae.cli import RowArgs
-
-    args = sweep.Args(saes=str(tmp_path / "saes" / "*"), rows=RowArgs(info["activations"], info["keys"]), episodes_dir=info["episodes"], out=tmp_path / "out",
-                      num_shards=2, shard_index=1)
+    inputs = RowInputs(activations=info["activations"], keys=info["keys"], rollouts=info["rollouts"])
+    args = sweep.SweepArgs(saes=str(tmp_path / "saes" / "*"), inputs=inputs, out=tmp_path / "out", num_shards=2,
+                           shard_index=1)
     assert sweep.run(args) is None  # shard 1 of 2: scores "unrelated" only, cannot summarise yet
-    assert sorted(p.name for p in (tmp_path / "out" / "per_sae").iterdir()) == [f"{sweep._safe(str(tmp_path / 'saes' / 'unrelated'))}.json"]
-    summary = sweep.run(dataclasses_replace(args, shard_index=0))
+    assert sorted(p.name for p in (tmp_path / "out" / "per_sae").iterdir()) == [f"{sweep.safe_name(str(tmp_path / 'saes' / 'unrelated'))}.json"]
+    summary = sweep.run(dataclasses.replace(args, shard_index=0))
     assert summary["best"]["name"] == "exact"
+    assert summary["scoring"]["label"] == "predicted" and summary["label_rule"]["action_token_rows"] == 15 * 30 * 2
     names = [s["name"] for s in summary["saes"]]
     assert names == ["exact", "unrelated"]
     exact = summary["saes"][0]["result"]
     assert exact["test"]["r2"][0] > 0.6 and exact["test"]["mcc_sign"][0] > 0.7  # code 0 = relu(2 * x-action)
+    assert exact["label"] == "predicted"
     assert summary["baselines"]["activations_shuffled_labels"]["test"]["r2_mean"] < summary["baselines"]["activations"]["test"]["r2_mean"]
     with open(tmp_path / "out" / "scores.csv") as fh:
         rows = list(csv.DictReader(fh))
     assert [r["name"] for r in rows] == ["exact", "unrelated", "baseline:activations", "baseline:activations_shuffled_labels"]
-    assert float(rows[0]["test_r2_x"]) == pytest.approx(exact["test"]["r2"][0])
+    assert float(rows[0]["test_r2_dx"]) == pytest.approx(exact["test"]["r2"][0])
     # Rerun: cached results are reused (files untouched), summary rewritten identically.
     per = tmp_path / "out" / "per_sae"
     mtimes = {p.name: p.stat().st_mtime_ns for p in per.iterdir()}
-    again = sweep.run(dataclasses_replace(args, shard_index=0, num_shards=1))
+    again = sweep.run(dataclasses.replace(args, shard_index=0, num_shards=1))
     assert {p.name: p.stat().st_mtime_ns for p in per.iterdir()} == mtimes
     assert json.loads(json.dumps(again)) == json.loads((tmp_path / "out" / "scores.json").read_text())
+    # The executed label: token 1's action is never executed (replanned every step), so only token-0 rows count.
+    executed = sweep.run(dataclasses.replace(args, shard_index=0, num_shards=1, out=tmp_path / "exec",
+                                             scoring=scoring.ScoringConfig(label="executed")))
+    assert executed["saes"][0]["result"]["label"] == "executed"
+    assert sum(executed["saes"][0]["result"]["n_rows"].values()) == 15 * 30
     with pytest.raises(FileNotFoundError, match="no SAE folder"):
-        sweep.run(dataclasses_replace(args, saes=str(tmp_path / "none*")))
-
-
-def dataclasses_replace(obj, **kw):
-    import dataclasses
-
-    return dataclasses.replace(obj, **kw)
+        sweep.run(dataclasses.replace(args, saes=str(tmp_path / "none*")))
+    with pytest.raises(ValueError, match="--rollouts is required"):
+        sweep.run(dataclasses.replace(args, inputs=RowInputs(activations=info["activations"], keys=info["keys"])))

@@ -1,9 +1,6 @@
 """SAE feature steering: the edit does exactly what it says on planted SAEs, changes the policy's actions through
 the intervention mechanism, and sae/steer.py runs baseline vs steered LIBERO episodes on the same initial states."""
-import importlib.util
 import json
-import pathlib
-import sys
 
 import jax.numpy as jnp
 import numpy as np
@@ -11,9 +8,7 @@ import pytest
 
 from openpi.interp.sae.io import save_sae
 from openpi.interp.sae.model import SAESpec, SparseAutoencoder
-from openpi.interp.steering import SteeringSpec, feature_edit_fn
-
-ROOT = pathlib.Path(__file__).resolve().parents[1]
+from openpi.interp.steering import SteerArgs, SteeringSpec, feature_edit_fn, run_steering
 
 
 def _planted_sae(tmp_path, arch="topk", d_in=64, d_sae=32, k=4, scale=2.0):
@@ -78,13 +73,9 @@ def test_steering_changes_the_policy_actions(tmp_path):
 @pytest.mark.libero
 def test_steer_script_compares_on_the_same_initial_states(tmp_path):
     sae_dir, _ = _planted_sae(tmp_path)
-    spec = importlib.util.spec_from_file_location("steer_script", ROOT / "sae" / "steer.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
     out = tmp_path / "steer"
-    report = module.main(module.Args(sae=str(sae_dir), site="llm.expert1.layer.1.resid_post", feature=3,
-                                     mode="clamp", value=20.0, out=out, trials=1, max_steps=6))
+    report = run_steering(SteerArgs(sae=str(sae_dir), site="llm.expert1.layer.1.resid_post", feature=3,
+                                    mode="clamp", value=20.0, out=out, trials=1, max_steps=6))
     saved = json.loads((out / "steer.json").read_text())
     assert saved["spec"]["feature"] == 3 and len(saved["per_episode"]) == 1
     ep = saved["per_episode"][0]

@@ -15,7 +15,7 @@ CFG = {"name": "test", "width": 8}
 
 
 def _keys(episode, steps):
-    return {"run_id": "run", "suite": "libero_spatial", "task_id": 2, "episode": episode, "env_step": steps,
+    return {"run_id": "run", "suite": "libero_spatial", "task_id": 2, "episode": episode, "attempt": "a1", "env_step": steps,
             "replan_index": steps // 5, "denoise_step": 9, "token_index": -1, "span": "actions", "span_table": 0}
 
 
@@ -86,7 +86,7 @@ def test_killed_writer_leaves_readable_store_of_complete_shards(tmp_path):
         print("ready", flush=True)
         i = 0
         while True:
-            keys = {{"run_id": "r", "suite": "s", "task_id": 0, "episode": i, "env_step": np.arange(2000),
+            keys = {{"run_id": "r", "suite": "s", "task_id": 0, "episode": i, "attempt": "a", "env_step": np.arange(2000),
                     "replan_index": 0, "denoise_step": 0, "token_index": -1, "span": "", "span_table": 0}}
             w.add_span_table({{}})
             w.add("big", np.full((2000, 256), i, np.float32), keys)

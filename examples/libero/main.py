@@ -41,7 +41,7 @@ class Args:
 
     # --- additions ----------------------------------------------------------------------------------
     out_dir: str = "data/libero"
-    """Root for episodes/, frames/, results/, runs/."""
+    """Root for episodes/, frames/, results/, runs/: the folder every analysis takes as --rollouts."""
     run_id: str | None = None
     """Names this run in file names and join keys (default: <suite>-seed<seed>). Resume uses it."""
     task_ids: tuple[int, ...] | None = None

@@ -16,6 +16,8 @@ Output layout (``<out>`` = ``RolloutConfig.out_dir``, ``<stem>`` = ``<run_id>__<
 
 Episode record (``<out>/episodes/<stem>.json``), schema ``vla-interp/libero-episode/1``:
     run_id, suite, task_id, episode, init_state_index, seed: identity of the episode (episode i uses initial state i)
+    attempt: identity of this attempt at the episode (``<UTC time>-<random hex>``); store rows carry the attempt of
+        the request that produced them, so readers drop the rows of earlier attempts (a rerun after a policy error)
     prompt: instruction sent to the policy; original_prompt: the task's instruction
     success (bool): the env reported done; status: "complete" | "policy_error"
     failure_reason: null on success, "max_steps" when the step budget ran out, "policy_error: <text>" when a
@@ -31,7 +33,10 @@ Episode record (``<out>/episodes/<stem>.json``), schema ``vla-interp/libero-epis
     timing: {reset_s, env_s, policy_s, total_s, policy_calls}; finished_at: ISO 8601 UTC time
 ``env_step`` counts policy steps from 0 (the first step after settling); ``replan_index`` counts policy queries
 from 0 within the episode. Every request carries ``meta/run_id, meta/suite, meta/task_id, meta/episode,
-meta/env_step, meta/replan_index``.
+meta/attempt, meta/env_step, meta/replan_index``.
+
+The schema itself (key, stem, typed reader and writer, folder layout) lives in ``openpi.shared.records``; this
+module only produces records.
 
 Frames (``<out>/frames/<stem>.npz``, with save_frames; one row per executed step, exactly what the policy was
 or would have been sent at that step): ``agentview (T,S,S,3) uint8``, ``wrist (T,S,S,3) uint8``,
@@ -50,12 +55,11 @@ from __future__ import annotations
 import collections
 import dataclasses
 import datetime
-import glob
 import json
 import logging
 import os
 import pathlib
-import re
+import secrets
 import time
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any, Protocol
@@ -65,14 +69,11 @@ import tqdm
 
 from openpi.envs import libero_env
 from openpi.envs import perturbations as pert
-from openpi.shared.io import json_default, jsonable, read_json, save_npz_atomic, write_json_atomic
+from openpi.shared.io import jsonable, read_json, save_npz_atomic, write_json_atomic
+from openpi.shared.records import (ACTION_DIM, EPISODE_SCHEMA, RUN_SCHEMA, STATE_DIM, SUMMARY_SCHEMA, EpisodeKey,
+                                   EpisodeRecord, RecordError, RolloutDir, validate_run_id)
 
 logger = logging.getLogger(__name__)
-
-EPISODE_SCHEMA = "vla-interp/libero-episode/1"
-RUN_SCHEMA = "vla-interp/libero-run/1"
-SUMMARY_SCHEMA = "vla-interp/libero-summary/1"
-_RUN_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9.\-]*(_[A-Za-z0-9.\-]+)*$")
 
 
 class PolicyLike(Protocol):
@@ -92,6 +93,8 @@ class PolicyReplyError(ValueError):
 
 @dataclasses.dataclass(frozen=True, order=True)
 class EpisodeSpec:
+    """One planned episode of a run: an :class:`EpisodeKey` without the run id (plans are shared by runs)."""
+
     suite: str
     task_id: int
     episode: int
@@ -99,6 +102,13 @@ class EpisodeSpec:
     @property
     def init_state_index(self) -> int:
         return self.episode
+
+    def key(self, run_id: str) -> EpisodeKey:
+        return EpisodeKey(run_id, self.suite, self.task_id, self.episode)
+
+    @classmethod
+    def of(cls, key: EpisodeKey) -> EpisodeSpec:
+        return cls(key.suite, key.task_id, key.episode)
 
 
 def plan_episodes(suite: str, task_ids: Sequence[int], num_trials: int, first_trial: int = 0) -> list[EpisodeSpec]:
@@ -131,16 +141,9 @@ def shard_episodes(episodes: Sequence[EpisodeSpec], shard_index: int, num_shards
     return list(episodes[shard_index::num_shards])
 
 
-def validate_run_id(run_id: str) -> str:
-    if not _RUN_ID_RE.match(run_id) or "__" in run_id:
-        raise ValueError(
-            f"run_id {run_id!r} must use letters, digits, '.', '-', single '_' (no '__', no '/', no spaces)"
-        )
-    return run_id
-
-
-def episode_stem(run_id: str, spec: EpisodeSpec) -> str:
-    return f"{run_id}__{spec.suite}__task{spec.task_id}__ep{spec.episode}"
+def new_attempt() -> str:
+    """A fresh attempt identity: UTC time (sortable, readable) plus random hex (unique across shards/hosts)."""
+    return f"{datetime.datetime.now(datetime.timezone.utc):%Y%m%dT%H%M%SZ}-{secrets.token_hex(4)}"
 
 
 def unique_path(directory: pathlib.Path, base: str, suffix: str) -> pathlib.Path:
@@ -209,11 +212,16 @@ class RolloutConfig:
             "perturb": self.perturb.to_json(),
         }
 
+    @property
+    def rollouts(self) -> RolloutDir:
+        """The output folder as the schema lays it out (it may not exist yet)."""
+        return RolloutDir(self.out_dir, must_exist=False)
+
     def episode_json(self, spec: EpisodeSpec) -> pathlib.Path:
-        return self.out_dir / "episodes" / f"{episode_stem(self.run_id, spec)}.json"
+        return self.rollouts.episode_json(spec.key(self.run_id))
 
     def frames_npz(self, spec: EpisodeSpec) -> pathlib.Path:
-        return self.out_dir / "frames" / f"{episode_stem(self.run_id, spec)}.npz"
+        return self.rollouts.frames_npz(spec.key(self.run_id))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -249,7 +257,7 @@ def to_jsonable(obj: Any) -> Any:
 
 def check_or_write_run_config(cfg: RolloutConfig, extra: dict[str, Any] | None = None) -> dict[str, Any]:
     """Write ``<out>/runs/<run_id>.json`` or, when it exists, refuse settings that differ from the stored ones."""
-    path = cfg.out_dir / "runs" / f"{cfg.run_id}.json"
+    path = cfg.rollouts.run_json(cfg.run_id)
     settings = to_jsonable(cfg.settings())
     if path.exists():
         stored = read_json(path, "run config", hint="fix or remove it")
@@ -355,6 +363,8 @@ def _run_episode(env: libero_env.LiberoTaskEnv, policy: PolicyLike, spec: Episod
     status = "complete"
     env_s = policy_s = 0.0
     replan_index = -1
+    attempt = new_attempt()
+    key = spec.key(cfg.run_id)
 
     for env_step in range(max_steps):
         queried = not queue
@@ -376,6 +386,7 @@ def _run_episode(env: libero_env.LiberoTaskEnv, policy: PolicyLike, spec: Episod
                     "suite": spec.suite,
                     "task_id": spec.task_id,
                     "episode": spec.episode,
+                    "attempt": attempt,
                     "env_step": env_step,
                     "replan_index": replan_index,
                 },
@@ -390,7 +401,7 @@ def _run_episode(env: libero_env.LiberoTaskEnv, policy: PolicyLike, spec: Episod
                 failure, status = f"policy_error: {type(exc).__name__}: {exc}", "policy_error"
             policy_s += time.perf_counter() - t0
             if failure is not None:
-                logger.warning("%s: %s", episode_stem(cfg.run_id, spec), failure)
+                logger.warning("%s: %s", key.stem, failure)
                 break
             chunks.append({"env_step": env_step, "replan_index": replan_index, "actions": chunk})
             queue.extend(chunk[: cfg.replan_steps])
@@ -425,6 +436,7 @@ def _run_episode(env: libero_env.LiberoTaskEnv, policy: PolicyLike, spec: Episod
         "suite": spec.suite,
         "task_id": spec.task_id,
         "episode": spec.episode,
+        "attempt": attempt,
         "init_state_index": spec.init_state_index,
         "seed": cfg.seed,
         "prompt": plan.prompt,
@@ -438,8 +450,8 @@ def _run_episode(env: libero_env.LiberoTaskEnv, policy: PolicyLike, spec: Episod
         "replan_steps": cfg.replan_steps,
         "resize_size": cfg.resize_size,
         "render_every_step": cfg.render_every_step,
-        "actions": np.asarray(actions, dtype=np.float64).reshape(-1, 7),
-        "states": np.asarray(states, dtype=np.float64).reshape(-1, 8),
+        "actions": np.asarray(actions, dtype=np.float64).reshape(-1, ACTION_DIM),
+        "states": np.asarray(states, dtype=np.float64).reshape(-1, STATE_DIM),
         "chunks": chunks,
         "perturbations": {"config": cfg.perturb.to_json(), **plan.describe()},
         "objects_of_interest": env.objects_of_interest,
@@ -476,21 +488,27 @@ def _run_episode(env: libero_env.LiberoTaskEnv, policy: PolicyLike, spec: Episod
 
 
 def write_episode(result: EpisodeResult, cfg: RolloutConfig) -> dict[str, Any]:
-    """Write video (unique name), frames, then the JSON record (last: its existence marks the episode done)."""
+    """Write video (unique name), frames, then the JSON record (last: its existence marks the episode done).
+
+    The record goes through the schema's typed writer (``EpisodeRecord``), so a field the readers cannot parse
+    fails here, before anything is written, not in an analysis weeks later.
+    """
     rec = result.record
-    spec = EpisodeSpec(rec["suite"], rec["task_id"], rec["episode"])
-    stem = episode_stem(cfg.run_id, spec)
-    json_path = cfg.episode_json(spec)
+    record = EpisodeRecord.from_json(dict(rec, schema=EPISODE_SCHEMA), f"episode record of run {cfg.run_id}")
+    if record.key.run_id != cfg.run_id:
+        raise RecordError(f"episode record of run {record.key.run_id!r} written by run {cfg.run_id!r}")
+    spec = EpisodeSpec.of(record.key)
     if cfg.save_video and result.video_frames:
         tag = "success" if rec["success"] else "failure"
-        video_path = unique_path(cfg.video_dir, f"{stem}__{tag}", ".mp4")
+        video_path = unique_path(cfg.video_dir, f"{record.key.stem}__{tag}", ".mp4")
         _write_video(video_path, result.video_frames, cfg.video_fps)
         rec["video"] = _relative_or_absolute(video_path, cfg.out_dir)
     if result.frames is not None:
         frames_path = cfg.frames_npz(spec)
         save_npz_atomic(frames_path, result.frames, compress=True)
         rec["frames"] = _relative_or_absolute(frames_path, cfg.out_dir)
-    write_json_atomic(json_path, rec, indent=None, default=json_default)
+    record.raw = jsonable(rec, default=repr)
+    record.write(cfg.episode_json(spec))
     return rec
 
 
@@ -505,16 +523,14 @@ def episode_status(path: pathlib.Path) -> str:
     """'missing', 'complete' or 'policy_error' for an episode record path (unreadable records raise)."""
     if not path.exists():
         return "missing"
-    status = read_json(path, "episode record", hint="move it away to rerun the episode").get("status", "complete")
-    return str(status)
+    return EpisodeRecord.read(path).status
 
 
 def _archive_error_record(cfg: RolloutConfig, spec: EpisodeSpec) -> None:
     """Keep the record (and frames) of an episode that failed on a policy error before it is rerun."""
-    stem = episode_stem(cfg.run_id, spec)
-    err_dir = cfg.out_dir / "episodes" / "_errors"
-    err_dir.mkdir(parents=True, exist_ok=True)
-    target = unique_path(err_dir, stem, ".json")
+    rollouts = cfg.rollouts
+    rollouts.errors_dir.mkdir(parents=True, exist_ok=True)
+    target = unique_path(rollouts.errors_dir, spec.key(cfg.run_id).stem, ".json")
     os.replace(cfg.episode_json(spec), target)
     frames = cfg.frames_npz(spec)
     if frames.exists():
@@ -593,7 +609,7 @@ def evaluate(
         if env is not None and close_envs:
             env.close()
         summary = summarize(cfg.out_dir, cfg.run_id, expected if expected is not None else episodes)
-        write_json_atomic(cfg.out_dir / "results" / f"{cfg.run_id}.json", summary, indent=1)
+        write_json_atomic(cfg.rollouts.results_json(cfg.run_id), summary, indent=1)
     return summary
 
 
@@ -604,22 +620,18 @@ def _rate(successes: int, episodes: int) -> float | None:
 def summarize(out_dir: pathlib.Path, run_id: str, expected: Iterable[EpisodeSpec] | None = None) -> dict[str, Any]:
     """Success table over every episode record of ``run_id`` under ``out_dir`` (suite -> task)."""
     validate_run_id(run_id)
-    paths = sorted(glob.glob(str(pathlib.Path(out_dir) / "episodes" / f"{glob.escape(run_id)}__*.json")))
+    rollouts = RolloutDir(out_dir, must_exist=False)
     suites: dict[str, dict[str, Any]] = {}
     seen: set[EpisodeSpec] = set()
-    for p in paths:
-        rec = read_json(p, "episode record")
-        if rec.get("run_id") != run_id:
-            continue
-        seen.add(EpisodeSpec(rec["suite"], int(rec["task_id"]), int(rec["episode"])))
-        s = suites.setdefault(rec["suite"], {"episodes": 0, "successes": 0, "errors": 0, "tasks": {}})
-        t = s["tasks"].setdefault(
-            str(rec["task_id"]), {"prompt": rec.get("original_prompt"), "episodes": 0, "successes": 0, "errors": 0}
-        )
+    for rec in (rollouts.records(run_id) if rollouts.episodes_dir.is_dir() else ()):
+        seen.add(EpisodeSpec.of(rec.key))
+        s = suites.setdefault(rec.key.suite, {"episodes": 0, "successes": 0, "errors": 0, "tasks": {}})
+        t = s["tasks"].setdefault(str(rec.key.task_id), {"prompt": rec.raw.get("original_prompt"), "episodes": 0,
+                                                         "successes": 0, "errors": 0})
         for bucket in (s, t):
             bucket["episodes"] += 1
-            bucket["successes"] += int(bool(rec["success"]))
-            bucket["errors"] += int(rec.get("status") == "policy_error")
+            bucket["successes"] += int(rec.success)
+            bucket["errors"] += int(rec.status == "policy_error")
     total = {"episodes": 0, "successes": 0, "errors": 0}
     for s in suites.values():
         s["tasks"] = dict(sorted(s["tasks"].items(), key=lambda kv: int(kv[0])))

@@ -1,4 +1,4 @@
-"""PCA of executed actions, and the reader for rollout episode records.
+"""PCA of executed (or any per-row) actions, coloured by suite / task / success; library side of action_pca.py.
 
 Why: the 7-D LIBERO action (delta eef position 3, delta axis-angle rotation 3, gripper 1) mixes units;
 PCA of the standardised actions shows how many independent motion modes a policy uses and whether suites,
@@ -21,52 +21,49 @@ JSON (``action_pca.json``)::
 from __future__ import annotations
 
 import dataclasses
-import glob
+import json
 import os
 from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
 
-from openpi.shared.io import read_json
+from openpi.shared.io import write_json_atomic
+from openpi.shared.records import ACTION_DIM, ACTION_NAMES, EpisodeRecord, RecordError, RolloutDir
 
-ACTION_DIM_NAMES = ("dx", "dy", "dz", "droll", "dpitch", "dyaw", "gripper")
-REQUIRED_FIELDS = ("run_id", "suite", "task_id", "episode", "success", "actions", "states")
+REQUIRED_FIELDS = ("success",)  # besides what the record schema requires: PCA plots are coloured by it
 
 
 class ActionInputError(ValueError):
     """Bad rollout record or action array; the message names the file / field / shape."""
 
 
-def load_episode_records(directory: str) -> list[dict[str, Any]]:
-    """Read ``<dir>/episodes/*.json`` (or ``<dir>/*.json``) rollout records and validate their fields.
+def load_records(rollouts: str | os.PathLike) -> tuple[list[EpisodeRecord], list[str]]:
+    """Episode records of a rollout folder (the LIBERO client's ``--out-dir``), read with the record schema.
 
-    Checks: required fields present, ``actions`` is T x 7, ``states`` is T x 8 with the same T.
+    Returns (records with at least one executed step, stems of the records skipped because the episode executed no
+    step, e.g. a policy error at the first query). Records without ``success`` or with non-finite actions are
+    errors naming the file.
     """
-    sub = os.path.join(directory, "episodes")
-    root = sub if os.path.isdir(sub) else directory
-    if not os.path.isdir(root):
-        raise ActionInputError(f"episodes directory {directory!r} does not exist")
-    paths = sorted(glob.glob(os.path.join(root, "*.json")))
-    if not paths:
-        raise ActionInputError(f"no episode JSON files in {root!r}")
-    records = []
-    for p in paths:
-        rec = read_json(p, "episode record", error=ActionInputError)
-        missing = [k for k in REQUIRED_FIELDS if k not in rec]
+    try:
+        folder = RolloutDir(rollouts)
+        records = list(folder.records())
+    except RecordError as exc:
+        raise ActionInputError(str(exc)) from None
+    if not records:
+        raise ActionInputError(f"no episode records in {folder.episodes_dir}")
+    kept, empty = [], []
+    for rec in records:
+        missing = [k for k in REQUIRED_FIELDS if k not in rec.raw]
         if missing:
-            raise ActionInputError(f"{p}: missing fields {missing}")
-        actions = np.asarray(rec["actions"], np.float64)
-        states = np.asarray(rec["states"], np.float64)
-        if actions.ndim != 2 or actions.shape[1] != 7 or len(actions) == 0:
-            raise ActionInputError(f"{p}: 'actions' must be T x 7 with T >= 1; found shape {actions.shape}")
-        if states.ndim != 2 or states.shape[1] != 8 or len(states) != len(actions):
-            raise ActionInputError(f"{p}: 'states' must be T x 8 with T = {len(actions)} (as actions); found shape {states.shape}")
-        if not np.isfinite(actions).all():
-            raise ActionInputError(f"{p}: 'actions' contains NaN/inf at row {int(np.argwhere(~np.isfinite(actions))[0, 0])}")
-        rec = dict(rec, actions=actions, states=states, _path=p)
-        records.append(rec)
-    return records
+            raise ActionInputError(f"{rec.path}: missing fields {missing}")
+        if not np.isfinite(rec.actions).all():
+            raise ActionInputError(f"{rec.path}: 'actions' contains NaN/inf at row "
+                                   f"{int(np.argwhere(~np.isfinite(rec.actions))[0, 0])}")
+        (kept if len(rec.actions) else empty).append(rec if len(rec.actions) else rec.key.stem)
+    if not kept:
+        raise ActionInputError(f"no episode in {folder.episodes_dir} executed a step ({len(empty)} empty records)")
+    return kept, empty
 
 
 @dataclasses.dataclass
@@ -82,18 +79,20 @@ class ActionTable:
     episode_ids: list[str]
 
 
-def table_from_records(records: Sequence[dict[str, Any]]) -> ActionTable:
+def table_from_records(records: Sequence[EpisodeRecord]) -> ActionTable:
+    """Executed actions of every step of every episode, labelled by suite, task and success."""
     acts, ep, step, suite, task, succ, ids = [], [], [], [], [], [], []
     for i, r in enumerate(records):
-        T = len(r["actions"])
-        acts.append(np.asarray(r["actions"], np.float64))
+        T = len(r.actions)
+        acts.append(r.actions)
         ep.append(np.full(T, i))
         step.append(np.arange(T))
-        suite += [str(r["suite"])] * T
-        task += [f"{r['suite']}/{r['task_id']}"] * T
-        succ.append(np.full(T, bool(r["success"])))
-        ids.append(f"{r['run_id']}|{r['suite']}|{r['task_id']}|{r['episode']}")
-    return ActionTable(np.concatenate(acts), np.concatenate(ep), np.concatenate(step), np.asarray(suite), np.asarray(task), np.concatenate(succ), ids)
+        suite += [r.key.suite] * T
+        task += [f"{r.key.suite}/{r.key.task_id}"] * T
+        succ.append(np.full(T, r.success))
+        ids.append(r.key.stem)
+    return ActionTable(np.concatenate(acts), np.concatenate(ep), np.concatenate(step), np.asarray(suite),
+                       np.asarray(task), np.concatenate(succ), ids)
 
 
 def table_from_arrays(actions: np.ndarray, episode: np.ndarray | None = None, suite: np.ndarray | None = None, task: np.ndarray | None = None, success: np.ndarray | None = None) -> ActionTable:
@@ -193,9 +192,6 @@ def _color_codes(labels: np.ndarray) -> tuple[np.ndarray, list[str]]:
 
 def plot_scatter(scores: np.ndarray, labels: np.ndarray, title: str, path: str, dims: int = 2, max_points: int = 20000, seed: int = 0) -> None:
     """2-D or 3-D scatter of PC scores coloured by a label column (subsampled to ``max_points``)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     n = len(scores)
@@ -223,9 +219,6 @@ def plot_scatter(scores: np.ndarray, labels: np.ndarray, title: str, path: str, 
 
 
 def plot_explained(res: PcaResult, path: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     k = np.arange(1, len(res.explained_variance_ratio) + 1)
@@ -244,9 +237,6 @@ def plot_explained(res: PcaResult, path: str) -> None:
 
 def plot_trajectories(res: PcaResult, table: ActionTable, path: str, max_episodes: int = 12, seed: int = 0) -> None:
     """Episodes as lines in (PC1, PC2), green = success, red = failure, grey = unknown; dot marks the start."""
-    import matplotlib
-
-    matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     eps = np.unique(table.episode)
@@ -266,3 +256,79 @@ def plot_trajectories(res: PcaResult, table: ActionTable, path: str, max_episode
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+# ------------------------------------------------------------------------------------------------- run
+
+
+@dataclasses.dataclass
+class PcaArgs:
+    """Command line of action_pca.py (exactly one of --rollouts / --actions)."""
+
+    out: str = "out/action_pca"
+    """output folder."""
+    rollouts: str | None = None
+    """the LIBERO client's output folder (its --out-dir, holding episodes/): executed actions of every step."""
+    actions: str | None = None
+    """(n, D) .npy actions (instead of --rollouts), e.g. an export's actions.npy."""
+    episode_ids: str | None = None
+    """(n,) .npy episode id per row (for trajectories in PC space), e.g. an export's groups.npy."""
+    suite_labels: str | None = None
+    task_labels: str | None = None
+    success_labels: str | None = None
+    dim_names: tuple[str, ...] = ()
+    """names of the action dimensions (default: LIBERO's dx dy dz droll dpitch dyaw gripper for 7-D)."""
+    no_standardize: bool = False
+    """PCA on raw (centred) actions instead of per-dimension z-scores."""
+    max_points: int = 20000
+    """scatter plots subsample to this many rows (the PCA uses all rows)."""
+    max_episodes: int = 12
+    """episodes drawn in trajectories_pc.png."""
+    seed: int = 0
+
+
+def _optional_array(path: str | None, what: str) -> np.ndarray | None:
+    if path is None:
+        return None
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{what} file {path} not found")
+    return np.load(path, allow_pickle=False)
+
+
+def run(args: PcaArgs) -> dict[str, Any]:
+    """Validate the inputs, then write action_pca.json, the scores and the plots into ``args.out``."""
+    if (args.rollouts is None) == (args.actions is None):
+        raise ValueError("give exactly one of --rollouts or --actions")
+    skipped: list[str] = []
+    if args.rollouts is not None:
+        records, skipped = load_records(args.rollouts)
+        table = table_from_records(records)
+    else:
+        table = table_from_arrays(_optional_array(args.actions, "actions"),
+                                  _optional_array(args.episode_ids, "episode ids"),
+                                  _optional_array(args.suite_labels, "suite labels"),
+                                  _optional_array(args.task_labels, "task labels"),
+                                  _optional_array(args.success_labels, "success labels"))
+    D = table.actions.shape[1]
+    names = list(args.dim_names) or (list(ACTION_NAMES) if D == ACTION_DIM else [f"dim{j}" for j in range(D)])
+    if len(names) != D:
+        raise ValueError(f"--dim-names gives {len(names)} names for {D} action dimensions")
+    res = pca(table.actions, standardize=not args.no_standardize)
+    os.makedirs(args.out, exist_ok=True)
+    plots = ["explained_variance.png", "trajectories_pc.png"]
+    plot_explained(res, os.path.join(args.out, "explained_variance.png"))
+    plot_trajectories(res, table, os.path.join(args.out, "trajectories_pc.png"), args.max_episodes, args.seed)
+    for label, values in (("suite", table.suite), ("task", table.task), ("success", table.success)):
+        for dims in (2, 3):
+            name = f"pca{dims}d_by_{label}.png"
+            plot_scatter(res.scores, values.astype(str), f"actions in PC space, coloured by {label}",
+                         os.path.join(args.out, name), dims, args.max_points, args.seed)
+            plots.append(name)
+    np.save(os.path.join(args.out, "action_pca_scores.npy"), res.scores.astype(np.float32))
+    out = {**to_json(res, table, names, standardized=not args.no_standardize), "plots": plots,
+           "source": args.rollouts or args.actions, "skipped_empty_episodes": skipped}
+    write_json_atomic(os.path.join(args.out, "action_pca.json"), out)
+    print(json.dumps({"out": os.path.join(args.out, "action_pca.json"), "n_rows": out["n_rows"],
+                      "cumulative_explained_variance_ratio": [round(v, 4) for v in
+                                                              out["cumulative_explained_variance_ratio"]]}))
+    return out

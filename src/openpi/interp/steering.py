@@ -15,9 +15,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from openpi.models.hooks import Intervention
 from openpi.interp.sae.io import load_sae
 from openpi.interp.sae.model import jumprelu_codes, pre_activations
+from openpi.models.hooks import Intervention
+from openpi.policies.policy_config import DEFAULT_CONFIG
+from openpi.shared.records import EpisodeRecord
 
 MODES = ("ablate", "clamp", "scale")
 
@@ -67,14 +69,79 @@ class SteeringSpec:
                             fn=feature_edit_fn(self.sae_dir, self.feature, self.mode, self.value))
 
 
-def action_change(baseline: dict, steered: dict) -> dict:
+def action_change(baseline: EpisodeRecord, steered: EpisodeRecord) -> dict:
     """Per-dimension mean |delta| of the first action chunk (same initial state, seed and noise, so the only
     difference is the edit) and of the executed actions over the common length of the two episodes."""
-    first_b = np.asarray(baseline["chunks"][0]["actions"], np.float64)
-    first_s = np.asarray(steered["chunks"][0]["actions"], np.float64)
-    n = min(len(baseline["actions"]), len(steered["actions"]))
-    exec_b = np.asarray(baseline["actions"][:n], np.float64)
-    exec_s = np.asarray(steered["actions"][:n], np.float64)
+    for rec in (baseline, steered):
+        if not rec.chunks:
+            raise ValueError(f"{rec.path or rec.key.stem}: the episode has no action chunk (status {rec.status!r}, "
+                             f"{rec.raw.get('failure_reason')}); nothing to compare")
+    first_b, first_s = baseline.chunks[0].actions, steered.chunks[0].actions
+    n = min(len(baseline.actions), len(steered.actions))
+    exec_b, exec_s = baseline.actions[:n], steered.actions[:n]
     return {"first_chunk_mean_abs_delta": np.abs(first_s - first_b).mean(axis=0).tolist(),
             "executed_mean_abs_delta": np.abs(exec_s - exec_b).mean(axis=0).tolist() if n else None,
             "common_steps": n}
+
+
+@dataclasses.dataclass
+class SteerArgs:
+    """Command line of sae/steer.py: one SAE feature edited in closed-loop LIBERO episodes vs the plain policy."""
+
+    sae: str
+    site: str
+    """hook point the SAE was trained on, e.g. llm.expert1.layer.3.resid_post"""
+    feature: int
+    out: pathlib.Path
+    mode: str = "ablate"
+    """ablate | clamp (set to --value) | scale (multiply by --value)"""
+    value: float = 0.0
+    tokens: str = "actions"
+    steps: str = "all"
+    """denoising steps to edit ('all' or e.g. '0,1,2')"""
+    config: str = DEFAULT_CONFIG
+    """policy config (openpi.policies.policy_config)"""
+    checkpoint_dir: str | None = None
+    suite: str = "libero_spatial"
+    task_ids: tuple[int, ...] = (0,)
+    trials: int = 3
+    max_steps: int | None = None
+    seed: int = 7
+
+
+def run_steering(args: SteerArgs) -> dict:
+    """Baseline and steered runs on the same initial states (each a resumable rollout folder under OUT), then
+    OUT/steer.json comparing them episode by episode (schema: sae/steer.py)."""
+    from openpi.envs import rollout
+    from openpi.policies.policy_config import create_policy
+    from openpi.shared.io import write_json_atomic
+    from openpi.shared.records import RolloutDir
+
+    spec = SteeringSpec(args.sae, args.site, args.feature, args.mode, args.value, args.tokens, args.steps)
+    intervention = spec.intervention()  # validates the SAE and feature before any rollout
+    plan = rollout.plan_episodes(args.suite, list(args.task_ids), args.trials)
+    policy = create_policy(args.config, args.checkpoint_dir)
+    policy.table.validate((), (intervention,), num_steps=policy.num_steps)  # a site matching nothing: error now
+    results = {}
+    # The policy's flow-matching noise is keyed by (suite, task, episode, env step), so both runs see the same
+    # noise at the same query whatever the episode lengths: the edit is the only difference.
+    for name, interventions in (("baseline", ()), ("steered", (intervention,))):
+        cfg = rollout.RolloutConfig(run_id=name, out_dir=args.out / name, video_dir=args.out / name / "videos",
+                                    seed=args.seed, max_steps=args.max_steps)
+        with policy.hooks(interventions):
+            results[name] = rollout.evaluate(cfg, policy, plan, run_extra={"steering": dataclasses.asdict(spec)
+                                                                           if name == "steered" else None})
+    per_episode = []
+    for ep in plan:
+        records = {name: RolloutDir(args.out / name).record(ep.key(name)) for name in ("baseline", "steered")}
+        per_episode.append({"task_id": ep.task_id, "episode": ep.episode,
+                            "baseline_success": records["baseline"].success,
+                            "steered_success": records["steered"].success,
+                            **action_change(records["baseline"], records["steered"])})
+    report = {"spec": dataclasses.asdict(spec),
+              "baseline": {"success_rate": results["baseline"]["total"]["success_rate"]},
+              "steered": {"success_rate": results["steered"]["total"]["success_rate"]},
+              "per_episode": per_episode}
+    report["delta_success_rate"] = report["steered"]["success_rate"] - report["baseline"]["success_rate"]
+    write_json_atomic(args.out / "steer.json", report, indent=1)
+    return report

@@ -18,7 +18,7 @@ import json
 import pathlib
 import uuid
 import zipfile
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import numpy as np
@@ -151,6 +151,25 @@ class StoreWriter:
 Filter = dict[str, Any] | Callable[[dict[str, np.ndarray]], np.ndarray] | None
 
 
+def parse_filter(items: Sequence[str]) -> dict[str, list[str]]:
+    """Command-line filters ``COLUMN=VALUE[,VALUE...]`` (e.g. ``span=actions denoise_step=8,9``) -> {column:
+    [values]}; values are cast to the column's dtype when rows are selected."""
+    out: dict[str, list[str]] = {}
+    for item in items:
+        if "=" not in item:
+            raise ValueError(f"bad selection {item!r}: expected COLUMN=VALUE[,VALUE...]")
+        col, vals = item.split("=", 1)
+        out.setdefault(col.strip(), []).extend(v.strip() for v in vals.split(","))
+    return out
+
+
+def _values(column: np.ndarray, limit: int = 20) -> list:
+    """The distinct values of a key column, for error messages (first ``limit``)."""
+    u = np.unique(column)
+    out = [v.item() for v in u[:limit]]
+    return out + [f"... {u.size - limit} more"] if u.size > limit else out
+
+
 def _select(keys: dict[str, np.ndarray], where: Filter) -> np.ndarray:
     n = len(next(iter(keys.values())))
     if where is None:
@@ -212,6 +231,32 @@ class ActivationStore:
         if not parts:
             return {k: np.zeros(0, str if t is str else np.int64) for k, t in KEY_COLUMNS.items()}
         return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+
+    def site_info(self, site: str) -> dict:
+        """What the recorder stored about a site (request, ``hook_axes``, ``row_axes``, ``token_index`` of the kept
+        tokens for token-axis sites), so readers never guess a row layout from its shape."""
+        self._check_site(site)
+        info = self.sites[site]
+        missing = [k for k in ("request", "row_axes") if k not in info]
+        if missing:
+            raise StoreError(f"{self.root / 'store.json'}: site {site!r} has no {missing} (rows added without the "
+                             "recorder's site info, e.g. by a store older than this reader); re-record the site")
+        return info
+
+    def require_keys(self, site: str, where: Filter = None) -> dict[str, np.ndarray]:
+        """Like :meth:`keys`, but a selection that matches no row is an error naming the values that exist."""
+        keys = self.keys(site, where)
+        if len(keys["run_id"]):
+            return keys
+        if not isinstance(where, dict):
+            raise StoreError(f"no rows of site {site!r} in {self.root} match the filter")
+        everything = self.keys(site)
+        present = {c: _values(everything[c]) for c in where if c in everything}
+        unknown = [c for c in where if c not in everything]
+        if unknown:
+            raise StoreError(f"filter on unknown key column(s) {unknown}; key columns: {list(KEY_COLUMNS)}")
+        raise StoreError(f"no rows of site {site!r} in {self.root} match {where} (site has "
+                         f"{len(everything['run_id'])} rows; values present: {present})")
 
     def span_tables(self, site: str, where: Filter = None) -> list[dict]:
         """Span table of each selected row (in stream order)."""

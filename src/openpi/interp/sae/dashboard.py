@@ -12,12 +12,12 @@ Layout under the output folder (all links relative, no scripts, no network):
 from __future__ import annotations
 
 import html
-import json
 import pathlib
 
 import numpy as np
 
-ACTION_NAMES = ("x", "y", "z", "roll", "pitch", "yaw", "gripper")
+from openpi.shared.io import write_json_atomic
+from openpi.shared.records import ACTION_NAMES
 
 
 def _fmt(v, nd: int = 3) -> str:
@@ -38,7 +38,8 @@ def _table(headers: list[str], rows: list[list]) -> str:
     return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
 
 
-def _action_names(n: int) -> list[str]:
+def action_names(n: int) -> list[str]:
+    """Names of n action dimensions: LIBERO's (openpi.shared.records.ACTION_NAMES), then a7, a8, ..."""
     return list(ACTION_NAMES[:n]) + [f"a{i}" for i in range(len(ACTION_NAMES), n)]
 
 
@@ -53,9 +54,6 @@ def _page(title: str, body: str) -> str:
 
 
 def _plot_hist(path: pathlib.Path, hist: dict, feature: int) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     edges = np.asarray(hist["edges"])
@@ -75,15 +73,12 @@ def _plot_actions(path: pathlib.Path, actions: dict, feature: int) -> bool:
     win = actions.get("window_mean") or []
     if not win:
         return False
-    import matplotlib
-
-    matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     arr = np.asarray([[np.nan if v is None else v for v in row] for row in win], float)
     offs = actions["window_offsets"]
     fig, ax = plt.subplots(figsize=(5.5, 3.0))
-    for a, name in enumerate(_action_names(arr.shape[1])):
+    for a, name in enumerate(action_names(arr.shape[1])):
         ax.plot(offs, arr[:, a], label=name)
     ax.axvline(0, color="k", lw=0.8)
     ax.set_xlabel("env steps from top moment")
@@ -115,10 +110,11 @@ def feature_page(rep: dict, out: pathlib.Path, sae_name: str) -> str:
     parts.append(f"<h2>Activation histogram</h2><img src='img/hist_{f:05d}.png' alt='histogram'>")
     acts = rep.get("actions")
     if acts:
-        names = _action_names(len(acts["at_top_mean"]) or len(acts.get("corr") or []))
-        rows = [["mean at top moments", *acts["at_top_mean"]]]
+        names = action_names(len(acts["at_top_mean"]) or len(acts.get("corr") or []))
+        rows = [["mean executed at top moments", *acts["at_top_mean"]]]
         if acts.get("corr") is not None:
-            rows.append([f"correlation with activation (n={acts['corr_rows']})", *acts["corr"]])
+            rows.append([f"correlation with activation ({acts.get('label', 'predicted')} label, "
+                         f"n={acts['corr_rows']})", *acts["corr"]])
         parts.append("<h2>Executed actions</h2>" + _table(["", *names], rows))
         cl = acts["clusters"]
         if cl["centers"]:
@@ -166,5 +162,5 @@ def build_dashboard(report: dict, out_dir: str | pathlib.Path, sae_name: str, so
         + _table(["feature", "fire rate", "mean when active", "max activation", "max |corr| with actions", "top task"], rows)
     )
     (out / "index.html").write_text(_page(f"SAE features {sae_name}", body))
-    (out / "mining.json").write_text(json.dumps(report, indent=1))
+    write_json_atomic(out / "mining.json", report, indent=1)
     return out / "index.html"

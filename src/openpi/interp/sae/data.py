@@ -1,9 +1,11 @@
-"""Activation matrices, key columns, row selection and episode identities for the SAE tools.
+"""Activation matrices, key columns, row selection, attempts and action labels for the SAE tools.
 
-Rows are tied to their origin by key columns (docs/conventions.md): `run_id, suite, task_id, episode, env_step,
-replan_index, denoise_step, token_index, span`. Everything downstream joins on these keys, never on row order.
-An episode is identified by (run_id, suite, task_id, episode); its *stem* `<run_id>__<suite>__task<t>__ep<e>`
-names its rollout record `episodes/<stem>.json` and frames `frames/<stem>.npz`.
+Rows are tied to their origin by key columns (docs/conventions.md; the episode key and every column name come from
+``openpi.shared.records``). Everything downstream joins on these keys, never on row order. With a rollout folder
+(``--rollouts``: the LIBERO client's ``--out-dir``) rows are joined to the episode records through
+``openpi.interp.join``: only rows of the attempt that wrote each record are kept, and each row's action label is the
+chunk action its token predicts (``action_index`` key column, written by export_activations.py) or the action
+executed at env step + that index.
 """
 
 from __future__ import annotations
@@ -13,10 +15,13 @@ from collections.abc import Iterator, Mapping, Sequence
 
 import numpy as np
 
-from openpi.shared.io import read_json
+from openpi.interp import join
+from openpi.interp.store import parse_filter as parse_select
+from openpi.shared.records import EPISODE_COLUMNS, EpisodeKey, RolloutDir, episode_keys_of_rows
 
-EPISODE_COLUMNS = ("run_id", "suite", "task_id", "episode")
-KEY_COLUMNS = ("run_id", "suite", "task_id", "episode", "env_step", "replan_index", "denoise_step", "token_index", "span")
+__all__ = ["EPISODE_COLUMNS", "ActivationRows", "check_keys", "episode_ids", "iter_row_chunks", "load_keys",
+           "open_activations", "open_rows", "parse_select", "row_action_labels", "select_rows", "split_episodes",
+           "subset_keys"]
 Keys = dict[str, np.ndarray]
 
 
@@ -81,17 +86,6 @@ def check_keys(keys: Mapping[str, np.ndarray], n_rows: int | None, required: Seq
     return out
 
 
-def parse_select(items: Sequence[str]) -> dict[str, list[str]]:
-    """Parse CLI filters like `span=actions` or `denoise_step=9,10` into {column: [values]}."""
-    out: dict[str, list[str]] = {}
-    for item in items:
-        if "=" not in item:
-            raise ValueError(f"bad selection {item!r}: expected COLUMN=VALUE[,VALUE...]")
-        col, vals = item.split("=", 1)
-        out.setdefault(col.strip(), []).extend(v.strip() for v in vals.split(","))
-    return out
-
-
 def select_rows(keys: Mapping[str, np.ndarray], select: Mapping[str, Sequence], n_rows: int | None = None) -> np.ndarray:
     """Sorted indices of rows whose key columns match every filter (values coerced to the column dtype).
 
@@ -111,36 +105,17 @@ def select_rows(keys: Mapping[str, np.ndarray], select: Mapping[str, Sequence], 
         mask &= np.isin(column, wanted)
     idx = np.flatnonzero(mask)
     if idx.size == 0:
-        raise ValueError(f"empty selection: no row matches {dict(select)} (out of {n_rows} rows)")
+        present = {c: [v.item() for v in np.unique(keys[c])[:20]] for c in select}
+        raise ValueError(f"empty selection: no row matches {dict(select)} (out of {n_rows} rows; values present: "
+                         f"{present})")
     return idx
 
 
-def episode_stem(run_id: str, suite: str, task_id: int, episode: int) -> str:
-    """File stem of an episode's rollout record (docs/conventions.md)."""
-    return f"{run_id}__{suite}__task{int(task_id)}__ep{int(episode)}"
-
-
-def episode_ids(keys: Mapping[str, np.ndarray]) -> tuple[np.ndarray, list[str]]:
-    """Integer episode id per row and the stem of each id (ids ordered by sorted stem)."""
+def episode_ids(keys: Mapping[str, np.ndarray]) -> tuple[np.ndarray, list[EpisodeKey]]:
+    """Integer episode id per row and the key of each id (``openpi.shared.records.episode_keys_of_rows``, after
+    checking the key columns)."""
     check_keys(keys, None, EPISODE_COLUMNS)
-    cols = [np.asarray(keys[c]) for c in EPISODE_COLUMNS]
-    n = len(cols[0])
-    if n == 0:
-        return np.zeros(0, np.int64), []
-    # Unique over the 4-tuple without building a string per row.
-    codes = []
-    uniques = []
-    for c in cols:
-        u, inv = np.unique(c, return_inverse=True)
-        uniques.append(u)
-        codes.append(inv.astype(np.int64))
-    combo = np.stack(codes, axis=1)
-    uc, inv = np.unique(combo, axis=0, return_inverse=True)
-    stems = [episode_stem(str(uniques[0][a]), str(uniques[1][b]), int(uniques[2][c]), int(uniques[3][d])) for a, b, c, d in uc]
-    order = np.argsort(stems, kind="stable")
-    rank = np.empty_like(order)
-    rank[order] = np.arange(len(order))
-    return rank[inv.reshape(-1)], [stems[i] for i in order]
+    return episode_keys_of_rows(keys)
 
 
 def split_episodes(n_episodes: int, fractions: Sequence[float], seed: int) -> np.ndarray:
@@ -178,11 +153,14 @@ class ActivationRows:
 
     `keys` holds the key columns of the selected rows only (position i = i-th selected row); `iterate(chunk)`
     streams `(positions, X float32)` in order. Another backend (the activation store) only needs the same
-    attributes (`keys`, `n`, `d`, `iterate`).
+    attributes (`keys`, `n`, `d`, `iterate`). `rollouts` is the rollout folder the rows were joined with (None
+    without one) and `attempts` which rows of earlier attempts were dropped.
     """
 
-    def __init__(self, x: np.ndarray, rows: np.ndarray, keys: Keys, name: str = "activations") -> None:
+    def __init__(self, x: np.ndarray, rows: np.ndarray, keys: Keys, name: str = "activations",
+                 rollouts: RolloutDir | None = None, attempts: join.AttemptSelection | None = None) -> None:
         self.x, self.rows, self.keys, self.name = x, np.asarray(rows, np.int64), keys, name
+        self.rollouts, self.attempts = rollouts, attempts
 
     @property
     def n(self) -> int:
@@ -201,77 +179,37 @@ class ActivationRows:
             yield pos, np.asarray(block, np.float32)
 
 
-def open_rows(activations: str | pathlib.Path, keys_path: str | pathlib.Path, select: Sequence[str] = (), required: Sequence[str] = EPISODE_COLUMNS + ("env_step",)) -> ActivationRows:
-    """Memory-mapped activations + key columns (+ optional COLUMN=VALUE filters), validated against each other."""
+def open_rows(activations: str | pathlib.Path, keys_path: str | pathlib.Path, select: Sequence[str] = (),
+              rollouts: str | pathlib.Path | None = None,
+              required: Sequence[str] = EPISODE_COLUMNS + ("env_step",)) -> ActivationRows:
+    """Memory-mapped activations + key columns (+ optional COLUMN=VALUE filters), validated against each other.
+
+    With ``rollouts`` only rows of the attempt that wrote each episode's record are kept (the number dropped is in
+    ``rows.attempts``); without, an episode with rows of two attempts is an error.
+    """
     x = open_activations(activations)
     keys = load_keys(keys_path, x.shape[0], required)
     rows = select_rows(keys, parse_select(select), x.shape[0]) if select else np.arange(x.shape[0])
-    return ActivationRows(x, rows, subset_keys(keys, rows), name=str(activations))
+    folder = join.open_rollouts(rollouts)
+    selected = subset_keys(keys, rows)
+    attempts = join.select_attempts(selected, folder, str(activations))
+    rows = rows[attempts.keep]
+    return ActivationRows(x, rows, subset_keys(keys, rows), str(activations), folder, attempts)
 
 
-class EpisodeRecords:
-    """Rollout records `<episodes_dir>/<stem>.json` (docs/conventions.md), loaded lazily and cached.
-
-    Executed actions are indexed by env step: `actions[t]` is the action executed at env step t.
-    """
-
-    def __init__(self, episodes_dir: str | pathlib.Path) -> None:
-        self.dir = pathlib.Path(episodes_dir)
-        if not self.dir.is_dir():
-            raise FileNotFoundError(f"episodes directory not found: {self.dir}")
-        self._cache: dict[str, dict] = {}
-
-    def path(self, stem: str) -> pathlib.Path:
-        return self.dir / f"{stem}.json"
-
-    def has(self, stem: str) -> bool:
-        return self.path(stem).is_file()
-
-    def record(self, stem: str) -> dict:
-        if stem not in self._cache:
-            p = self.path(stem)
-            rec = read_json(p, f"rollout record for episode {stem}")
-            acts = np.asarray(rec.get("actions", []), np.float64)
-            if acts.ndim != 2 or acts.shape[0] == 0:
-                raise ValueError(f"{p}: 'actions' must be a non-empty T x action_dim list, found shape {acts.shape}")
-            rec["_actions"] = acts
-            self._cache[stem] = rec
-        return self._cache[stem]
-
-    def actions(self, stem: str) -> np.ndarray:
-        return self.record(stem)["_actions"]
-
-    def prompt(self, stem: str) -> str:
-        return str(self.record(stem).get("prompt", ""))
-
-
-def row_actions(ep_ids: np.ndarray, stems: Sequence[str], env_step: np.ndarray, records: EpisodeRecords, strict: bool = True) -> np.ndarray:
-    """Executed action at each row's (episode, env_step): (N, action_dim), joined on keys.
-
-    Raises (strict) when an episode has no record or an env step lies outside its actions; otherwise fills NaN.
-    """
-    ep_ids = np.asarray(ep_ids)
-    env_step = np.asarray(env_step, np.int64)
-    out = None
-    for e in np.unique(ep_ids):
-        stem = stems[e]
-        if not records.has(stem):
-            if strict:
-                raise FileNotFoundError(f"no rollout record for episode {stem} (expected {records.path(stem)})")
-            continue
-        acts = records.actions(stem)
-        if out is None:
-            out = np.full((len(ep_ids), acts.shape[1]), np.nan)
-        if acts.shape[1] != out.shape[1]:
-            raise ValueError(f"{records.path(stem)}: action dimension {acts.shape[1]} differs from other episodes ({out.shape[1]})")
-        m = ep_ids == e
-        steps = env_step[m]
-        bad = (steps < 0) | (steps >= acts.shape[0])
-        if bad.any() and strict:
-            raise ValueError(f"{records.path(stem)}: env_step {int(steps[bad][0])} outside the {acts.shape[0]} recorded actions")
-        vals = np.full((steps.size, acts.shape[1]), np.nan)
-        vals[~bad] = acts[steps[~bad]]
-        out[m] = vals
-    if out is None:
-        raise FileNotFoundError(f"none of the {len(np.unique(ep_ids))} episodes has a rollout record in {records.dir}")
-    return out
+def row_action_labels(rows: ActivationRows, label: str) -> tuple[np.ndarray, dict]:
+    """(n, 7) action label of every row (NaN where it does not exist) and a description of the rule, from the
+    episode records of ``rows.rollouts`` (see ``openpi.interp.join``)."""
+    if label not in join.LABELS:
+        raise ValueError(f"unknown action label {label!r}; choose from {list(join.LABELS)}")
+    if rows.rollouts is None:
+        raise ValueError("action labels need the rollout folder: pass --rollouts (the LIBERO client's --out-dir)")
+    if "action_index" in rows.keys:
+        aidx = np.asarray(rows.keys["action_index"], np.int64)
+    elif "token_index" in rows.keys and (np.asarray(rows.keys["token_index"]) >= 0).any():
+        raise KeyError(f"{rows.name}: the keys have token rows but no 'action_index' column, so which chunk action "
+                       "each token predicts is unknown; export the rows with export_activations.py")
+    else:
+        aidx = np.full(rows.n, -1, np.int64)
+    labels = join.row_labels(rows.keys, aidx, rows.rollouts, rows.name)
+    return labels.get(label), {"label": label, **labels.rule()}

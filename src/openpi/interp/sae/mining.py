@@ -3,8 +3,9 @@
 Two streaming passes over the activation rows (memory: a few arrays of size d_sae x small, plus a bounded
 candidate pool per mined feature):
 
-1. `feature_stats`: per latent, firing count, activation sums and max, sums against the executed action of
-   each row (for correlations) and per-task / per-prompt sums.
+1. `feature_stats`: per latent, firing count, activation sums and max, sums against the action label of each
+   row (for correlations; `MiningConfig.label`: the chunk action the row's token predicts, default, or the action
+   executed at env step + that index; rule: openpi.interp.join) and per-task / per-prompt sums.
 2. `top_moments`: for the chosen features, an exact top-activating *moment* list with non-max suppression,
    plus activation histograms.
 
@@ -14,15 +15,17 @@ denoising steps). Non-max suppression, greedy by activation: a moment is kept un
 away. The streaming pool keeps, per feature, the top `top_n * C` moments with at most C per episode,
 C = max_per_episode * max(1, 2 * min_step_gap - 1); greedy NMS over this pool equals NMS over all moments.
 
-Report (JSON-able dict, `mine`): {"n_rows", "n_episodes", "config", "features": [FeatureReport]}, where each
+Report (JSON-able dict, `mine`): {"n_rows", "n_episodes", "config", "label_rule" (with rollouts),
+"dropped_stale_rows", "features": [FeatureReport]}, where each
 FeatureReport has
   feature, fire_count, fire_rate (fraction of rows with a non-zero code), mean_when_active, max_activation,
   top: [{rank, activation, stem, run_id, suite, task_id, episode, env_step, row (position among the selected
         rows), token_index, span, denoise_step, replan_index (those present in the keys)}],
   hist: {edges, counts (non-zero activations), zeros},
-  actions (when rollout records are given): {at_top_mean (action_dim), window_offsets, window_mean
-        (offsets x action_dim, NaN where outside episodes), corr (Pearson correlation over all rows with an
-        action, of the activation, zeros included, with each action dimension), corr_rows, clusters:
+  actions (when rollout records are given): {at_top_mean (action_dim): mean executed action at the top
+        moments, window_offsets, window_mean (offsets x action_dim: mean executed action at env step + offset,
+        NaN where outside episodes), label (which action label `corr` uses), corr (Pearson correlation over all
+        rows with a label, of the activation, zeros included, with each action dimension), corr_rows, clusters:
         {centers, sizes, labels (cluster of each top moment)}},
   tasks: [{suite, task_id, n_rows, fire_rate, mean_activation}] sorted by mean_activation (desc),
   prompts (when rollout records are given): [{prompt, n_rows, fire_rate, mean_activation}] sorted likewise.
@@ -38,8 +41,10 @@ import numpy as np
 import scipy.sparse as sp
 import tqdm
 
+from openpi.interp.join import LABELS
 from openpi.interp.sae import data as sae_data
 from openpi.shared.io import finite_floats
+from openpi.shared.records import EpisodeKey, RolloutDir
 
 SORT_KEYS = ("fire_rate", "max_activation", "mean_when_active", "action_corr")
 
@@ -60,10 +65,15 @@ class MiningConfig:
     """Bins of the activation histogram (0 to the feature's max)."""
     chunk_rows: int = 4096
     """Rows encoded per chunk."""
+    label: str = "predicted"
+    """Action label the correlations use: predicted (the chunk action the row's token predicts) or executed (the
+    action executed at env step + token index; rows whose action was never executed are left out)."""
 
     def __post_init__(self) -> None:
         if self.top_n < 1 or self.max_per_episode < 1 or self.min_step_gap < 0 or self.window < 0:
             raise ValueError(f"invalid mining config {self}")
+        if self.label not in LABELS:
+            raise ValueError(f"unknown action label {self.label!r}; choose from {list(LABELS)}")
 
     @property
     def per_episode_cap(self) -> int:
@@ -180,7 +190,7 @@ def feature_score(st: FeatureStats, sort_by: str) -> np.ndarray:
     if sort_by == "action_corr":
         c = st.corr()
         if c is None:
-            raise ValueError("sorting by action_corr needs executed actions (--episodes-dir)")
+            raise ValueError("sorting by action_corr needs action labels (--rollouts)")
         return np.abs(c).max(axis=1)
     raise ValueError(f"unknown sort statistic {sort_by!r}; expected one of {SORT_KEYS}")
 
@@ -272,7 +282,8 @@ def nms(entries: dict[str, np.ndarray], steps: np.ndarray, cfg: MiningConfig) ->
 
 def top_moments(sae, rows, features: np.ndarray, max_act: np.ndarray, cfg: MiningConfig, progress: bool = True) -> tuple[dict[int, list[dict]], dict[int, dict]]:
     """Pass 2: (feature -> top moments after NMS, feature -> histogram) for the chosen `features`."""
-    ep, stems = sae_data.episode_ids(rows.keys)
+    ep, ep_keys = sae_data.episode_ids(rows.keys)
+    stems = [k.stem for k in ep_keys]
     env_step = np.asarray(rows.keys["env_step"], np.int64)
     stride = int(env_step.max() - env_step.min()) + 1
     moment_of_row = ep * stride + (env_step - env_step.min())
@@ -327,11 +338,11 @@ def top_moments(sae, rows, features: np.ndarray, max_act: np.ndarray, cfg: Minin
 # ----------------------------------------------------------------------------------------------------
 # Summaries
 # ----------------------------------------------------------------------------------------------------
-def action_windows(tops: list[dict], records: sae_data.EpisodeRecords, window: int) -> np.ndarray:
+def action_windows(tops: list[dict], rollouts: RolloutDir, window: int) -> np.ndarray:
     """(n_top, 2 * window + 1, action_dim) executed actions around each top moment (NaN outside episodes)."""
     out = []
     for t in tops:
-        acts = records.actions(t["stem"])
+        acts = rollouts.record(EpisodeKey.of(t)).actions
         w = np.full((2 * window + 1, acts.shape[1]), np.nan)
         for o in range(-window, window + 1):
             s = t["env_step"] + o
@@ -355,9 +366,10 @@ def kmeans_actions(points: np.ndarray, n_clusters: int, seed: int = 0) -> dict:
     return {"centers": km.cluster_centers_.tolist(), "sizes": np.bincount(km.labels_, minlength=k).tolist(), "labels": labels.tolist()}
 
 
-def action_summary(tops: list[dict], records: sae_data.EpisodeRecords, corr_row: np.ndarray | None, n_y: int, cfg: MiningConfig) -> dict:
-    """Actions around a feature's top moments: mean at the moment, mean window, correlation, clusters."""
-    win = action_windows(tops, records, cfg.window)
+def action_summary(tops: list[dict], rollouts: RolloutDir, corr_row: np.ndarray | None, n_y: int, cfg: MiningConfig) -> dict:
+    """Actions around a feature's top moments: mean executed action at the moment, mean window, correlation of the
+    activation with the rows' action label, clusters."""
+    win = action_windows(tops, rollouts, cfg.window)
     at = win[:, cfg.window] if len(tops) else np.zeros((0, 0))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN columns (moments at episode edges)
@@ -367,6 +379,7 @@ def action_summary(tops: list[dict], records: sae_data.EpisodeRecords, corr_row:
         "at_top_mean": finite_floats(at_mean),
         "window_offsets": list(range(-cfg.window, cfg.window + 1)),
         "window_mean": finite_floats(win_mean),
+        "label": cfg.label,
         "corr": None if corr_row is None else corr_row.tolist(),
         "corr_rows": n_y,
         "clusters": kmeans_actions(at, cfg.n_clusters) if at.size else {"centers": [], "sizes": [], "labels": []},
@@ -394,9 +407,9 @@ def task_groups(keys: dict[str, np.ndarray]) -> tuple[np.ndarray, list[dict]]:
     return g.reshape(-1), [{"suite": str(s), "task_id": int(t)} for s, t in pairs]
 
 
-def prompt_groups(ep: np.ndarray, stems: Sequence[str], records: sae_data.EpisodeRecords) -> tuple[np.ndarray, list[dict]]:
+def prompt_groups(ep: np.ndarray, ep_keys: Sequence[EpisodeKey], rollouts: RolloutDir) -> tuple[np.ndarray, list[dict]]:
     """Group index per row by the episode's prompt (from its rollout record)."""
-    prompts = [records.prompt(s) if records.has(s) else "" for s in stems]
+    prompts = [rollouts.record(k).prompt for k in ep_keys]
     uniq, inv = np.unique(np.asarray(prompts, dtype=str), return_inverse=True)
     return inv.reshape(-1)[ep], [{"prompt": str(p)} for p in uniq]
 
@@ -408,25 +421,26 @@ def mine(
     sae,
     rows,
     cfg: MiningConfig,
-    records: sae_data.EpisodeRecords | None = None,
     features: Sequence[int] | None = None,
     sort_by: str = "fire_rate",
     num_features: int = 64,
     progress: bool = True,
 ) -> dict:
-    """Full mining report (see module docstring) for the chosen features of `sae` over `rows`."""
+    """Full mining report (see module docstring) for the chosen features of `sae` over `rows`; actions and prompts
+    come from `rows.rollouts` when the rows were opened with a rollout folder."""
     if rows.n == 0:
         raise ValueError("empty selection: no activation rows to mine")
     if rows.d != sae.spec.d_in:
         raise ValueError(f"{rows.name}: activations have d={rows.d} but the SAE expects d_in={sae.spec.d_in}")
-    ep, stems = sae_data.episode_ids(rows.keys)
-    y = None
+    ep, ep_keys = sae_data.episode_ids(rows.keys)
+    rollouts = getattr(rows, "rollouts", None)
+    y, label_rule = None, None
     groups = {}
     g_task, task_labels = task_groups(rows.keys)
     groups["task"] = g_task
-    if records is not None:
-        y = sae_data.row_actions(ep, stems, rows.keys["env_step"], records, strict=False)
-        g_prompt, prompt_labels = prompt_groups(ep, stems, records)
+    if rollouts is not None:
+        y, label_rule = sae_data.row_action_labels(rows, cfg.label)
+        g_prompt, prompt_labels = prompt_groups(ep, ep_keys, rollouts)
         groups["prompt"] = g_prompt
     st = feature_stats(sae, rows, y, groups, cfg.chunk_rows, progress)
     chosen = choose_features(st, sort_by, num_features, features)
@@ -445,14 +459,17 @@ def mine(
             "hist": hists[f],
             "tasks": group_table(st, "task", f, task_labels),
         }
-        if records is not None:
-            rep["actions"] = action_summary(rep["top"], records, None if corr is None else corr[f], st.n_y, cfg)
+        if rollouts is not None:
+            rep["actions"] = action_summary(rep["top"], rollouts, None if corr is None else corr[f], st.n_y, cfg)
             rep["prompts"] = group_table(st, "prompt", f, prompt_labels)
         out.append(rep)
+    attempts = getattr(rows, "attempts", None)
     return {
         "n_rows": rows.n,
-        "n_episodes": len(stems),
+        "n_episodes": len(ep_keys),
         "sort_by": sort_by if not features else "given",
         "config": dataclasses.asdict(cfg),
+        "label_rule": label_rule,
+        "dropped_stale_rows": 0 if attempts is None else attempts.dropped,
         "features": out,
     }

@@ -1,7 +1,9 @@
-"""Action readout from SAE codes: ridge regression codes -> executed actions on an episode-grouped split.
+"""Action readout from SAE codes: ridge regression codes -> action labels on an episode-grouped split.
 
 Protocol (`score_readout`):
-* rows are joined to the executed action at their (episode, env_step); rows without an action are dropped;
+* rows are joined to their action label (`ScoringConfig.label`, rule in openpi.interp.join): `predicted` (default)
+  = the chunk action the row's token predicts (action j of the chunk returned at the row's env step), `executed`
+  = the action executed at env step + j; rows without a label (an action never executed) are dropped;
 * episodes (not rows) are split train / validation / test with a seeded permutation;
 * features (SAE codes, or raw activations for the baseline) are standardised with training statistics
   (constant features dropped), targets centred with the training mean;
@@ -14,7 +16,7 @@ Metrics per action dimension on a split: R^2 = 1 - SSE / sum (y - mean_split(y))
 dimension). MCC = (TP TN - FP FN) / sqrt((TP+FP)(TP+FN)(TN+FP)(TN+FN)), 0 when a margin is empty.
 
 Result dict: {n_rows: {train, val, test}, n_episodes: {...}, n_features_used, lambda (chosen, per dim),
-lambdas (grid), val_r2_per_lambda (grid x dim), train / val / test: SplitMetrics, shuffled_labels}, with SplitMetrics =
+lambdas (grid), val_r2_per_lambda (grid x dim), train / val / test: SplitMetrics, shuffled_labels, label}, with SplitMetrics =
 {r2 (per dim), r2_mean, mcc_sign (per dim), mcc_sign_mean, mcc_median (per dim), mcc_median_mean, n}.
 """
 
@@ -29,6 +31,7 @@ import scipy.sparse as sp
 import scipy.sparse.linalg as spla
 import tqdm
 
+from openpi.interp.join import LABELS
 from openpi.interp.sae import data as sae_data
 from openpi.shared.io import finite_floats
 
@@ -49,6 +52,13 @@ class ScoringConfig:
     """Use an eigendecomposition of the Gram matrix up to this many features, conjugate gradients above."""
     shuffle_labels: bool = False
     """Control: permute training targets across rows (the readout should then score R^2 <= ~0)."""
+    label: str = "predicted"
+    """Action label to read out: predicted (the chunk action the row's token predicts) or executed (the action
+    executed at env step + token index, where it was executed)."""
+
+    def __post_init__(self) -> None:
+        if self.label not in LABELS:
+            raise ValueError(f"unknown action label {self.label!r}; choose from {list(LABELS)}")
 
 
 # A feature stream yields (positions into the row table, features of those rows as dense or sparse matrix).
@@ -105,7 +115,7 @@ def score_readout(
     y = np.asarray(y, np.float64)
     ok = np.isfinite(y).all(axis=1)
     if not ok.any():
-        raise ValueError("no row has an executed action: nothing to score (check --episodes-dir and the keys)")
+        raise ValueError(f"no row has a {cfg.label} action label: nothing to score (check --rollouts and the keys)")
     ep = np.asarray(ep, np.int64)
     uniq_eps = np.unique(ep[ok])
     ep_split = sae_data.split_episodes(uniq_eps.size, cfg.fractions, cfg.seed)
@@ -240,4 +250,5 @@ def score_readout(
         "val": pack("val"),
         "test": pack("test"),
         "shuffled_labels": cfg.shuffle_labels,
+        "label": cfg.label,
     }

@@ -15,33 +15,34 @@ from collections.abc import Iterable, Iterator
 
 import numpy as np
 
+from openpi.interp.episode_frames import EpisodeFrames, frames_path
 from openpi.interp.sae.io import load_sae
 from openpi.models.hooks import Intervention
-from openpi.shared.io import read_json
+from openpi.shared.records import RolloutDir
 
 
 def observations_from_rollouts(rollouts_dir: str | pathlib.Path, max_obs: int | None = None) -> Iterator[dict]:
     """Policy observations at every queried step of every recorded episode with saved frames (exactly the frames
     and state the policy was sent; the prompt from the episode record)."""
-    root = pathlib.Path(rollouts_dir)
+    rollouts = RolloutDir(rollouts_dir)
     count = 0
-    for rec_path in sorted((root / "episodes").glob("*.json")):
-        rec = read_json(rec_path, "episode record")
-        frames_path = root / "frames" / f"{rec_path.stem}.npz"
-        if not frames_path.is_file():
+    for rec in rollouts.records():
+        path = frames_path(rollouts, rec)
+        if not path.is_file():
             continue
-        with np.load(frames_path) as z:
-            steps = np.flatnonzero(z["queried"])
-            for t in steps:
-                step = int(z["env_step"][t])
-                yield {"observation/image": z["agentview"][t], "observation/wrist_image": z["wrist"][t],
-                       "observation/state": np.asarray(rec["states"][step], np.float32), "prompt": rec["prompt"]}
-                count += 1
-                if max_obs is not None and count >= max_obs:
-                    return
+        frames = EpisodeFrames.load(path)
+        rows = np.flatnonzero(frames.queried) if frames.queried is not None else np.arange(len(frames.env_step))
+        for t in rows:
+            step = int(frames.env_step[t])
+            yield {"observation/image": frames.images["base_0_rgb"][t],
+                   "observation/wrist_image": frames.images["left_wrist_0_rgb"][t],
+                   "observation/state": np.asarray(rec.states[step], np.float32), "prompt": rec.prompt}
+            count += 1
+            if max_obs is not None and count >= max_obs:
+                return
     if count == 0:
-        raise FileNotFoundError(f"no recorded observations in {root} (need episodes/*.json with frames/*.npz; "
-                                "run the LIBERO client with --save-frames)")
+        raise FileNotFoundError(f"no recorded observations in {rollouts.root} (need episodes/*.json with "
+                                "frames/*.npz; run the LIBERO client with --save-frames)")
 
 
 def action_error_recovered(policy, sae_dir: str | pathlib.Path, site: str, observations: Iterable[dict], *,

@@ -1,21 +1,21 @@
 """Synthetic data with planted answers, for tests and benchmarks of the SAE tools.
 
 * `planted_dictionary`: rows = sparse non-negative combinations of known unit atoms + a large mean + noise.
-* `planted_rollouts`: episodes with key columns, executed actions, frames and prompts on disk (the layout of
-  docs/conventions.md) whose activations are built from orthonormal atoms with planted behaviour:
-  atom 0 follows the x action (relu(2 * a_x)), atom 1 fires only in task 1, atom 2 fires at env step
+* `planted_rollouts`: a rollout folder (episode records with chunks and attempts, frames) plus activation rows
+  with their key columns (as export_activations.py writes them, `action_index` included) whose activations are
+  built from orthonormal atoms with planted behaviour: atom 0 of action token j follows the x of the chunk action
+  that token predicts (relu(2 * chunk_t[j, x])), atom 1 fires only in task 1, atom 2 fires at env step
   `event_step` of every episode (decaying over a few steps), the other atoms fire at random.
 """
 
 from __future__ import annotations
 
-import json
 import pathlib
 
 import numpy as np
 
-from openpi.interp.sae import data as sae_data
 from openpi.interp.sae import model as sae_model
+from openpi.shared.records import KEY_COLUMNS, EpisodeKey, EpisodeRecord
 
 
 def planted_dictionary(d: int = 48, n_atoms: int = 96, rows: int = 20000, active: int = 4, seed: int = 0, offset: float = 3.0, noise: float = 0.01) -> tuple[np.ndarray, np.ndarray]:
@@ -58,8 +58,10 @@ def planted_rollouts(
 ) -> dict:
     """Write `root/activations.npy`, `root/keys.npz`, `root/episodes/*.json`, `root/frames/*.npz`.
 
-    Rows are ordered randomly (so nothing may rely on row order). Frames encode (episode, env_step) in their
-    pixels: red = episode index, green = env step. Returns paths, atoms, codes and per-row ground truth.
+    The policy is queried at every step and returns a chunk of `tokens` actions: action j of the chunk at t is the
+    executed action of step t + j (the last one repeated past the end), so the executed action of step t is chunk
+    action 0. Rows are ordered randomly (so nothing may rely on row order). Frames encode (episode, env_step) in
+    their pixels: red = episode index, green = env step. Returns paths, atoms, codes and per-row ground truth.
     """
     root = pathlib.Path(root)
     (root / "episodes").mkdir(parents=True, exist_ok=True)
@@ -67,44 +69,54 @@ def planted_rollouts(
     rng = np.random.default_rng(seed)
     atoms = orthonormal_atoms(n_atoms, d, seed)
     prompts = {0: "pick up the bowl", 1: "open the drawer", 2: "turn on the stove"}
-    cols: dict[str, list] = {c: [] for c in sae_data.KEY_COLUMNS}
+    cols: dict[str, list] = {c: [] for c in [*KEY_COLUMNS, "action_index"]}
     codes_list, x_list = [], []
     for e in range(n_episodes):
-        suite = "libero_spatial" if e % 2 == 0 else "libero_goal"
-        task = e % 3
-        run_id = "runA"
+        key = EpisodeKey("runA", "libero_spatial" if e % 2 == 0 else "libero_goal", e % 3, e)
+        attempt = f"attempt-{e}"
         t = np.arange(steps)
         phase = rng.uniform(0, 2 * np.pi, size=7)
         acts = 0.8 * np.sin(t[:, None] / 5.0 + phase[None, :])
         acts[:, 6] = np.where(np.sin(t / 7.0 + phase[6]) > 0, 1.0, -1.0)
-        stem = sae_data.episode_stem(run_id, suite, task, e)
-        rec = {"run_id": run_id, "suite": suite, "task_id": task, "episode": e, "prompt": prompts[task], "success": bool(e % 4 != 0), "steps": steps, "seed": seed, "init_state_index": e, "actions": acts.tolist(), "chunks": [], "states": np.zeros((steps, 8)).tolist(), "failure_reason": None}
-        (root / "episodes" / f"{stem}.json").write_text(json.dumps(rec))
+        chunks = np.stack([acts[np.minimum(t + j, steps - 1)] for j in range(tokens)], axis=1)  # (steps, tokens, 7)
+        rec = EpisodeRecord(key=key, attempt=attempt, success=bool(e % 4 != 0), status="complete", steps=steps,
+                            actions=acts, states=np.zeros((steps, 8)), chunks=[], prompt=prompts[key.task_id],
+                            original_prompt=prompts[key.task_id],
+                            raw={"seed": seed, "init_state_index": e, "failure_reason": None})
+        rec = EpisodeRecord.from_json(rec.to_json() | {"chunks": [
+            {"env_step": int(s), "replan_index": int(s), "actions": chunks[s].tolist()} for s in t]})
+        rec.write(root / "episodes" / f"{key.stem}.json")
         img = np.zeros((steps, frame_size, frame_size, 3), np.uint8)
         img[..., 0] = e
         img[..., 1] = t[:, None, None]
-        np.savez(root / "frames" / f"{stem}.npz", agentview=img, wrist=img[..., ::-1].copy(), env_step=t, agentview_seg=np.zeros((steps, frame_size, frame_size), np.int32), wrist_seg=np.zeros((steps, frame_size, frame_size), np.int32))
+        np.savez(root / "frames" / f"{key.stem}.npz", agentview=img, wrist=img[..., ::-1].copy(), env_step=t,
+                 agentview_seg=np.zeros((steps, frame_size, frame_size), np.int32),
+                 wrist_seg=np.zeros((steps, frame_size, frame_size), np.int32))
         for tok in range(tokens):
             c = np.zeros((steps, n_atoms), np.float32)
-            c[:, 0] = np.maximum(0.0, 2.0 * acts[:, 0])
-            if task == 1:
+            c[:, 0] = np.maximum(0.0, 2.0 * chunks[:, tok, 0])
+            if key.task_id == 1:
                 c[:, 1] = 1.0 + 0.1 * tok
             c[:, 2] = np.where(t >= event_step, 3.0 * np.exp(-(t - event_step) / 1.5), 0.0) * (1.0 + 0.05 * e)
             rnd = rng.random((steps, n_atoms - 3)) < 0.15
             c[:, 3:] = rnd * rng.uniform(0.3, 1.0, size=rnd.shape)
             codes_list.append(c)
             x_list.append(c @ atoms + 0.001 * rng.normal(size=(steps, d)))
-            for name, val in (("run_id", run_id), ("suite", suite), ("task_id", task), ("episode", e), ("replan_index", 0), ("denoise_step", 9), ("span", "actions")):
+            for name, val in (("run_id", key.run_id), ("suite", key.suite), ("task_id", key.task_id),
+                              ("episode", e), ("attempt", attempt), ("denoise_step", 9), ("span", "actions"),
+                              ("token_index", ACTIONS_START + tok), ("action_index", tok), ("span_table", 0)):
                 cols[name].extend([val] * steps)
             cols["env_step"].extend(t.tolist())
-            cols["token_index"].extend([tok] * steps)
+            cols["replan_index"].extend(t.tolist())
     codes = np.concatenate(codes_list)
     x = np.concatenate(x_list).astype(np.float32)
     perm = rng.permutation(x.shape[0])
     keys = {c: np.asarray(v)[perm] for c, v in cols.items()}
-    keys["run_id"] = keys["run_id"].astype("U16")
-    keys["suite"] = keys["suite"].astype("U32")
-    keys["span"] = keys["span"].astype("U16")
     np.save(root / "activations.npy", x[perm])
     np.savez(root / "keys.npz", **keys)
-    return {"activations": root / "activations.npy", "keys": root / "keys.npz", "episodes": root / "episodes", "frames": root / "frames", "atoms": atoms, "codes": codes[perm], "event_step": event_step}
+    return {"activations": root / "activations.npy", "keys": root / "keys.npz", "rollouts": root,
+            "episodes": root / "episodes", "frames": root / "frames", "atoms": atoms, "codes": codes[perm],
+            "event_step": event_step}
+
+
+ACTIONS_START = 785  # joint-sequence index of the first action token (Pi0 with 3 cameras and 48 prompt tokens)
