@@ -2,9 +2,11 @@
 
     # tiny CPU model (pi0_tiny_spatial, the default) from scratch on generated demos
     python scripts/train.py --demo-dirs data/demos/libero_spatial --out-dir checkpoints/pi0_tiny_spatial
-    # resume after a kill: run the same command again
-    # serve the result
-    python scripts/serve_policy.py policy:checkpoint --policy.config pi0_tiny_spatial --policy.dir checkpoints/pi0_tiny_spatial/2000
+    # resume after a kill: run the same command again (other settings are refused, naming each; --overwrite
+    # starts over)
+    # serve the result: every checkpoint folder is servable
+    python scripts/serve_policy.py policy:checkpoint --policy.config pi0_tiny_spatial \
+        --policy.dir checkpoints/pi0_tiny_spatial/checkpoints/00002000
     # fine-tune a released openpi checkpoint (GPU, memory-heavy; see docs/training.md)
     python scripts/train.py --policy-config pi0_libero --init-checkpoint /ckpt/pi0_base \
         --tokenizer /ckpt/paligemma_tokenizer.model --peak-lr 2.5e-5 --end-lr 2.5e-6 --warmup-steps 1000 \
