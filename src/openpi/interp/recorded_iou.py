@@ -196,22 +196,29 @@ def _mean(values: Sequence[float | None]) -> float | None:
 
 def render_episode(queries: Sequence[PolicyQuery], result: dict, out: pathlib.Path, stem: str, camera: str,
                    overlays: bool, video: bool) -> None:
-    """Overlay PNGs (valid cameras with frames) and an MP4 of the scored camera next to the other one."""
+    """Overlay PNGs (valid cameras with frames, one colour scale per figure, the scored objects outlined) and an
+    MP4 of the scored camera next to the other one."""
     table = queries[0].table
     cams = [c for c in table.valid_cameras if c in queries[0].frames]
+    scored = [int(i) for i in result["objects_scored"]]
     movie = []
     for q, entry in zip(queries, result["queries"]):
         row = q.attention.mean(axis=0)
         heat = A.camera_heatmaps(row, table, cams)
         m = entry["layer_mean"]
-        title = (f"{stem} step {q.env_step}  IoU(top-k) {_fmt(m['iou_topk'])}  soft mass {_fmt(m['soft_mass'])}  "
-                 f"{'success' if q.success else 'failure'}")
+        title = (f"{stem}, env step {q.env_step} ({'success' if q.success else 'failure'}); layers "
+                 f"{A.ranges_label(q.layers)}, denoising steps {A.ranges_label(q.steps)} (mean)\n{camera}: IoU "
+                 f"top-k {_fmt(m['iou_topk'])}, soft mass {_fmt(m['soft_mass'])} (uniform "
+                 f"{_fmt((m['baselines'] or {}).get('uniform', {}).get('soft_mass'))})")
+        outlines = {c: np.isin(q.masks[c], scored) for c in cams if c in q.masks and scored}
         if overlays:
             plots.plot_camera_overlays({c: q.frames[c] for c in cams}, heat, out / "overlays" / stem /
-                                       f"s{q.env_step:04d}.png", title=title,
-                                       shares={c: float(entry["fraction"].get(c) or 0.0) for c in cams})
+                                       f"{A.step_file_stem(q.env_step)}.png", title=title,
+                                       shares={c: float(entry["fraction"].get(c) or 0.0) for c in cams},
+                                       outlines=outlines)
         if video:
-            movie.append(plots.side_by_side([plots.overlay(q.frames[c], heat[c]) for c in cams]))
+            top = plots.shared_vmax(heat)
+            movie.append(plots.side_by_side([plots.overlay(q.frames[c], heat[c], vmax=top) for c in cams]))
     if video and movie:
         plots.write_mp4(movie, out / "videos" / f"{stem}.mp4", fps=5)
 
