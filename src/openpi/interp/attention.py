@@ -2,7 +2,7 @@
 
 Why a module of its own: every attention analysis starts by cutting an attention row (one query's probabilities
 over all keys of the joint sequence) into named spans. Doing that from the recorded span table, never from
-hard-coded indices, is what keeps a wrist-camera span from being read as "text" (docs/analyses.md, error 1).
+hard-coded indices, is what keeps a wrist-camera span from being read as "text" (docs/analyses.md, section 1, "a span read as text").
 
 Span table: the JSON-able dict of docs/conventions.md. As a superset of that format, a span may be a single
 half-open ``[start, end]`` or a list of them (``[[768, 769], [775, 776]]``): the BOS token and the trailing

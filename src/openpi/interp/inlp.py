@@ -149,7 +149,7 @@ def inlp_from_stats(
     train = stats.moments(range(k))
     mean = train.sx / train.n + stats.x_shift
     var = np.diag(train.centred()[2]) / train.n
-    scale = P._standard_scale(var)
+    scale = P.standard_scale(var)
     base = stats.affine(mean, np.diag(1.0 / scale))
     sets = P.shuffle_target_sets(n_targets, n_shuffles)
     first = P.ridge_cv_from_stats(base, alphas, sets, standardize=False)
@@ -196,7 +196,7 @@ def inlp_classification(
     parts = split.assign(groups)
     train = parts != P.TEST_PART
     mean = X[train].mean(0)
-    scale = P._standard_scale(X[train].var(0))
+    scale = P.standard_scale(X[train].var(0))
     Z = (X - mean) / scale
     shuffled = [
         P.logistic_probe(Z, P.shuffle_between_groups(y, groups, seed=seed + 1 + s, order=order), parts, Cs, seed=seed, standardize=False).test["balanced_accuracy"]

@@ -499,7 +499,7 @@ class _Decomp:
         return beta, intercept
 
 
-def _standard_scale(var: np.ndarray) -> np.ndarray:
+def standard_scale(var: np.ndarray) -> np.ndarray:
     """Population std with zero-variance features left at scale 1 (their centred column is zero anyway)."""
     ref = max(float(np.mean(np.abs(var))), 1e-300)
     s = np.sqrt(np.clip(var, 0.0, None))
@@ -520,7 +520,7 @@ def _decompose(train: Moments, standardize: bool) -> _Decomp:
     if train.n < 2:
         raise ProbeInputError(f"need at least 2 training rows; found {train.n:g}")
     mx, my, cxx, cxy = train.centred()
-    scale = _standard_scale(np.diag(cxx) / train.n) if standardize else np.ones(len(mx))
+    scale = standard_scale(np.diag(cxx) / train.n) if standardize else np.ones(len(mx))
     S = cxx / np.outer(scale, scale)
     S = 0.5 * (S + S.T)
     evals, evecs = _eigh(S)
@@ -643,7 +643,7 @@ def ridge_cv_dense(
     def fit(rows: np.ndarray) -> Callable[[float], tuple[np.ndarray, np.ndarray]]:
         Xtr, ytr = X[rows], y[rows]
         mu, ybar = Xtr.mean(0), ytr.mean(0)
-        scale = _standard_scale(Xtr.var(0)) if standardize else np.ones(X.shape[1])
+        scale = standard_scale(Xtr.var(0)) if standardize else np.ones(X.shape[1])
         U, s, Vt = np.linalg.svd((Xtr - mu) / scale, full_matrices=False)
         uty = U.T @ (ytr - ybar)
         n = rows.sum()
@@ -793,7 +793,7 @@ def _fit_logistic(X: np.ndarray, y: np.ndarray, Cs: np.ndarray, seed: int, stand
     from sklearn.linear_model import LogisticRegression
 
     mean = X.mean(0)
-    scale = _standard_scale(X.var(0)) if standardize else np.ones(X.shape[1])
+    scale = standard_scale(X.var(0)) if standardize else np.ones(X.shape[1])
     Z = (X - mean) / scale
     models = []
     n_warn = 0
