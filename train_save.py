@@ -41,6 +41,7 @@ import tyro
 from openpi.interp.sae import data as sae_data
 from openpi.interp.sae.cli import main_guard
 from openpi.interp.sae import train as sae_train
+from openpi.shared.io import jsonable
 
 
 @dataclasses.dataclass
@@ -72,10 +73,10 @@ def run(args: Args) -> sae_train.TrainResult | None:
         print(f"stopped early; checkpoint in {args.out / sae_train.CHECKPOINT_DIR}; rerun the same command to resume")
         return None
     h = res.metrics["held_out"]
-    print(json.dumps({"out": str(args.out), "split": h["split"]["kind"], "fvu": h["fvu"],
-                      "fvu_ci": [h.get("fvu_ci_low"), h.get("fvu_ci_high")], "l0": h["l0"],
-                      "dead_fraction": h["dead_fraction"], "dense_fraction": h["dense_fraction"],
-                      "steps": res.metrics["steps"]}))
+    print(json.dumps(jsonable({"out": str(args.out), "split": h["split"]["kind"], "fvu": h["fvu"],
+                               "fvu_ci": [h.get("fvu_ci_low"), h.get("fvu_ci_high")], "l0": h["l0"],
+                               "dead_fraction": h["dead_fraction"], "dense_fraction": h["dense_fraction"],
+                               "steps": res.metrics["steps"]})))
     return res
 
 

@@ -25,6 +25,7 @@ from typing import Annotated
 
 import tyro
 
+from openpi.shared.io import jsonable
 from openpi.training import train
 
 
@@ -38,7 +39,7 @@ class Args:
 def main(args: Args) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     result = train.train(args.config, stop_at=args.stop_at)
-    print(json.dumps(result))
+    print(json.dumps(jsonable(result)))  # the project's JSON policy: NaN -> null
     return 0
 
 
