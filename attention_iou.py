@@ -1,8 +1,9 @@
 """Attention-object IoU: how much of one camera's attention lands on the task objects, with baselines and CIs.
 
-    python attention_iou.py --attention ATT.npy --masks MASKS.npy [--grid 16] [--objects 3 7] --out DIR
+    python attention_iou.py --attention ATT.npy --masks MASKS.npy [--grid 8] [--objects 3 7] --out DIR
 
-ATT.npy: (N, grid*grid) float, one camera's share of full attention rows in row-major patch order (rows are
+ATT.npy: (N, grid*grid) float (the grid side is read from the data: the square root of the patches per row, e.g.
+8 for the default pi0_tiny_spatial, 16 for Pi0 at 224 px; --grid only checks it), one camera's share of full attention rows in row-major patch order (rows are
 renormalised within the camera; a negative, all-zero or non-finite row is an error, and with
 --require-normalised so is a row not summing to 1). MASKS.npy: (N, H, W) integer instance masks of the same
 camera, as the policy saw it (0 = background). --groups G.npy: (N,) episode ids to bootstrap over episodes.
@@ -30,8 +31,8 @@ class Args:
     """(N, H, W) .npy integer instance masks (0 = background)."""
     out: pathlib.Path
     """output folder; iou.json is written there."""
-    grid: int = 16
-    """patch grid side (16 for 224x224 images with 14-pixel patches)."""
+    grid: int | None = None
+    """patch grid side (default: read from the data, the square root of the patches per row)."""
     objects: tuple[int, ...] | None = None
     """instance ids of the task objects (default: every non-zero id present)."""
     groups: pathlib.Path | None = None
@@ -57,16 +58,27 @@ def _load(path: pathlib.Path, what: str, mmap: bool = False) -> np.ndarray:
                          "masks of different sizes are not supported: all masks must share one (H, W)") from err
 
 
+def grid_side(n_patches: int, given: int | None, source: str) -> int:
+    """The patch grid side: the square root of the patches per row, checked against ``--grid`` when given."""
+    if given is not None:
+        if n_patches != given ** 2:
+            raise ValueError(f"attention {source} has {n_patches} patches per row, but --grid {given} means "
+                             f"{given}x{given} = {given ** 2}")
+        return given
+    side = int(round(n_patches ** 0.5))
+    if side * side != n_patches:
+        raise ValueError(f"attention {source} has {n_patches} patches per row, not a square grid; pass --grid")
+    return side
+
+
 def run(args: Args) -> dict:
     """Validate every input before touching DIR, then compute and write iou.json."""
-    grid = (args.grid, args.grid)
     att = _load(args.attention, "attention")
     masks = _load(args.masks, "masks", mmap=True)
     if att.ndim != 2:
-        raise ValueError(f"attention {args.attention}: expected shape (N, {args.grid ** 2}), found {att.shape}")
-    if att.shape[1] != args.grid ** 2:
-        raise ValueError(f"attention {args.attention} has {att.shape[1]} patches per row, but --grid {args.grid} "
-                         f"means {args.grid}x{args.grid} = {args.grid ** 2}")
+        raise ValueError(f"attention {args.attention}: expected shape (N, grid*grid), found {att.shape}")
+    side = grid_side(att.shape[1], args.grid, str(args.attention))
+    grid = (side, side)
     if masks.ndim != 3:
         raise ValueError(f"masks {args.masks}: expected shape (N, H, W), found {masks.shape}")
     if not np.issubdtype(masks.dtype, np.integer):

@@ -6,7 +6,8 @@
 Thin CLI over :func:`openpi.interp.recorded_iou.evaluate_run`; the output files (``episodes/<stem>.json``,
 ``summary_tasks.csv``, ``summary_suites.csv``, ``summary.json``, figures, overlays, videos) and their fields are
 documented in that module's docstring and in ATTENTION_VIZ_README.md. ``--shard-index/--num-shards`` split
-episodes; a killed run resumes (finished episodes are skipped).
+episodes; a killed run resumes (finished episodes are skipped); OUT/run.json holds the settings, and a rerun with
+other settings is refused naming each difference (``--overwrite`` starts over).
 """
 from __future__ import annotations
 
@@ -47,6 +48,8 @@ class Args:
     """store episodes without episode record / frames file: stop with an error, or skip with a warning."""
     shard_index: int = 0
     num_shards: int = 1
+    overwrite: bool = False
+    """start over in --out (a rerun with other settings is refused otherwise)."""
 
 
 def main(args: Args) -> dict:

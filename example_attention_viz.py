@@ -9,7 +9,8 @@ without ``--env-step``, every policy query of it. Attention is the mean over the
 layers, heads (``--heads`` needs a recording without ``reduce=heads``) and action queries. Figures come from
 openpi.interp.attention_plots.
 
-Outputs (OUT/): ``image/s<env_step>.png`` (valid cameras with heatmap overlays), ``text/s<env_step>.png``
+Outputs (OUT/): ``image/s<env_step>.png`` (valid cameras with heatmap overlays on one colour scale with a colour
+bar, the objects of interest outlined; titles name env step, layers, denoising steps, heads), ``text/s<env_step>.png``
 (attention per prompt token), ``combined/s<env_step>.png``, with ``--video`` ``image.mp4``, and ``viz.json``:
 {episode, selection {layers, heads, steps, queries}, queries [{env_step, frame_row, fraction {SPAN: ...},
 visual_linguistic_ratio, top_patch (row-major index of the scored camera's most attended patch), tokens,
@@ -128,21 +129,26 @@ def main(args: Args) -> dict:
         labels = [t for t, k in zip(token_labels(q, args), keep) if k]
         weights = A.text_weights(row, table)[0][np.asarray(keep)]
         shown_kinds = [k for k in kinds if k != "pad"]
-        title = f"{key.stem} step {q.env_step} ({'success' if q.success else 'failure'}): {q.prompt!r}"
-        name = f"s{q.env_step:04d}.png"
+        title = (f"{key.stem}, env step {q.env_step} ({'success' if q.success else 'failure'}): {q.prompt!r}\n"
+                 f"layers {A.ranges_label(q.layers)}, denoising steps {A.ranges_label(q.steps)}, heads "
+                 f"{'mean' if args.heads is None else A.ranges_label(args.heads)} (mean)")
+        name = f"{A.step_file_stem(q.env_step)}.png"
+        objects = sorted(set(q.object_ids.values()))
+        outlines = {c: np.isin(q.masks[c], objects) for c in cams if c in q.masks and objects}
         if "image" in modes:
             plots.plot_camera_overlays({c: q.frames[c] for c in cams}, heat, args.out / "image" / name,
                                        title=title, shares={c: fractions[c] for c in cams}, cmap=args.cmap,
-                                       alpha=args.alpha)
+                                       alpha=args.alpha, outlines=outlines)
         if "text" in modes:
             plots.plot_text_attention(weights, labels, args.out / "text" / name, kinds=shown_kinds, title=title)
         if "combined" in modes:
             shown = {n: fractions[n] for n in [*cams, "instruction", "template", "state", "actions"]}
             plots.plot_combined({c: q.frames[c] for c in cams}, heat, weights, labels, shown,
                                 args.out / "combined" / name, kinds=shown_kinds, title=title, cmap=args.cmap,
-                                alpha=args.alpha)
+                                alpha=args.alpha, outlines=outlines)
         if args.video:
-            movie.append(plots.side_by_side([plots.overlay(q.frames[c], heat[c], args.cmap, args.alpha)
+            top = plots.shared_vmax(heat)
+            movie.append(plots.side_by_side([plots.overlay(q.frames[c], heat[c], args.cmap, args.alpha, vmax=top)
                                              for c in cams]))
         warnings += [f"env_step {q.env_step}: {w}" for w in A.sanity_warnings(A.modality_masses(row, table), table)]
         results.append({"env_step": q.env_step, "frame_row": q.frame_row, "fraction": fractions,

@@ -16,9 +16,11 @@ unique across suites/runs). Regression features are streamed from memory-mapped 
 batches (per-fold sufficient statistics), so a 1e6 x 2048 file is never loaded; classification loads each
 layer into memory (scikit-learn logistic regression).
 
-Writes ``DIR/probe_results.json`` (schema in docs/probes.md and ``openpi.interp.probes``), per-layer partial
-results ``DIR/layers/<name>.json`` (a killed run resumes from them; ``--shard-index/--num-shards`` split layers
-across jobs, and whichever job finds every layer done writes the summary), plots ``r2_vs_layer.png`` or
+Writes ``DIR/probe_results.json`` (schema in docs/probes.md and ``openpi.interp.probes``), ``DIR/run.json`` (the
+settings and input file stamps, openpi.shared.rundir: a rerun with other settings is refused naming each
+difference, ``--overwrite`` starts over), per-layer partial results ``DIR/layers/<name>.json`` (a killed run
+resumes from them; ``--shard-index/--num-shards`` split layers across jobs, and whichever job finds every layer
+done writes the summary), plots ``r2_vs_layer.png`` or
 ``accuracy_vs_layer.png``, ``cv_curves.png``, ``r2_per_dim.png``; with ``--inlp`` also ``inlp_results.json``,
 ``inlp.png`` and ``inlp_basis.npy`` (removed directions, standardised space).
 """
@@ -27,7 +29,6 @@ from __future__ import annotations
 
 import dataclasses
 import glob
-import hashlib
 import json
 import os
 import re
@@ -40,6 +41,7 @@ import tyro
 from openpi.interp import inlp as I
 from openpi.interp import probes as P
 from openpi.shared.records import ACTION_NAMES
+from openpi.shared.rundir import run_option, settings_of
 
 SCHEMA = "vla-interp/probe_results/v1"
 
@@ -52,7 +54,7 @@ class Args:
     """(n,) or (n, t) .npy targets, row-aligned with every features file."""
     groups: str
     """(n,) .npy group (episode) ids; whole groups go to one CV fold or to the test part."""
-    out: str = "out/probe"
+    out: str = run_option("out/probe")
     """output folder (a path ending in .json names the results file inside its folder)."""
     target_kind: Literal["regression", "binary", "multiclass"] = "regression"
     target_columns: tuple[int, ...] = ()
@@ -86,9 +88,11 @@ class Args:
     inlp_max_iter: int = 20
     inlp_z: float = 2.0
     inlp_tol: float = 0.01
-    shard_index: int = 0
-    num_shards: int = 1
-    progress: bool = True
+    shard_index: int = run_option(0)
+    num_shards: int = run_option(1)
+    progress: bool = run_option(True)
+    overwrite: bool = run_option(False)
+    """start over in --out (a rerun with other settings is refused otherwise)."""
 
 
 def natural_key(s: str) -> list:
@@ -153,14 +157,11 @@ def prepare_targets(args: Args, y: np.ndarray) -> tuple[np.ndarray, list[str]]:
     return y, list(args.target_names) or ["label"]
 
 
-def config_fingerprint(args: Args, feature_path: str) -> str:
-    """Hash of everything that determines one layer's result (inputs by path, size and mtime)."""
-    def stamp(p: str | None) -> list | None:
-        return None if p is None else [os.path.abspath(p), os.path.getsize(p), os.stat(p).st_mtime_ns]
-
-    cfg = {k: v for k, v in dataclasses.asdict(args).items() if k not in ("features", "layer_names", "shard_index", "num_shards", "progress", "out", "inlp", "inlp_layer", "inlp_max_iter", "inlp_z", "inlp_tol")}
-    cfg["files"] = [stamp(feature_path), stamp(args.targets), stamp(args.groups), stamp(args.order), stamp(args.strata)]
-    return hashlib.sha256(json.dumps(cfg, sort_keys=True, default=str).encode()).hexdigest()[:16]
+def run_settings(args: Args, paths: list[str], names: list[str]) -> dict:
+    """What the results depend on: every setting (run options excluded by declaration) and the input files."""
+    files = {f"features/{n}": p for n, p in zip(names, paths)}
+    files |= {"targets": args.targets, "groups": args.groups, "order": args.order, "strata": args.strata}
+    return {"probe": args, "inputs": P.input_stamps(files)}
 
 
 def probe_layer(args: Args, name: str, path: str, y: np.ndarray, groups: np.ndarray, order: np.ndarray | None, split: P.GroupSplit, names: list[str]) -> dict:
@@ -183,6 +184,7 @@ def probe_layer(args: Args, name: str, path: str, y: np.ndarray, groups: np.ndar
             target_names=names,
             progress=args.progress,
             total_rows=X.shape[0],
+            test_batches=lambda: P.array_batches(X, args.batch_size),
         )
     else:
         rec = P.classification_probe(np.asarray(X, np.float64), y, groups, split, Cs=args.cs, n_shuffles=args.n_shuffles, random_features=args.random_features, seed=args.seed, order=order)
@@ -207,8 +209,6 @@ def run_inlp(args: Args, out_dir: str, name: str, path: str, y: np.ndarray, grou
 
 def main(args: Args) -> int:
     out_dir, results_name = (os.path.dirname(args.out) or ".", os.path.basename(args.out)) if args.out.endswith(".json") else (args.out, "probe_results.json")
-    if not 0 <= args.shard_index < args.num_shards:
-        raise ValueError(f"--shard-index {args.shard_index} must be in [0, --num-shards {args.num_shards})")
     # Validate every input before writing anything.
     paths = resolve_features(args.features)
     names = list(args.layer_names) or [os.path.splitext(os.path.basename(p))[0] for p in paths]
@@ -237,33 +237,13 @@ def main(args: Args) -> int:
             strata = y  # label constant within every group (e.g. task id): balance classes over folds
     split = P.make_group_split(groups, args.n_folds, args.test_fraction, args.seed, strata)
 
-    layer_dir = os.path.join(out_dir, "layers")
-    os.makedirs(layer_dir, exist_ok=True)
-    mine = list(range(args.shard_index, len(paths), args.num_shards))
-    for i in mine:
-        fp = config_fingerprint(args, paths[i])
-        part = os.path.join(layer_dir, f"{names[i]}.json")
-        if os.path.exists(part):
-            with open(part) as f:
-                if json.load(f).get("fingerprint") == fp:
-                    print(f"[resume] layer {names[i]} already done", file=sys.stderr)
-                    continue
-        rec = probe_layer(args, names[i], paths[i], y, groups, order, split, col_names)
-        rec["fingerprint"] = fp
-        P.write_json_atomic(part, rec)
+    def compute(name: str, path: str) -> dict:
+        return probe_layer(args, name, path, y, groups, order, split, col_names)
 
-    layers = []
-    for i, name in enumerate(names):
-        part = os.path.join(layer_dir, f"{name}.json")
-        if not os.path.exists(part):
-            print(f"layer {name} not done yet (another shard?); summary not written", file=sys.stderr)
-            return 0
-        with open(part) as f:
-            rec = json.load(f)
-        if rec.get("fingerprint") != config_fingerprint(args, paths[i]):
-            print(f"layer {name}: partial result is from another configuration; summary not written", file=sys.stderr)
-            return 0
-        layers.append(rec)
+    layers = P.run_layers(out_dir, run_settings(args, paths, names), list(zip(names, paths)), compute,
+                          args.shard_index, args.num_shards, args.overwrite)
+    if layers is None:
+        return 0
     if args.target_kind == "regression":
         best = max(layers, key=lambda l: -np.inf if l["cv"]["r2_mean_at_best"] is None else l["cv"]["r2_mean_at_best"])
     else:
@@ -272,7 +252,7 @@ def main(args: Args) -> int:
         "schema": SCHEMA,
         "target_kind": args.target_kind,
         "target_names": col_names,
-        "config": {k: v for k, v in dataclasses.asdict(args).items() if k not in ("progress",)},
+        "config": settings_of(args),
         "n_rows": int(len(y)),
         "split": split.to_json(),
         "best_layer": best["layer"],

@@ -1,10 +1,12 @@
 """Combined multimodal view: camera overlays, per-token text attention and modality fractions in one figure.
 
     python visualize_combined_attention.py --attention A.npy --spans SPANS.json --frames F.npz \
-        --tokens TOKENS.json --out DIR [--axes ...] [--layers ...] [--heads ...] [--steps ...] [--queries ...]
+        --tokens TOKENS.json --out DIR [--env-steps KEYS.npz | --env-step N] [--axes ...] [--layers ...] \
+        [--heads ...] [--steps ...] [--queries ...]
 
-Inputs as in visualize_attention.py (attention, span table, frames) and visualize_text_attention.py (tokens).
-Writes DIR/combined/t<frame>.png per time entry and DIR/combined_summary.json (the modality summary of
+Inputs as in visualize_attention.py (attention, span table, frames joined on env step) and
+visualize_text_attention.py (tokens).
+Writes DIR/combined/s<env_step>.png per time entry and DIR/combined_summary.json (the modality summary of
 visualize_attention.py: per-time masses, fractions, visual/linguistic ratio, per-layer and per-step entries).
 Reductions: mean over the selected steps, heads, queries and layers.
 """
@@ -29,8 +31,6 @@ class Args(A.AttentionInputs):
     """JSON list of decoded token strings for the prompt positions."""
     out: pathlib.Path
     """output folder."""
-    frame_index: int | None = None
-    """frame to use when the attention has no time axis and the frames file holds several."""
     rotate_180: bool = False
     """rotate frames by 180 degrees (raw LIBERO renders; the policy input is rotated)."""
     alpha: float = 0.5
@@ -41,8 +41,8 @@ def main(args: Args) -> None:
     att, table = args.load()
     labels = args.labels(att)
     tokens = A.align_tokens(A.load_tokens(args.tokens), table, source=str(args.tokens))
-    frames, frame_idx = A.select_frames(A.load_frames(args.frames, args.rotate_180), att.size("time"),
-                                        args.times, args.frame_index)
+    frames, env_steps = A.select_frames(A.load_frames(args.frames, args.rotate_180),
+                                        A.load_frame_env_steps(args.frames), args.time_env_steps(att), str(args.frames))
     cams = [c for c in table.valid_cameras if c in frames]
     if not cams:
         raise ValueError(f"{args.frames} holds no frames for the valid cameras {list(table.valid_cameras)}")
@@ -52,17 +52,18 @@ def main(args: Args) -> None:
     shown_kinds = [k for k in kinds if k != "pad"]
     summary = A.attention_summary(att, table, labels)
     rows = att.mean("steps", "heads", "queries", "layers").data  # (T, keys)
-    for t, fi in enumerate(frame_idx):
+    for t, step in enumerate(env_steps):
         weights, _ = A.text_weights(rows[t], table)
         fractions = summary["per_time"][t]["fraction"]
         shown = {n: float(fractions[n]) for n in [*cams, "instruction", "template", "state", "actions"]}
         plots.plot_combined({c: frames[c][t] for c in cams}, A.camera_heatmaps(rows[t], table, cams),
-                            weights[keep], shown_tokens, shown, args.out / "combined" / f"t{fi:04d}.png",
-                            kinds=shown_kinds, title=f"frame {fi}", cmap=args.cmap, alpha=args.alpha)
+                            weights[keep], shown_tokens, shown, args.out / "combined" / f"{A.step_file_stem(step)}.png",
+                            kinds=shown_kinds, title=f"{A.step_title(step)}; {args.describe(att)}", cmap=args.cmap,
+                            alpha=args.alpha)
     A.write_json(args.out / "combined_summary.json",
                  {"inputs": {"attention": str(args.attention), "spans": str(args.spans), "frames": str(args.frames),
                              "tokens": str(args.tokens)},
-                  "selection": args.selection(), "frame_indices": frame_idx, "cameras": cams, **summary})
+                  "selection": args.selection(), "env_steps": env_steps, "cameras": cams, **summary})
     for w in summary["warnings"]:
         print(f"warning: {w}", file=sys.stderr)
     print(f"wrote {args.out}")

@@ -96,7 +96,7 @@ def _run(args: Args, tmp: pathlib.Path) -> dict:
         x, _ = synthetic.planted_dictionary(d=args.d, n_atoms=args.num_latents // 2, rows=args.rows, active=max(1, args.k // 2), seed=args.seed)
         path = tmp / "x.npy"
         np.save(path, x)
-    cfg = sae_train.TrainConfig(arch=args.arch, k=args.k, num_latents=args.num_latents, batch_size=args.batch_size, steps=args.steps, seed=args.seed)
+    cfg = sae_train.TrainConfig(arch=args.arch, k=args.k, num_latents=args.num_latents, batch_size=args.batch_size, steps=args.steps, seed=args.seed, split="rows")
     source = sae_train.npy_source(path, cfg)
     r = sae_train.resolve(cfg, source.d, source.n_train)
     eval_x = np.concatenate(list(source.iter_eval(8192)))

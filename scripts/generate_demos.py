@@ -24,7 +24,7 @@ from openpi.training import scripted
 @dataclasses.dataclass
 class Args:
     out_dir: str = "data/demos/libero_spatial"
-    """Root of demos/, attempts/, summary.json, generate_config.json."""
+    """Root of demos/, attempts/, summary.json and run.json (the settings a rerun must share)."""
     suite: str = "libero_spatial"
     task_ids: tuple[int, ...] | None = None
     """Subset of task ids (default: every task of the suite)."""

@@ -5,14 +5,15 @@ episodes, run the analyses on what was recorded, and write one report folder wit
     python scripts/quickstart.py --fast --out /tmp/qs   # CI: 1 trial of tasks 0-2, 15 steps, shorter SAE training
     python scripts/quickstart.py --config pi05_libero --checkpoint-dir /ckpt/pi05_libero --trials 10  # GPU machine
 
-Each stage is a separate command (the same ones the README lists), so a stage that fails is reported with its
-log and the others still run; the exit code is non-zero when any stage failed.
+The stages, their commands, what each needs and which report section each feeds are defined once in
+``openpi.pipeline.STAGES`` (the report reads the same list). Each stage is a separate command (the same ones the
+README lists), so a stage that fails is reported with its log and the others still run; a stage whose needs
+failed is skipped; the exit code is non-zero when any stage failed.
 """
 from __future__ import annotations
 
 import contextlib
 import dataclasses
-import json
 import os
 import pathlib
 import signal
@@ -24,9 +25,9 @@ import urllib.request
 
 import tyro
 
-from openpi import report
-from openpi.interp.export import trajectories_from_export
-from openpi.policies.policy_config import DEFAULT_CONFIG
+from openpi import pipeline, report
+from openpi.policies.policy_config import DEFAULT_CONFIG, get_config
+from openpi.shared.io import write_json_atomic
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 PY = sys.executable
@@ -83,6 +84,14 @@ class Stages:
         print(f"[quickstart] {name}: {'ok' if ok else 'FAILED (see ' + str(log) + ')'} in {secs:.0f} s", flush=True)
         return ok
 
+    def fail(self, name: str, reason: str) -> bool:
+        """Record a stage that could not start, with the reason as its log."""
+        log = self.out / "logs" / f"{name}.log"
+        log.write_text(reason + "\n")
+        self.results.append({"stage": name, "ok": False, "seconds": 0.0, "log": str(log.relative_to(self.out))})
+        print(f"[quickstart] {name}: FAILED ({reason})", flush=True)
+        return False
+
     def run_inline(self, name: str, fn, *fn_args) -> bool:
         """Run a small in-process step like a stage: its prints and traceback go to logs/<name>.log."""
         import traceback
@@ -103,31 +112,27 @@ class Stages:
         return ok
 
 
-def serve_and_evaluate(args: Args, stages: Stages, records: list[str]) -> None:
+@contextlib.contextmanager
+def policy_server(args: Args, out: pathlib.Path):
+    """Serve the policy with recording on a free local port for the stages that need it; yields the port."""
     port = _free_port()
-    serve = [PY, "scripts/serve_policy.py", "--port", str(port), "--record-dir", str(args.out / "store"), "--record",
-             *records]
-    serve += ["policy:checkpoint", "--policy.config", args.config]
+    serve = [PY, "scripts/serve_policy.py", "--port", str(port), "--record-dir", str(out / "store"), "--record",
+             *pipeline.RECORDS, "policy:checkpoint", "--policy.config", args.config]
     if args.checkpoint_dir:
         serve += ["--policy.dir", args.checkpoint_dir]
-    log = open(args.out / "logs" / "serve.log", "w")
+    log = open(out / "logs" / "serve.log", "w")
     server = subprocess.Popen(serve, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
     try:
         deadline = time.monotonic() + 600
         while time.monotonic() < deadline:
             if server.poll() is not None:
-                raise RuntimeError(f"policy server exited early; see {args.out / 'logs' / 'serve.log'}")
+                raise RuntimeError(f"policy server exited early; see {out / 'logs' / 'serve.log'}")
             try:
                 if urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=2).status == 200:
                     break
             except OSError:
                 time.sleep(1)
-        stages.run("libero_eval", [PY, "examples/libero/main.py", "--host", "127.0.0.1", "--port", str(port),
-                                   "--task-suite-name", args.suite, "--task-ids", *map(str, args.task_ids),
-                                   "--num-trials-per-task", str(args.trials), "--max-steps", str(args.max_steps),
-                                   "--first-trial", str(args.first_trial),
-                                   "--save-frames", "--out-dir", str(args.out / "rollouts"),
-                                   "--video-out-path", str(args.out / "videos"), "--run-id", "quickstart"])
+        yield port
     finally:
         server.send_signal(signal.SIGINT)  # the server flushes the activation store on shutdown
         try:
@@ -137,53 +142,44 @@ def serve_and_evaluate(args: Args, stages: Stages, records: list[str]) -> None:
         log.close()
 
 
+def make_plan(args: Args) -> pipeline.Plan:
+    depth = get_config(args.config).model.expert.depth
+    return pipeline.Plan(out=args.out, config=args.config, checkpoint_dir=args.checkpoint_dir, suite=args.suite,
+                         task_ids=args.task_ids, first_trial=args.first_trial, trials=args.trials,
+                         max_steps=args.max_steps, layer=args.layer % depth,
+                         sae_steps=FAST_SAE_STEPS if args.fast else None)
+
+
+def run_stages(args: Args, plan: pipeline.Plan, stages: Stages) -> None:
+    """Every stage of ``pipeline.STAGES`` in order; one whose needs did not succeed is skipped (and said so)."""
+    done: set[str] = set()
+    for st in pipeline.STAGES:
+        missing = [n for n in st.needs if n not in done]
+        if missing:
+            print(f"[quickstart] {st.name}: skipped (needs {', '.join(missing)})", flush=True)
+            continue
+        if st.inline is not None:
+            ok = stages.run_inline(st.name, st.inline, plan)
+        elif st.server:
+            try:
+                with policy_server(args, plan.out) as port:
+                    ok = stages.run(st.name, st.argv(dataclasses.replace(plan, port=port)))
+            except RuntimeError as exc:  # the server never came up: the stage fails with the reason in its log
+                ok = stages.fail(st.name, str(exc))
+        else:
+            ok = stages.run(st.name, st.argv(plan))
+        if ok:
+            done.add(st.name)
+
+
 def main(args: Args) -> int:
     if args.fast:
         args = dataclasses.replace(args, **FAST)
     args.out.mkdir(parents=True, exist_ok=True)
     stages = Stages(args.out)
     os.environ.setdefault("MPLBACKEND", "Agg")
-    records = ["llm.layer.*.attn.probs?tokens=actions&reduce=heads",
-               "llm.expert1.layer.*.resid_post?tokens=actions"]
-    serve_and_evaluate(args, stages, records)
-    store, rollouts = args.out / "store", args.out / "rollouts"
-    if (ROOT / "evaluate_attention_iou.py").exists():
-        stages.run("attention_iou", [PY, "evaluate_attention_iou.py", "--store", str(store), "--rollouts",
-                                     str(rollouts), "--out", str(args.out / "attention"), "--overlays"])
-    from openpi.policies.policy_config import get_config
-    depth = get_config(args.config).model.expert.depth
-    layer = args.layer % depth
-    site = f"llm.expert1.layer.{layer}.resid_post"
-    # SAE on the action tokens of every denoising step; probes on the last step (the one that produces actions)
-    all_steps, last_step = args.out / "export" / f"expert1_layer{layer}_all", args.out / "export" / f"expert1_layer{layer}"
-    if stages.run("export_all_steps", [PY, "export_activations.py", "--store", str(store), "--site", site,
-                                       "--out", str(all_steps)]):
-        if stages.run("sae", [PY, "train_save.py", "--activations", str(all_steps / "X.npy"), "--arch", "topk",
-                              "--k", "8", "--num-latents", "128", "--holdout-block", "32",
-                              "--out", str(args.out / "sae"), "--overwrite",
-                              *(["--steps", str(FAST_SAE_STEPS)] if args.fast else [])]):
-            policy_args = ["--config", args.config] + (["--checkpoint-dir", args.checkpoint_dir]
-                                                       if args.checkpoint_dir else [])
-            stages.run("sae_splice", [PY, "sae/splice_score.py", "--sae", str(args.out / "sae"), "--site", site,
-                                      "--rollouts", str(rollouts), "--out", str(args.out / "sae" / "splice.json"),
-                                      "--max-obs", "12", *policy_args])
-            stages.run("sae_dashboard", [PY, "sae/dashboard.py", "--sae", str(args.out / "sae"),
-                                         "--activations", str(all_steps / "X.npy"), "--keys",
-                                         str(all_steps / "keys.npz"), "--episodes-dir", str(rollouts / "episodes"),
-                                         "--frames-dir", str(rollouts / "frames"), "--num-features", "16",
-                                         "--out", str(args.out / "sae" / "dashboard")])
-    if stages.run("export_last_step", [PY, "export_activations.py", "--store", str(store), "--site", site,
-                                       "--denoise-step", "9", "--episodes-dir", str(rollouts), "--out", str(last_step)]):
-        stages.run("probes", [PY, "linear_probe.py", "--features", str(last_step / "X.npy"), "--targets",
-                              str(last_step / "actions.npy"), "--groups", str(last_step / "groups.npy"),
-                              "--n-folds", "2", "--out", str(args.out / "probes")])
-        geo_in = args.out / "export" / "geometry_input"
-        if stages.run_inline("geometry_input", trajectories_from_export, last_step, geo_in):
-            stages.run("geometry", [PY, "geometry.py", "--trajectories", str(geo_in / "T.npy"), "--success",
-                                    str(geo_in / "success.npy"), "--axes", "query", "--n-boot", "200",
-                                    "--out", str(args.out / "geometry"), "--no-progress"])
-    stages.run("action_pca", [PY, "action_pca.py", "--episodes-dir", str(rollouts), "--out", str(args.out / "pca")])
-    (args.out / "stages.json").write_text(json.dumps(stages.results, indent=1))
+    run_stages(args, make_plan(args), stages)
+    write_json_atomic(args.out / "stages.json", stages.results)
     index = report.write_report(args.out)
     report.print_summary(args.out)
     failed = [r["stage"] for r in stages.results if not r["ok"]]

@@ -2,9 +2,11 @@
 
     # tiny CPU model (pi0_tiny_spatial, the default) from scratch on generated demos
     python scripts/train.py --demo-dirs data/demos/libero_spatial --out-dir checkpoints/pi0_tiny_spatial
-    # resume after a kill: run the same command again
-    # serve the result
-    python scripts/serve_policy.py policy:checkpoint --policy.config pi0_tiny_spatial --policy.dir checkpoints/pi0_tiny_spatial/2000
+    # resume after a kill: run the same command again (other settings are refused, naming each; --overwrite
+    # starts over)
+    # serve the result: every checkpoint folder is servable
+    python scripts/serve_policy.py policy:checkpoint --policy.config pi0_tiny_spatial \
+        --policy.dir checkpoints/pi0_tiny_spatial/checkpoints/00002000
     # fine-tune a released openpi checkpoint (GPU, memory-heavy; see docs/training.md)
     python scripts/train.py --policy-config pi0_libero --init-checkpoint /ckpt/pi0_base \
         --tokenizer /ckpt/paligemma_tokenizer.model --peak-lr 2.5e-5 --end-lr 2.5e-6 --warmup-steps 1000 \
@@ -23,6 +25,7 @@ from typing import Annotated
 
 import tyro
 
+from openpi.shared.io import jsonable
 from openpi.training import train
 
 
@@ -36,7 +39,7 @@ class Args:
 def main(args: Args) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     result = train.train(args.config, stop_at=args.stop_at)
-    print(json.dumps(result))
+    print(json.dumps(jsonable(result)))  # the project's JSON policy: NaN -> null
     return 0
 
 

@@ -210,14 +210,27 @@ def test_attention_inputs_load_checks(tmp_path):
 
 
 def test_select_frames_and_json(tmp_path):
-    frames = {"base_0_rgb": np.arange(5)[:, None, None, None] * np.ones((5, 2, 2, 3), np.uint8)}
-    got, idx = A.select_frames(frames, 5, None, None)
-    assert idx == [0, 1, 2, 3, 4]
-    got, idx = A.select_frames(frames, 1, None, 3)
-    assert idx == [3] and got["base_0_rgb"][0, 0, 0, 0] == 3
-    got, idx = A.select_frames(frames, 2, [4, 1], None)
-    assert got["base_0_rgb"][:, 0, 0, 0].tolist() == [4, 1]
-    with pytest.raises(ValueError, match="--frame-index"):
-        A.select_frames(frames, 3, None, None)
+    """Frames are joined with attention time entries on env step, never on position (planted: the frames file
+    holds env steps 10..14 with pixel value = env step; the attention's entries are env steps 14, 10, 12)."""
+    frames = {"base_0_rgb": np.arange(10, 15)[:, None, None, None] * np.ones((5, 2, 2, 3), np.uint8),
+              "left_wrist_0_rgb": np.arange(10, 15)[:, None, None, None] * np.ones((5, 2, 2, 3), np.uint8)}
+    steps = np.arange(10, 15)
+    got, idx = A.select_frames(frames, steps, [14, 10, 12])
+    assert idx == [14, 10, 12]
+    for cam in frames:
+        assert got[cam][:, 0, 0, 0].tolist() == [14, 10, 12]  # by position it would have been 10, 11, 12
+    with pytest.raises(KeyError, match=r"no frame for env step\(s\) \[99\].*10\.\.14"):
+        A.select_frames(frames, steps, [10, 99])
+    with pytest.raises(ValueError, match="--env-steps"):
+        A.select_frames(frames, steps, None)  # five frames, attention env step unknown: no guessing
+    with pytest.raises(ValueError, match="no 'env_step' array"):
+        A.select_frames(frames, None, [10, 11])
+    one = {"base_0_rgb": frames["base_0_rgb"][:1]}
+    assert A.select_frames(one, None, None)[1] == [None]  # a lone frame for a lone attention row is unambiguous
+    assert A.select_frames(one, np.array([10]), None)[1] == [10]
+    np.savez(tmp_path / "f.npz", agentview=frames["base_0_rgb"], env_step=steps.astype(np.int32))
+    assert A.load_frame_env_steps(tmp_path / "f.npz").tolist() == list(range(10, 15))
+    np.savez(tmp_path / "keys.npz", env_step=np.array([14, 10]), episode=np.array([0, 0]))
+    assert A.load_env_steps(tmp_path / "keys.npz").tolist() == [14, 10]
     A.write_json(tmp_path / "x.json", {"a": np.float32(np.nan), "b": np.arange(2), "c": np.inf})
     assert json.loads((tmp_path / "x.json").read_text()) == {"a": None, "b": [0, 1], "c": None}

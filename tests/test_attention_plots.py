@@ -114,10 +114,13 @@ def inputs(tmp_path):
     np.save(tmp_path / "att.npy", a.astype(np.float32))
     (tmp_path / "spans.json").write_text(json.dumps(SPANS))
     (tmp_path / "tokens.json").write_text(json.dumps(TOKENS))
-    frames = rng.integers(0, 255, (3, 224, 224, 3), dtype=np.uint8)
-    np.savez(tmp_path / "frames.npz", agentview=frames, wrist=frames)
+    frames = rng.integers(0, 255, (4, 224, 224, 3), dtype=np.uint8)
+    # The rollout's frames file: one more frame than attention entries, env steps 20..23; the attention's time
+    # entries are env steps 22, 20, 21 (positions and env steps disagree on purpose).
+    np.savez(tmp_path / "frames.npz", agentview=frames, wrist=frames, env_step=np.arange(20, 24, dtype=np.int32))
+    np.save(tmp_path / "env_steps.npy", np.array([22, 20, 21]))
     common = dict(attention=tmp_path / "att.npy", spans=tmp_path / "spans.json",
-                  axes="time,steps,layers,heads,queries,keys")
+                  axes="time,steps,layers,heads,queries,keys", env_steps=tmp_path / "env_steps.npy")
     return tmp_path, a, common
 
 
@@ -125,11 +128,12 @@ def test_visualize_attention_script(inputs):
     tmp, a, common = inputs
     mod = script("visualize_attention.py")
     mod.main(mod.Args(**common, frames=tmp / "frames.npz", out=tmp / "va", overlay_every=2))
-    for name in ("overlays/t0000.png", "overlays/t0002.png", "attention.mp4", "evolution.png", "per_layer.png"):
+    for name in ("overlays/s0022.png", "overlays/s0021.png", "attention.mp4", "evolution.png", "per_layer.png"):
         assert (tmp / "va" / name).is_file(), name
-    assert not (tmp / "va" / "overlays" / "t0001.png").exists()  # --overlay-every 2
+    assert not (tmp / "va" / "overlays" / "s0020.png").exists()  # --overlay-every 2 skips time entry 1
     assert len(imageio.mimread(tmp / "va" / "attention.mp4")) == 3
     summary = json.loads((tmp / "va" / "attention_summary.json").read_text())
+    assert summary["env_steps"] == [22, 20, 21]
     rows = a.mean(axis=(1, 2, 3, 4))  # (time, keys)
     for t, entry in enumerate(summary["per_time"]):
         assert entry["fraction"]["base_0_rgb"] == pytest.approx(rows[t, :256].sum(), rel=1e-4)
@@ -139,11 +143,17 @@ def test_visualize_attention_script(inputs):
     assert int(np.argmax(layer_instr)) == 1
     assert summary["warnings"] == []
 
-    # one frame, one head, one layer: no video, overlay for the chosen frame only
+    # one time entry, one head, one layer: no video, overlay for that entry's env step only
     mod.main(mod.Args(**{**common, "axes": "time,steps,layers,heads,queries,keys"}, frames=tmp / "frames.npz",
                       out=tmp / "one", times=(2,), layers=(0,), heads=(1,)))
-    assert (tmp / "one" / "overlays" / "t0002.png").is_file()
+    assert sorted(p.name for p in (tmp / "one" / "overlays").iterdir()) == ["s0021.png"]
     assert not (tmp / "one" / "attention.mp4").exists() and not (tmp / "one" / "per_layer.png").exists()
+    # an attention env step with no frame is an error naming it; no env steps at all is refused, not guessed
+    np.save(tmp / "bad_steps.npy", np.array([22, 20, 99]))
+    with pytest.raises(KeyError, match=r"env step\(s\) \[99\]"):
+        mod.main(mod.Args(**{**common, "env_steps": tmp / "bad_steps.npy"}, frames=tmp / "frames.npz", out=tmp / "bad"))
+    with pytest.raises(ValueError, match="--env-steps"):
+        mod.main(mod.Args(**{**common, "env_steps": None}, frames=tmp / "frames.npz", out=tmp / "bad"))
 
 
 def test_visualize_text_attention_script(inputs):
@@ -170,8 +180,39 @@ def test_visualize_combined_script(inputs):
     mod = script("visualize_combined_attention.py")
     mod.main(mod.Args(**common, tokens=tmp / "tokens.json", frames=tmp / "frames.npz", out=tmp / "vc",
                       layers=(1,)))
-    for t in range(3):
-        assert png_size(tmp / "vc" / "combined" / f"t{t:04d}.png") == (1200, 800)
+    for step in (20, 21, 22):
+        assert png_size(tmp / "vc" / "combined" / f"s{step:04d}.png") == (1200, 800)
     summary = json.loads((tmp / "vc" / "combined_summary.json").read_text())
     assert summary["selection"]["layers"] == [1]
     assert summary["per_time"][0]["fraction"]["instruction"] > 0.4
+
+
+def test_overlays_share_one_scale_and_outline_objects(tmp_path):
+    """Two cameras on one colour scale: a patch at half the other camera's peak is not drawn in the top colour
+    (each panel normalised to its own peak would draw both in it); the outlined object shows white pixels."""
+    frame = np.zeros((224, 224, 3), np.uint8)
+    strong, weak = one_hot_heatmap(2, 3), 0.5 * one_hot_heatmap(2, 3)
+    top = plots.shared_vmax({"a": strong, "b": weak})
+    assert top == 1.0
+    hot = np.array(matplotlib.colormaps["jet"](1.0)[:3]) * 255 * 0.5
+    assert np.linalg.norm(plots.overlay(frame, weak, vmax=top, smooth=False)[2 * 14 + 7, 3 * 14 + 7] - hot) > 50
+    assert np.linalg.norm(plots.overlay(frame, weak, smooth=False)[2 * 14 + 7, 3 * 14 + 7] - hot) < 2
+    mask = np.zeros((224, 224), bool)
+    mask[100:150, 100:150] = True
+    def white(path, left: bool):
+        """White pixels inside the panel's image (its bounding box: pixels of the blended panel colour)."""
+        img = np.asarray(Image.open(path).convert("RGB")).astype(int)
+        half = img[:, :400] if left else img[:, 400:]
+        panel = np.abs(half - plots.overlay(grey[:1, :1], np.zeros((1, 1)))[0, 0]).max(axis=-1) < 8
+        rows, cols = np.flatnonzero(panel.any(axis=1)), np.flatnonzero(panel.any(axis=0))
+        box = half[rows.min():rows.max() + 1, cols.min():cols.max() + 1]
+        return int(((box > 200).all(axis=-1)).sum())
+
+    grey = np.full((224, 224, 3), 90, np.uint8)  # panels are not white, so white pixels there are the outline
+    plain = plots.plot_camera_overlays({"a": grey, "b": grey}, {"a": strong, "b": weak}, tmp_path / "p.png",
+                                       outlines={"b": mask})
+    lined = plots.plot_camera_overlays({"a": grey, "b": grey}, {"a": strong, "b": weak}, tmp_path / "o.png",
+                                       outlines={"a": mask})
+    assert png_size(lined) == (800, 440)
+    assert white(lined, left=True) > white(plain, left=True) + 100  # the outline: ~4 x 30 px of white contour
+    assert white(plain, left=False) > white(lined, left=False) + 100

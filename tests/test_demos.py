@@ -1,6 +1,7 @@
 """Demo format round trip and validation; the scripted controller on a toy kinematic world and on real LIBERO."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 
@@ -8,6 +9,7 @@ import numpy as np
 import pytest
 from scipy.spatial.transform import Rotation
 
+from openpi.shared.rundir import RunSettingsError
 from openpi.training import demos, scripted
 from openpi.training.demos import synthetic_episode
 
@@ -106,6 +108,27 @@ def test_attempt_summary(tmp_path):
 
 
 # ---------------------------------------------------------------------------------------------- controller (pure)
+
+
+def test_settings_guard_resumes_extends_and_refuses(tmp_path):
+    """One run directory: more episodes or tasks extend the folder; another step budget or controller is refused
+    naming it; a folder of the older layout is adopted only when its settings agree."""
+    cfg = scripted.GenerateConfig(out_dir=str(tmp_path / "a"), task_ids=(0,), episodes_per_task=2)
+    assert not scripted.check_or_write_settings(cfg).resumed
+    more = dataclasses.replace(cfg, task_ids=(0, 1, 2), episodes_per_task=5, first_episode=3, shard_index=1,
+                               num_shards=2)
+    assert scripted.check_or_write_settings(more).resumed
+    with pytest.raises(RunSettingsError, match="max_steps: stored None vs now 100"):
+        scripted.check_or_write_settings(dataclasses.replace(cfg, max_steps=100))
+    run = json.loads((tmp_path / "a" / "run.json").read_text())
+    assert run["settings"]["controller"] == dataclasses.asdict(scripted.ControllerParams())
+    old = tmp_path / "old"
+    old.mkdir()
+    (old / "generate_config.json").write_text(json.dumps({"suite": "libero_spatial", "max_steps": None, "seed": 7}))
+    assert not scripted.check_or_write_settings(dataclasses.replace(cfg, out_dir=str(old))).resumed
+    (old / "run.json").unlink()
+    with pytest.raises(RunSettingsError, match="seed: stored 7 vs now 8"):
+        scripted.check_or_write_settings(dataclasses.replace(cfg, out_dir=str(old), seed=8))
 
 
 def test_parse_goal():

@@ -204,3 +204,55 @@ def test_example_viz_heads_need_per_head_recording(tmp_path):
     mod = script("example_attention_viz.py")
     with pytest.raises(ValueError, match="per-head"):
         mod.main(mod.Args(store=store, rollouts=rollouts, out=tmp_path / "v", heads=(0,)))
+
+
+def test_soft_mass_lift_over_uniform_per_camera(evaluated):
+    """Planted: attending episodes put all base-camera mass on the object (a quarter of the 4x4 grid: uniform soft
+    mass 0.25, lift 0.75); the other looks at the opposite quadrant (lift -0.25); the wrist camera's attention is
+    spread evenly (lift 0 up to float32 rounding). The grid comes from the data."""
+    _, _, _, out, summary = evaluated
+    assert summary["grid"] == [4, 4] and summary["n_patches"] == 16
+    base = summary["soft_mass_by_camera"]["orig"]["base_0_rgb"]
+    wrist = summary["soft_mass_by_camera"]["orig"]["left_wrist_0_rgb"]
+    assert base["n_episodes"] == 3 and base["uniform_soft_mass"]["mean"] == pytest.approx(0.25)
+    assert base["lift"]["mean"] == pytest.approx((0.75 + 0.75 - 0.25) / 3)
+    assert base["lift"]["ci_low"] <= base["lift"]["mean"] <= base["lift"]["ci_high"]
+    assert wrist["soft_mass"]["mean"] == pytest.approx(0.25, abs=1e-6) and wrist["lift"]["mean"] == pytest.approx(0.0, abs=1e-6)
+    rows = list(csv.DictReader(open(out / "summary_suites.csv")))
+    r = next(r for r in rows if r["run_id"] == "orig" and r["layer"] == "mean")
+    assert float(r["uniform_soft_mass"]) == pytest.approx(0.25) and float(r["soft_mass_lift"]) == pytest.approx(0.4167, abs=1e-4)
+    assert json.loads((out / "run.json").read_text())["job"] == recorded_iou.RUN_JOB
+
+
+def test_per_layer_modality_fractions_are_each_layers_own(tmp_path):
+    """Planted (the review's numbers): layer 0 gives 0.788 of its attention to the cameras, layer 3 gives 0.391.
+    Each layer row of the summary must show its own fraction, the mean row their mean (0.5895); the old code
+    repeated the mean on every layer row."""
+    from test_recorded_run import IMG, OBJ_ID, TABLE, attention_row
+
+    from openpi.interp.attention import SpanTable
+    from openpi.interp.recorded_run import EpisodeKey, PolicyQuery
+
+    table = SpanTable.from_dict(TABLE)
+    seg = np.zeros((IMG, IMG), np.int32)
+    seg[0:16, 0:16] = OBJ_ID
+    frame = np.zeros((IMG, IMG, 3), np.uint8)
+    key = EpisodeKey("r", "libero_spatial", 0, 0)
+    queries = [PolicyQuery(key=key, env_step=2 * i, replan_index=i,
+                           attention=np.stack([attention_row(0, True, 0.788), attention_row(0, True, 0.391)]),
+                           axes=("layers", "keys"), layers=[0, 3], steps=[0], table=table, table_dict=TABLE,
+                           frame_row=2 * i, frames={"base_0_rgb": frame}, masks={"base_0_rgb": seg},
+                           object_ids={"akita_black_bowl_1": OBJ_ID}, objects_of_interest=["akita_black_bowl_1"],
+                           instance_names={OBJ_ID: "akita_black_bowl_1"}, success=True, prompt="p",
+                           original_prompt="p", prompt_mode="original", episode_steps=8, per_head=False)
+               for i in range(3)]
+    scored = recorded_iou.score_episode(queries, "base_0_rgb", 90.0, 0.25)
+    q = scored["queries"][0]
+    assert [e["fraction"]["visual"] for e in q["per_layer"]] == pytest.approx([0.788, 0.391])
+    assert q["fraction"]["visual"] == pytest.approx((0.788 + 0.391) / 2)
+    ep = {"run_id": "r", "prompt_mode": "original", "suite": "libero_spatial", "task_id": 0, "episode": 0,
+          "success": True, **scored}
+    tasks, suites = recorded_iou.summary_tables([ep], n_boot=10, seed=0)
+    by_layer = {r["layer"]: r["visual_fraction"] for r in tasks}
+    assert by_layer == pytest.approx({"mean": 0.5895, 0: 0.788, 3: 0.391})
+    assert {r["layer"]: r["instruction_fraction"] for r in suites}[3] == pytest.approx(0.6 * (1 - 0.391))

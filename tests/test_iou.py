@@ -236,6 +236,9 @@ def test_cli_bad_input_errors_and_keeps_output(tmp_path):
         cli.run(cli.Args(**{**base, "attention": tmp_path / "short.npy"}))
     with pytest.raises(ValueError, match="256 patches per row, but --grid 14"):
         cli.run(cli.Args(**base, grid=14))
+    np.save(tmp_path / "odd.npy", np.full((40, 250), 1 / 250))
+    with pytest.raises(ValueError, match="250 patches per row, not a square grid; pass --grid"):
+        cli.run(cli.Args(**{**base, "attention": tmp_path / "odd.npy"}))
     bad = att.copy()
     bad[3, 0] = -1
     np.save(tmp_path / "neg.npy", bad)

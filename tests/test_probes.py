@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 from openpi.interp import probes as P
+from openpi.shared.rundir import RunSettingsError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -267,10 +268,43 @@ def test_cli_layer_sweep_schema_plots_and_resume(tmp_path):
     assert inl["stop_reason"] == "baseline_reached" and inl["total_rank_removed"] >= 3
     metrics = [it["metric"] for it in inl["iterations"]]
     assert metrics[0] > 0.6 and metrics[-1] <= inl["band"]["upper"] and all(a > b for a, b in zip(metrics, metrics[1:]))
-    # resume: a second run reuses the per-layer results (files untouched)
+    # The test R^2 has a 95% interval over the held-out episodes; its full-weight value is the probe's own R^2.
+    test = res["test"]
+    assert test["r2_mean_check"] == pytest.approx(test["r2_mean"], abs=1e-6)
+    assert test["r2_mean_ci_low"] < test["r2_mean"] < test["r2_mean_ci_high"] and "6 held-out episodes" in test["interval"]
+    assert test["r2_mean_ci_low"] > res["baselines"]["shuffled"]["r2_mean"]
+    # resume: the same command reuses the per-layer results (files untouched) ...
+    same = dict(features=(str(tmp_path / "layer_*.npy"),), targets=str(tmp_path / "Y.npy"), groups=str(tmp_path / "G.npy"),
+                out=str(out), n_shuffles=2, inlp=True, inlp_max_iter=6, progress=False)
     before = {p: os.stat(out / "layers" / p).st_mtime_ns for p in os.listdir(out / "layers")}
-    mod.main(mod.Args(features=(str(tmp_path / "layer_*.npy"),), targets=str(tmp_path / "Y.npy"), groups=str(tmp_path / "G.npy"), out=str(out), n_shuffles=2, progress=False))
+    mod.main(mod.Args(**same, shard_index=0, num_shards=1))
     assert before == {p: os.stat(out / "layers" / p).st_mtime_ns for p in os.listdir(out / "layers")}
+    run = json.loads((out / "run.json").read_text())
+    assert run["job"] == "probes" and "shard_index" not in run["settings"]["probe"] and "out" not in run["settings"]["probe"]
+    # ... other settings are refused naming the difference, and a regenerated input is other data
+    with pytest.raises(RunSettingsError, match="probe.n_shuffles: stored 2 vs now 3"):
+        mod.main(mod.Args(**{**same, "n_shuffles": 3}))
+    np.save(tmp_path / "Y.npy", Z * 2)
+    with pytest.raises(RunSettingsError, match="inputs.targets"):
+        mod.main(mod.Args(**same))
+
+
+def test_cli_shards_split_layers_and_the_last_one_summarises(tmp_path):
+    rng = np.random.default_rng(1)
+    groups = np.repeat(np.arange(12), 20)
+    y = rng.standard_normal((240, 2))
+    for i in range(3):
+        np.save(tmp_path / f"layer_{i}.npy", (y @ rng.standard_normal((2, 6)) * i + rng.standard_normal((240, 6))).astype(np.float32))
+    np.save(tmp_path / "Y.npy", y)
+    np.save(tmp_path / "G.npy", groups)
+    out = tmp_path / "out"
+    kw = dict(features=(str(tmp_path / "layer_*.npy"),), targets=str(tmp_path / "Y.npy"), groups=str(tmp_path / "G.npy"),
+              out=str(out), n_shuffles=1, n_folds=3, random_features=False, num_shards=2)
+    _run_cli(tmp_path, shard_index=0, **kw)
+    assert sorted(os.listdir(out / "layers")) == ["layer_0.json", "layer_2.json"] and not (out / "probe_results.json").exists()
+    _run_cli(tmp_path, shard_index=1, **kw)
+    res = json.loads((out / "probe_results.json").read_text())
+    assert [l["layer"] for l in res["layers"]] == ["layer_0", "layer_1", "layer_2"] and res["best_layer"] == "layer_2"
 
 
 def test_cli_rejects_bad_input_before_writing(tmp_path):

@@ -12,6 +12,7 @@ import sys
 import numpy as np
 import pytest
 
+from openpi import pipeline, report
 from openpi.interp.export import trajectories_from_export
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -59,6 +60,39 @@ def test_trajectories_from_export_names_missing_success(tmp_path):
     with pytest.raises(FileNotFoundError, match="success.npy"):
         trajectories_from_export(exp, tmp_path / "geo")
     assert not (tmp_path / "geo").exists()
+
+
+def _plan(tmp_path) -> pipeline.Plan:
+    return pipeline.Plan(out=tmp_path / "qs", config="pi0_tiny_spatial", checkpoint_dir=None, suite="libero_spatial",
+                         task_ids=(0, 1), first_trial=40, trials=4, max_steps=220, layer=3, port=8765)
+
+
+def test_every_stage_feeds_a_report_section_and_every_section_has_a_stage(tmp_path):
+    """One list for the quickstart and the report: sae_splice used to run while belonging to no section."""
+    sections = {sid for sid in pipeline.SECTIONS}
+    built = [fn.__name__.removeprefix("section_") for fn in report.SECTIONS]
+    assert built == list(pipeline.SECTIONS)  # the report builds exactly the pipeline's sections, in its order
+    for st in pipeline.STAGES:
+        assert st.sections and set(st.sections) <= sections, st.name
+        assert all(st.name in report.SECTION_STAGES[sec] for sec in st.sections), st.name
+        assert set(st.needs) <= {s.name for s in pipeline.STAGES[:pipeline.STAGES.index(st)]}, st.name  # run order
+        assert (st.command is None) != (st.inline is None), st.name
+    for sec in sections:
+        assert report.SECTION_STAGES[sec], sec
+        assert report.SECTION_PRODUCER[sec] in report.SECTION_STAGES[sec]
+    assert "sae_splice" in report.SECTION_STAGES["sae"] and "sae_dashboard" in report.SECTION_STAGES["sae"]
+    # commands build for a plan, with the data path's --rollouts flag and the SAE split by episode
+    plan = _plan(tmp_path)
+    argv = {st.name: st.argv(plan) for st in pipeline.STAGES if st.command is not None}
+    sae = argv["sae"]
+    assert sae[sae.index("--keys") + 1] == str(plan.export_all_steps / "keys.npz") and "--holdout-block" not in sae
+    assert "--split" not in sae  # the default: whole episodes held out
+    for name in ("export_all_steps", "export_last_step", "sae_dashboard", "action_pca", "sae_splice",
+                 "attention_iou"):
+        assert argv[name][argv[name].index("--rollouts") + 1] == str(plan.rollouts), name
+    assert not any(flag in a for a in argv.values() for flag in ("--episodes-dir", "--frames-dir"))
+    assert argv["export_last_step"][argv["export_last_step"].index("--denoise-step") + 1] == "9"
+    assert argv["libero_eval"][argv["libero_eval"].index("--port") + 1] == "8765"
 
 
 class _Refs(html.parser.HTMLParser):

@@ -308,3 +308,100 @@ def test_renders_in_headless_chromium(tmp_path):
     # text and figures reach well down the page, not only a header
     rows_with_ink = np.flatnonzero((img < 200).mean(axis=1) > 0.01)
     assert rows_with_ink.max() > 1500, f"page content ends at row {rows_with_ink.max()}"
+
+
+# ---------------------------------------------------------------------------------------------------- from data
+
+
+def _lift(soft: float, uniform: float, lo: float, hi: float, n: int = 8) -> dict:
+    return {"n_episodes": n, "soft_mass": _ci(soft), "uniform_soft_mass": _ci(uniform),
+            "lift": {"mean": soft - uniform, "ci_low": lo, "ci_high": hi, "n": n}}
+
+
+def _with_attention(out: pathlib.Path, grid: list[int], lift: dict) -> None:
+    summary = json.loads((out / "attention/summary.json").read_text())
+    summary |= {"grid": grid, "n_patches": grid[0] * grid[1], "soft_mass_by_camera": {"demo": {"base_0_rgb": lift}}}
+    _json(out / "attention/summary.json", summary)
+    _json(out / "attention/episodes/demo__libero_spatial__task0__ep0.json",
+          {"settings": {"camera": "base_0_rgb", "layers": [0, 1], "denoise_steps": None, "percentile": 80.0,
+                        "sigma_frac": 0.3}, "grid": grid})
+
+
+def test_attention_captions_take_grid_and_settings_from_the_data(tmp_path):
+    """The default policy sees 96 px images in 12 px patches: an 8x8 grid, so uniform attention is 1/64 per patch.
+    The captions used to say 16x16 and 1/256 whatever the data; every number there must come from the files."""
+    out = make_output(tmp_path)
+    _with_attention(out, [8, 8], _lift(0.3, 0.05, 0.15, 0.35))
+    report.write_report(out)
+    att = _section_html((out / "index.html").read_text(), "attention")
+    assert "8x8" in att and "1/64 per patch" in att
+    assert "16x16" not in att and "256" not in att
+    assert "sigma = 0.30 x grid side" in att and "IoU p80" in att and "top 20 % of patches" in att
+    # a grid the data does not record is not invented
+    summary = json.loads((out / "attention/summary.json").read_text())
+    del summary["grid"]
+    _json(out / "attention/summary.json", summary)
+    _json(out / "attention/episodes/demo__libero_spatial__task0__ep0.json", {"settings": {"camera": "base_0_rgb"}})
+    report.write_report(out)
+    att = _section_html((out / "index.html").read_text(), "attention")
+    assert "grid not recorded" in att and "the same probability on every patch" in att and "x16" not in att
+
+
+def _verdicts(out: pathlib.Path) -> dict:
+    report.write_report(out)
+    return {s["id"]: s["verdict"] for s in json.loads((out / "report.json").read_text())["sections"]}
+
+
+def test_findings_are_called_findings_only_when_the_interval_excludes_the_baseline(tmp_path):
+    out = make_output(tmp_path)
+    # Attention: lift over uniform with an interval above 0 (finding) ...
+    _with_attention(out, [8, 8], _lift(0.31, 0.06, 0.18, 0.32))
+    # SAE: held out by episode, the paired difference to PCA with the same L0 excludes 0 (finding) ...
+    sae = json.loads((out / "sae/metrics.json").read_text())
+    split = {"kind": "episodes", "n_train_episodes": 6, "n_eval_episodes": 2, "n_eval_rows": 64, "unit": "episode"}
+    sae |= {"split": split, "baselines": {"split": "episodes", "train_mean": {"fvu": 1.01, "ci_low": 1.0, "ci_high": 1.03},
+                                          "pca_same_l0": {"fvu": 0.52, "ci_low": 0.45, "ci_high": 0.6, "n_components": 8},
+                                          "pca_minus_sae": {"mean": 0.27, "ci_low": 0.2, "ci_high": 0.33}}}
+    sae["held_out"] |= {"fvu_ci_low": 0.2, "fvu_ci_high": 0.3, "split": split}
+    _json(out / "sae/metrics.json", sae)
+    # ... probes: a test R^2 interval above both baselines (finding).
+    pr = json.loads((out / "probes/probe_results.json").read_text())
+    pr["test"] |= {"r2_mean_ci_low": 0.12, "r2_mean_ci_high": 0.41}
+    _json(out / "probes/probe_results.json", pr)
+    v = _verdicts(out)
+    assert v["attention"]["status"] == "finding" and "more attention on the task objects" in v["attention"]["text"]
+    assert "0.250 [0.180, 0.320]" in v["attention"]["text"]
+    assert v["sae"]["status"] == "finding" and "2 held-out episodes" in v["sae"]["text"]
+    assert v["probes"]["status"] == "finding" and v["evaluation"]["status"] == "finding"
+    assert v["geometry"]["status"] == "no finding" and v["pca"]["status"] == "descriptive"  # [90, 100] holds 90
+    page = (out / "index.html").read_text()
+    assert "<b>Finding:</b>" in _section_html(page, "attention")
+    assert "best layer by CV: <code>L3</code>" in _section_html(page, "probes")
+
+    # Non-findings: the lift interval includes 0, the SAE is no better than PCA, the probe is below its shuffled
+    # baseline (then it is flagged, never printed as the best layer), and row blocks give no SAE verdict.
+    _with_attention(out, [8, 8], _lift(0.07, 0.06, -0.02, 0.04))
+    sae["baselines"]["pca_minus_sae"] = {"mean": 0.01, "ci_low": -0.05, "ci_high": 0.06}
+    _json(out / "sae/metrics.json", sae)
+    pr["test"] |= {"r2_mean": -1.134, "r2_mean_ci_low": -1.5, "r2_mean_ci_high": -0.8}
+    pr["baselines"]["shuffled"]["r2_mean"] = -0.242
+    _json(out / "probes/probe_results.json", pr)
+    geo = json.loads((out / "geometry/geometry.json").read_text())
+    geo["analyses"][0]["groups"]["all"]["curvature_deg"] = {"mean": 71.0, "ci95": [64.0, 78.0]}
+    _json(out / "geometry/geometry.json", geo)
+    v = _verdicts(out)
+    assert v["geometry"]["status"] == "finding" and "less than the 90 degrees" in v["geometry"]["text"]
+    assert v["attention"]["status"] == "no finding" and "not distinguishable from uniform" in v["attention"]["text"]
+    assert v["sae"]["status"] == "no finding"
+    assert v["probes"]["status"] == "below baseline" and "worse than the shuffled baseline" in v["probes"]["text"]
+    page = (out / "index.html").read_text()
+    probes = _section_html(page, "probes")
+    assert "best layer" not in probes and "does not beat its baselines" in probes and "<b>Below baseline:</b>" in probes
+    summary = json.loads((out / "report.json").read_text())["summary"]
+    assert not any("best layer" in line for line in summary)
+    assert any(line.startswith("probes: no layer beats its baselines") for line in summary)
+    sae["split"] = sae["held_out"]["split"] = {"kind": "rows", "block_rows": 32, "warning": "row blocks: optimistic"}
+    _json(out / "sae/metrics.json", sae)
+    v = _verdicts(out)
+    assert v["sae"]["status"] == "undetermined" and "--keys" in v["sae"]["text"]
+    assert "blocks of 32 rows" in _section_html((out / "index.html").read_text(), "sae")

@@ -13,7 +13,7 @@ from openpi.interp.sae import train as sae_train
 def test_batchtopk_inference_uses_learned_threshold(tmp_path):
     x, atoms = synthetic.planted_dictionary(d=32, n_atoms=48, rows=8000, active=3, seed=4)
     np.save(tmp_path / "x.npy", x)
-    cfg = sae_train.TrainConfig(arch="batchtopk", k=3, num_latents=64, steps=500)
+    cfg = sae_train.TrainConfig(arch="batchtopk", k=3, num_latents=64, steps=500, split="rows")
     res = sae_train.train(cfg, sae_train.npy_source(tmp_path / "x.npy", cfg), tmp_path / "sae", progress=False)
     m = json.loads((tmp_path / "sae" / "metrics.json").read_text())
     thr = m["threshold"]

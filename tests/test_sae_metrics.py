@@ -43,3 +43,24 @@ def test_empty_eval_set_is_an_error():
         metrics.EvalAccumulator(3, 5).result()
     with pytest.raises(ValueError, match=r"must both be \(batch, 3\)"):
         metrics.EvalAccumulator(3, 5).add(np.zeros((2, 3)), np.zeros((2, 4)), np.zeros((2, 5)))
+
+
+def test_grouped_fvu_matches_fvu_and_pairs_resamples():
+    """The grouped FVU at full weight is exactly the streaming FVU; the interval covers it; a better model's paired
+    difference excludes 0; PCA with 0 components is the mean predictor (FVU 1 on its own rows)."""
+    from openpi.interp.sae.metrics import GroupedFVU, PCABaseline, fvu
+
+    rng = np.random.default_rng(0)
+    groups = np.repeat(np.arange(12), 30)
+    x = rng.normal(size=(360, 6)) + rng.normal(size=(12, 6))[groups] * 3
+    good = x + rng.normal(size=x.shape) * 0.3
+    bad = x + rng.normal(size=x.shape) * 1.0
+    g = GroupedFVU(6, ("good", "bad"))
+    for lo in range(0, 360, 50):  # batches that cut across groups
+        g.add(groups[lo:lo + 50], x[lo:lo + 50], {"good": good[lo:lo + 50], "bad": bad[lo:lo + 50]})
+    out = g.summary(500, 0, pairs=[("bad", "good")])
+    assert out["good"]["fvu"] == pytest.approx(fvu(x, good), rel=1e-12)
+    assert out["good"]["ci_low"] <= out["good"]["fvu"] <= out["good"]["ci_high"]
+    assert out["bad-good"]["ci_low"] > 0 and out["n_groups"] == 12
+    assert fvu(x, PCABaseline(x, 0)(x)) == pytest.approx(1.0)
+    assert fvu(x, PCABaseline(x, 6)(x)) == pytest.approx(0.0, abs=1e-12)

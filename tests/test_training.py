@@ -1,4 +1,5 @@
-"""Training on synthetic demo frames: the loss falls, resume is exact, and the checkpoint serves via create_policy."""
+"""Training on synthetic demo frames: the loss falls, resume is bit-exact, and the checkpoint serves via
+create_policy."""
 from __future__ import annotations
 
 import json
@@ -15,6 +16,8 @@ from openpi.models.tokenizer import EMBEDDED_TOKENIZER, PromptTokenizer
 from openpi.policies.libero_policy import LiberoTransforms
 from openpi.policies.policy_config import create_policy
 from openpi.training import train
+from openpi.shared.rundir import RunSettingsError
+from openpi.training import demos
 from openpi.training.demos import write_synthetic_demos
 
 STEPS = 4
@@ -39,24 +42,36 @@ def runs(tmp_path_factory):
     return {"demos": demo_root, "a": a, "b": b, "first": first, "resumed": resumed, "straight": straight}
 
 
+def _step(root, step):
+    return train.checkpoints(root).step_dir(step)
+
+
 def test_resume_continues_exactly(runs):
     a, b = runs["a"], runs["b"]
     assert runs["first"]["step"] == 2 and runs["resumed"]["step"] == STEPS
-    assert [s for s, _ in train.step_dirs(a)] == [2, STEPS]
+    assert train.checkpoints(a).steps() == [2, STEPS]
+    assert runs["resumed"]["checkpoint"] == str(_step(a, STEPS))
     cfg = train.model_config(_cfg(runs["demos"], a))
-    pa = checkpoint.load_params(a / str(STEPS), cfg)
-    pb = checkpoint.load_params(b / str(STEPS), cfg)
-    p2 = checkpoint.load_params(a / "2", cfg)
+    pa = checkpoint.load_params(_step(a, STEPS), cfg)
+    pb = checkpoint.load_params(_step(b, STEPS), cfg)
+    p2 = checkpoint.load_params(_step(a, 2), cfg)
     moved = jax.tree.leaves(jax.tree.map(lambda x, y: float(np.abs(x - y).max()), pa, p2))
     assert max(moved) > 0  # steps 3-4 changed the weights ...
     for x, y in zip(jax.tree.leaves(pa), jax.tree.leaves(pb)):  # ... exactly as the uninterrupted run did
-        np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-6)
+        np.testing.assert_array_equal(x, y)
+    with np.load(_step(a, STEPS) / "state.npz") as za, np.load(_step(b, STEPS) / "state.npz") as zb:
+        assert za.files == zb.files and len(za.files) > 3  # optimizer moments, rng and step, bit for bit
+        for name in za.files:
+            np.testing.assert_array_equal(za[name], zb[name], err_msg=name)
     rows = train.read_metrics(a / "metrics.jsonl")
     assert [r["step"] for r in rows] == list(range(1, STEPS + 1))
     assert [r["loss"] for r in rows] == pytest.approx([r["loss"] for r in train.read_metrics(b / "metrics.jsonl")],
                                                       rel=1e-4)
-    meta = json.loads((a / str(STEPS) / "train_meta.json").read_text())
+    meta = json.loads((_step(a, STEPS) / "meta.json").read_text())
     assert meta["step"] == STEPS and meta["num_params"] == train.count_params(cfg) == runs["straight"]["num_params"]
+    run = json.loads((a / "run.json").read_text())
+    assert run["job"] == train.RUN_JOB and meta["fingerprint"] == run["fingerprint"]
+    assert "out_dir" not in run["settings"]["train"] and run["settings"]["demos"]["n_demos"] == 3
     assert (a / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
@@ -71,12 +86,12 @@ def test_training_reduces_the_loss_on_a_fixed_batch(runs):
     time = jnp.asarray(rng.uniform(0.05, 0.95, size=targets.shape[0]), jnp.float32)
     loss = jax.jit(lambda p: jnp.mean(pi0.compute_loss(cfg, p, obs, jnp.asarray(targets), noise=noise, time=time)))
     before = float(loss(jax.tree.map(jnp.asarray, init_params(cfg, seed=0))))
-    after = float(loss(jax.tree.map(jnp.asarray, checkpoint.load_params(runs["a"] / str(STEPS), cfg))))
+    after = float(loss(jax.tree.map(jnp.asarray, checkpoint.load_params(_step(runs["a"], STEPS), cfg))))
     assert np.isfinite(after) and after < 0.8 * before, (before, after)
 
 
 def test_checkpoint_serves_through_create_policy(runs):
-    ckpt = runs["a"] / str(STEPS)
+    ckpt = _step(runs["a"], STEPS)
     policy = create_policy(_cfg(runs["demos"], runs["a"]).policy_config, str(ckpt))
     assert policy.metadata["trained"] and policy.transforms.norm_stats is not None
     ds = train.DemoDataset([runs["demos"]], 10)
@@ -91,15 +106,16 @@ def test_checkpoint_serves_through_create_policy(runs):
 
 
 def test_packaged_checkpoint_serves_without_optimizer_state(runs, tmp_path):
-    dest = train.package_checkpoint(runs["a"] / str(STEPS), tmp_path / "pkg")
+    dest = train.package_checkpoint(_step(runs["a"], STEPS), tmp_path / "pkg")
     assert sorted(p.name for p in dest.iterdir()) == ["assets", "params", "train_meta.json"]
+    assert json.loads((dest / "train_meta.json").read_text())["step"] == STEPS
     cfg = _cfg(runs["demos"], runs["a"])
     for x, y in zip(jax.tree.leaves(checkpoint.load_params(dest, train.model_config(cfg))),
-                    jax.tree.leaves(checkpoint.load_params(runs["a"] / str(STEPS), train.model_config(cfg)))):
+                    jax.tree.leaves(checkpoint.load_params(_step(runs["a"], STEPS), train.model_config(cfg)))):
         np.testing.assert_array_equal(x, y)
     assert create_policy(cfg.policy_config, str(dest)).transforms.norm_stats is not None
     with pytest.raises(FileExistsError, match="refusing to overwrite"):
-        train.package_checkpoint(runs["a"] / str(STEPS), dest)
+        train.package_checkpoint(_step(runs["a"], STEPS), dest)
     with pytest.raises(FileNotFoundError, match="not a complete training checkpoint"):
         train.package_checkpoint(tmp_path, tmp_path / "other")
 
@@ -130,17 +146,30 @@ def test_chunks_repeat_the_last_action(tmp_path):
 def test_changed_schedule_is_refused_on_resume(tmp_path):
     root = write_synthetic_demos(tmp_path / "d", episodes=1, steps=3)
     out = tmp_path / "run"
-    train._check_or_write_config(out.mkdir() or out, _cfg(root, out))
-    with pytest.raises(ValueError, match="peak_lr"):
+    cfg = _cfg(root, out)
+    ds = train.DemoDataset(cfg.demo_dirs, 10)
+    train.open_run(cfg, train.run_settings(cfg, ds, EMBEDDED_TOKENIZER))
+    with pytest.raises(RunSettingsError, match=r"train\.peak_lr: stored 0\.002 vs now 1\.0"):
         train.train(_cfg(root, out, peak_lr=1.0), progress=False)
+    # Run options (logging, saving, paths) are not settings of the result: a resume may change them.
+    moved = tmp_path / "moved_demos"
+    root.rename(moved)
+    assert train.open_run(_cfg(moved, out, log_every=5, save_every=7),
+                          train.run_settings(cfg, train.DemoDataset([moved], 10), EMBEDDED_TOKENIZER)).resumed
+    # Other demos are other data, whatever the folder is called.
+    demos.write_demo(moved, demos.synthetic_episode(1, steps=3))
+    with pytest.raises(RunSettingsError, match="demos.n_demos: stored 1 vs now 2"):
+        train.train(_cfg(moved, out), progress=False)
+    (out / "run.json").unlink()
+    (out / "train_config.json").write_text("{}")
+    with pytest.raises(RunSettingsError, match="older layout"):
+        train.train(_cfg(moved, out), progress=False)
     (tmp_path / "empty" / "demos").mkdir(parents=True)
     with pytest.raises(ValueError, match="no complete demos"):
         train.train(_cfg(tmp_path / "empty", tmp_path / "run2"), progress=False)
 
 
 def test_strided_demos_sample_only_steps_with_frames(tmp_path):
-    from openpi.training import demos
-
     ep = demos.synthetic_episode(0, steps=7)
     full_agent = ep.agentview.copy()
     ep.meta["frame_stride"] = 3

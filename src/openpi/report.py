@@ -25,12 +25,20 @@ file) and ``<out>/report.json``::
 
     schema      "vla-interp/report/1"
     sections    [{id, title, status: "ok" | "failed" | "missing" | "error", reason (null when ok),
-                  figures [relative png paths shown], links [relative paths linked]}]
+                  verdict {status: "finding" | "no finding" | "below baseline" | "undetermined" | "descriptive",
+                  text} | null, figures [relative png paths shown], links [relative paths linked]}]
     stages      copy of stages.json ([] when absent)
     summary     the printed summary lines
 
 Bad input never stops the page: an unreadable JSON/CSV makes its section ``status: "error"`` with the file name
 and the parse error shown in place.
+
+Verdicts: every section opens with one line saying, in plain words, whether its result beats its baseline. The
+rule is the same everywhere: a result is a finding when its 95% interval (resampling whole episodes) excludes the
+baseline; a point estimate alone is never called a finding. Numbers in captions are read from the result files
+(patch grid, uniform mass, counts, settings), never written into the page's text.
+
+Which stage feeds which section comes from ``openpi.pipeline.STAGES``, the list the quickstart runs.
 """
 from __future__ import annotations
 
@@ -44,23 +52,16 @@ import pathlib
 import re
 from typing import Any, Callable
 
+from openpi import pipeline
 from openpi.shared.io import write_json_atomic, write_text_atomic
 
 SCHEMA = "vla-interp/report/1"
 _NUMERIC = re.compile(r"^\s*(-?[0-9.]+(e-?[0-9]+)?|n/a)(\s|$)")
 
-# Which quickstart stages produce each section (a failed one explains a missing section).
-SECTION_STAGES: dict[str, tuple[str, ...]] = {
-    "evaluation": ("libero_eval",),
-    "attention": ("attention_iou",),
-    "sae": ("export_all_steps", "sae", "sae_dashboard"),
-    "probes": ("export_last_step", "probes"),
-    "geometry": ("export_last_step", "geometry_input", "geometry"),
-    "pca": ("action_pca",),
-}
-# The stage whose output a section shows (its absence with this stage "ok" is itself a problem).
-SECTION_PRODUCER = {"evaluation": "libero_eval", "attention": "attention_iou", "sae": "sae", "probes": "probes",
-                    "geometry": "geometry", "pca": "action_pca"}
+# Which quickstart stages feed each section (a failed one explains a missing section) and the stage whose output
+# a section shows (its absence with that stage "ok" is itself a problem): both from the quickstart's own list.
+SECTION_STAGES: dict[str, tuple[str, ...]] = {sec: pipeline.section_stages(sec) for sec in pipeline.SECTIONS}
+SECTION_PRODUCER: dict[str, str] = {sec: pipeline.section_producer(sec).name for sec in pipeline.SECTIONS}
 
 CSS = """
 body{font-family:'DejaVu Sans',Arial,sans-serif;max-width:1150px;margin:0 auto;padding:0 18px 40px;color:#222;
@@ -72,6 +73,8 @@ td,th{border:1px solid #ccc;padding:3px 8px;text-align:left}th{background:#eef1f
 .ok{color:#1a7f37;font-weight:bold}.failed{color:#c62828;font-weight:bold}.missing{color:#9a6700;font-weight:bold}
 .error{color:#c62828;font-weight:bold}
 .note{background:#fff8e1;border-left:4px solid #f0b400;padding:6px 10px;margin:8px 0}
+.verdict{padding:6px 10px;margin:8px 0;border-left:5px solid #888;background:#f4f4f4}
+.verdict.finding{border-color:#1a7f37;background:#eaf6ec}.verdict.below{border-color:#c62828;background:#fdecea}
 .bad{background:#fdecea;border-left:4px solid #c62828;padding:6px 10px;margin:8px 0}
 .how{color:#444;font-size:14px}
 .glance{background:#f3f6fa;border:1px solid #cfd8e3;padding:8px 14px}
@@ -168,6 +171,29 @@ def wilson_interval(k: int, n: int, z: float = 1.96) -> tuple[float, float]:
 # ---------------------------------------------------------------- page model
 
 
+@dataclasses.dataclass(frozen=True)
+class Verdict:
+    """One plain-words line: does this section's result beat its baseline?"""
+
+    status: str  # "finding" | "no finding" | "below baseline" | "undetermined" | "descriptive"
+    text: str
+
+    LABELS = {"finding": "Finding", "no finding": "Not a finding", "below baseline": "Below baseline",
+              "undetermined": "Undetermined", "descriptive": "Descriptive"}
+
+    def html(self) -> str:
+        css = {"finding": "finding", "below baseline": "below"}.get(self.status, "")
+        return f"<p class='verdict {css}'><b>{self.LABELS[self.status]}:</b> {_esc(self.text)}</p>"
+
+
+def excludes(lo: float | None, hi: float | None, baseline: float | None) -> str | None:
+    """'above' / 'below' when the interval [lo, hi] excludes ``baseline``, 'includes' when not, None without an
+    interval."""
+    if lo is None or hi is None or baseline is None:
+        return None
+    return "above" if lo > baseline else "below" if hi < baseline else "includes"
+
+
 @dataclasses.dataclass
 class Section:
     id: str
@@ -177,6 +203,7 @@ class Section:
     parts: list[str] = dataclasses.field(default_factory=list)
     figures: list[str] = dataclasses.field(default_factory=list)
     links: list[str] = dataclasses.field(default_factory=list)
+    verdict: Verdict | None = None
 
 
 class _Ctx:
@@ -284,7 +311,7 @@ def section_evaluation(ctx: _Ctx) -> Section:
         "is reached. Success rate = successes / episodes; the interval is the 95% Wilson score interval "
         "(binomial, valid at 0 % and 100 %). Episodes that ended on a policy error count as failures and are "
         "listed under <i>errors</i>.</p>")
-    rows = []
+    rows, totals = [], [0, 0]
     for p in results:
         d = _load_json(p)
         for suite, s in (d.get("suites") or {}).items():
@@ -295,6 +322,8 @@ def section_evaluation(ctx: _Ctx) -> Section:
                              t.get("errors", 0), f"{_num(k / n if n else None, 2)} [{_num(lo, 2)}, {_num(hi, 2)}]"])
         tot = d.get("total") or {}
         n, k = int(tot.get("episodes", 0)), int(tot.get("successes", 0))
+        totals[0] += k
+        totals[1] += n
         lo, hi = wilson_interval(k, n)
         rows.append([f"<b>{_esc(d.get('run_id', p.stem))}</b>", "<b>all</b>", "", "", n, k, tot.get("errors", 0),
                      f"<b>{_num(k / n if n else None, 2)} [{_num(lo, 2)}, {_num(hi, 2)}]</b>"])
@@ -302,6 +331,7 @@ def section_evaluation(ctx: _Ctx) -> Section:
             sec.parts.append(f"<p class='note'>{_esc(p.name)}: {d['missing_episodes']} planned episode(s) have no "
                              "record yet (run interrupted or other shards still running).</p>")
         sec.links.append(ctx.rel(p))
+    sec.verdict = _evaluation_verdict(totals)
     sec.parts.append("<h3>Success table</h3>" + _table(
         ["run", "suite", "task", "instruction", "episodes", "successes", "errors", "success rate [95% CI]"], rows,
         raw_cols=(0, 1, 2, 3, 7)))
@@ -326,6 +356,19 @@ def section_evaluation(ctx: _Ctx) -> Section:
     return sec
 
 
+def _evaluation_verdict(totals: list[int]) -> Verdict:
+    k, n = totals
+    if n == 0:
+        return Verdict("undetermined", "no finished episode was recorded.")
+    lo, hi = wilson_interval(k, n)
+    if k == 0:
+        return Verdict("no finding", f"the policy succeeded in none of the {n} episodes (95% interval 0% to "
+                                     f"{hi:.0%}); it cannot be told apart from a policy that never succeeds.")
+    return Verdict("finding", f"the policy succeeded in {k} of {n} episodes ({k / n:.0%}); the 95% interval "
+                              f"[{lo:.0%}, {hi:.0%}] excludes 0%, so it does better than a policy that never "
+                              "succeeds.")
+
+
 def _overlay_pngs(ctx: _Ctx, limit: int = 4) -> list[pathlib.Path]:
     root = ctx.out / "attention" / "overlays"
     if not root.is_dir():
@@ -346,14 +389,53 @@ def _step_of(p: pathlib.Path) -> str:
     return str(int(digits)) if digits else p.stem
 
 
-def _attention_settings(ctx: _Ctx) -> dict:
+def _attention_episode(ctx: _Ctx) -> dict:
+    """The first per-episode result file (its settings and grid describe every episode of the run directory)."""
     eps = sorted((ctx.out / "attention" / "episodes").glob("*.json"))
     if not eps:
         return {}
     try:
-        return _load_json(eps[0]).get("settings") or {}
-    except (_BadFile, AttributeError):
+        d = _load_json(eps[0])
+    except _BadFile:
         return {}
+    return d if isinstance(d, dict) else {}
+
+
+def _grid_of(summary: dict, episode: dict) -> tuple[int, int] | None:
+    """The camera patch grid recorded with the results (summary.json, else an episode file), or None."""
+    for g in (summary.get("grid"), episode.get("grid")):
+        if isinstance(g, (list, tuple)) and len(g) == 2 and all(isinstance(v, int) and v > 0 for v in g):
+            return int(g[0]), int(g[1])
+    return None
+
+
+def _attention_verdict(by_camera: dict) -> Verdict:
+    """Finding when, for some run and camera, the 95% interval of the soft-mass lift over uniform excludes 0."""
+    parts, found, undetermined = [], False, True
+    for run, cams in sorted(by_camera.items()):
+        for cam, c in sorted((cams or {}).items()):
+            if not c.get("n_episodes"):
+                continue
+            lift = c.get("lift") or {}
+            side = excludes(lift.get("ci_low"), lift.get("ci_high"), 0.0)
+            undetermined &= side is None
+            found |= side == "above"
+            word = {"above": "more than", "below": "less than", "includes": "no different from",
+                    None: "(no interval) vs"}[side]
+            parts.append(f"{run}/{cam}: soft mass {_num((c.get('soft_mass') or {}).get('mean'))} on the objects, "
+                         f"{word} uniform attention's {_num((c.get('uniform_soft_mass') or {}).get('mean'))} (lift "
+                         f"{_ci(lift)} over {c['n_episodes']} episodes)")
+    if not parts:
+        return Verdict("undetermined", "no camera had an object of interest in its masks, so attention on the "
+                                       "objects could not be measured.")
+    if found:
+        return Verdict("finding", "the action tokens put more attention on the task objects than uniform "
+                                  "attention would (the 95% interval of the lift excludes 0) in " +
+                       "; ".join(parts) + ".")
+    if undetermined:
+        return Verdict("undetermined", "too few episodes for an interval: " + "; ".join(parts) + ".")
+    return Verdict("no finding", "attention on the task objects is not distinguishable from uniform attention "
+                                 "(or is below it): " + "; ".join(parts) + ".")
 
 
 def section_attention(ctx: _Ctx) -> Section:
@@ -363,39 +445,69 @@ def section_attention(ctx: _Ctx) -> Section:
     if not summary.is_file():
         return _absent(ctx, sec, "attention/summary.json", "<code>python evaluate_attention_iou.py --store S --rollouts R --out OUT/attention --overlays</code>")
     d = _load_json(summary)
-    st = _attention_settings(ctx)
+    ep = _attention_episode(ctx)
+    st = ep.get("settings") or {}
+    grid = _grid_of(d, ep)
     cam, layers = st.get("camera", "base_0_rgb"), st.get("layers")
     steps = st.get("denoise_steps")
+    pct, sigma = st.get("percentile"), st.get("sigma_frac")
+    if grid is not None:
+        n_patches = grid[0] * grid[1]
+        grid_txt = f"{grid[0]}x{grid[1]}"
+        uniform_txt = f"1/{n_patches} per patch"
+    else:
+        grid_txt, uniform_txt = "(grid not recorded)", "the same probability on every patch"
     sel = (f"camera <code>{_esc(cam)}</code>, layers {_esc(layers if layers is not None else 'all recorded')}, "
            f"denoising steps {_esc(steps if steps is not None else 'all recorded')}")
+    sec.verdict = _attention_verdict(d.get("soft_mass_by_camera") or {})
     sec.parts.append(
         "<p class='how'>At every policy query the server recorded the attention probabilities of the action tokens "
         "(queries) over the whole input sequence (keys: image patches of each camera, instruction words, prompt "
         f"template, state, actions), averaged over heads. Here: {sel}; rows are averaged over the selected denoising "
-        "steps, heads and action tokens. The camera's 16x16 patch attention is renormalised within the camera and "
-        "compared with the segmentation mask of the task's objects of interest at the same environment step.</p>")
+        f"steps, heads and action tokens. The camera's {_esc(grid_txt)} patch attention is renormalised within the "
+        "camera and compared with the segmentation mask of the task's objects of interest at the same environment "
+        "step.</p>")
     figs = []
     for p in _overlay_pngs(ctx):
-        figs.append(ctx.figure(sec, p, f"Attention heatmap of the action tokens (mean over layers {_esc(layers)}, "
-                               "denoising steps, heads and action tokens) over each valid camera's patches, upsampled "
-                               f"and overlaid on the frame the policy saw at env step {_esc(_step_of(p))} of "
-                               f"episode <code>{_esc(p.parent.name)}</code>. Colour: jet scale blended at "
-                               "50 %, normalised to each camera's maximum (blue = little, red = the most attended "
-                               "patches); the title gives the camera's share of the row and that query's IoU."))
+        figs.append(ctx.figure(sec, p, f"Attention of the action tokens (mean over layers {_esc(layers)}, "
+                               "denoising steps, heads and action tokens) over each valid camera's "
+                               f"{_esc(grid_txt)} patches, upsampled and overlaid on the frame the policy saw at env "
+                               f"step {_esc(_step_of(p))} of episode <code>{_esc(p.parent.name)}</code>. Both cameras "
+                               "share one colour scale (colour bar: attention probability per patch); the white "
+                               "outline marks the scored objects; the title gives each camera's share of the row "
+                               "and the query's IoU and soft mass with uniform attention's."))
     if figs:
         sec.parts.append("<h3>Attention overlays</h3><div class='figs'>" + "".join(figs) + "</div>")
     else:
         sec.parts.append("<p class='note'>No overlay PNGs (<code>attention/overlays/</code> absent): run "
                          "<code>evaluate_attention_iou.py</code> with <code>--overlays</code> to get them.</p>")
+    by_cam = d.get("soft_mass_by_camera") or {}
+    rows = [[_esc(run), _esc(c), v.get("n_episodes"), _ci(v.get("soft_mass")), _ci(v.get("uniform_soft_mass")),
+             f"<b>{_ci(v.get('lift'))}</b>"]
+            for run, cams in sorted(by_cam.items()) for c, v in sorted((cams or {}).items()) if v.get("n_episodes")]
+    if rows:
+        sec.parts.append(
+            "<h3>Soft mass on the objects, per camera, against uniform attention</h3><p class='how'><b>Soft mass</b> = "
+            "attention probability within the camera that falls on the objects (each patch weighted by how much of "
+            "it the objects cover). <b>Uniform</b> = the soft mass of attention spread evenly "
+            f"({_esc(uniform_txt)}), i.e. the objects' share of the image. <b>Lift</b> = soft mass - uniform "
+            "(0 = no preference for the objects). Means of per-episode means; [brackets] are 95% bootstrap "
+            "intervals resampling whole episodes.</p>" + _table(
+                ["run", "camera", "episodes", "soft mass [95% CI]", "uniform [95% CI]", "lift [95% CI]"], rows,
+                raw_cols=(0, 1, 3, 4, 5)))
+    pct_txt = f"p{_num(pct, 0)}" if pct is not None else "percentile"
+    top_txt = (f"top {_num(100 - pct, 0)} % of patches" if pct is not None else "the patches above the percentile")
+    sigma_txt = f"sigma = {_num(sigma, 2)} x grid side" if sigma is not None else "sigma recorded in the settings"
     sec.parts.append(
         "<h3>Attention vs. object masks (IoU) with baselines</h3><p class='how'>"
         "<b>IoU top-k</b>: the k most-attended patches (k = number of patches at least half covered by the objects) "
         "vs. those object patches, intersection / union (1 = attention exactly on the objects). <b>Soft mass</b>: "
         "attention probability falling on the objects (coverage-weighted). <b>Pointing</b>: the single most-attended "
-        "patch lies on an object. <b>IoU p90</b>: top 10 % of patches vs. objects (capped far below 1 because objects "
-        "are small). Baselines use the same masks: <b>uniform</b> attention (1/256 per patch) and a <b>centre-bias</b> "
-        "Gaussian (sigma = 0.25 x grid side). Attention only means something where it beats both baselines. Values are "
-        "means of per-episode means; [brackets] are 95% bootstrap intervals resampling whole episodes.</p>")
+        f"patch lies on an object. <b>IoU {_esc(pct_txt)}</b>: {_esc(top_txt)} vs. objects (capped far below 1 "
+        "because objects are small). Baselines use the same masks: <b>uniform</b> attention "
+        f"({_esc(uniform_txt)}) and a <b>centre-bias</b> Gaussian ({_esc(sigma_txt)}). Attention only means "
+        "something where it beats both baselines. Values are means of per-episode means; [brackets] are 95% "
+        "bootstrap intervals resampling whole episodes.</p>")
     csv_path = att / "summary_suites.csv"
     if csv_path.is_file():
         rows = []
@@ -404,12 +516,12 @@ def section_attention(ctx: _Ctx) -> Section:
             rows.append([_esc(f"{r.get('run_id')}/{r.get('prompt_mode')}"), _esc(r.get("suite")), _esc(r.get("layer")),
                          r.get("n_episodes"), r.get("n_queries"), ci("iou_topk"), _f(r.get("uniform_iou_topk")),
                          _f(r.get("center_bias_iou_topk")), ci("soft_mass"), _f(r.get("pointing_accuracy")),
-                         _f(r.get("iou_percentile"))])
+                         _f(r.get("iou_percentile")), _f(r.get("visual_fraction"))])
         sec.parts.append(_table(["run/prompt", "suite", "layer", "episodes", "queries", "IoU top-k [95% CI]",
                                  "uniform IoU top-k", "centre-bias IoU top-k", "soft mass [95% CI]", "pointing",
-                                 "IoU p90"], rows, raw_cols=(0, 1, 2, 5, 8)))
+                                 f"IoU {pct_txt}", "visual fraction"], rows, raw_cols=(0, 1, 2, 5, 8)))
         sec.parts.append("<p class='how'>Layer <i>mean</i> = attention averaged over the selected layers before scoring; "
-                         "numbered rows score one layer.</p>")
+                         "numbered rows score one layer, and their visual fraction is that layer's own.</p>")
     rows = []
     for run, groups in (d.get("success_vs_failure") or {}).items():
         for g in ("success", "failure"):
@@ -435,8 +547,8 @@ def section_attention(ctx: _Ctx) -> Section:
         sec.parts.append(
             "<h3>Modality fractions</h3><p class='how'>Share of each action-token attention row (which sums to 1 over "
             "all keys) that goes to image patches (all valid cameras) vs. the instruction words; the remainder goes to "
-            "the prompt template, state and action tokens. Phases are thirds of the episode (env_step / episode "
-            "length). Visual/linguistic ratio = visual mass / instruction mass.</p>" + _table(
+            "the prompt template, state and action tokens. Phases are the first, middle and last third of the "
+            "episode (env_step / episode length). Visual/linguistic ratio = visual mass / instruction mass.</p>" + _table(
                 ["run", "phase", "queries", "visual fraction", "instruction fraction", "visual/linguistic"], rows,
                 raw_cols=(0, 1)))
     figs = [ctx.figure(sec, att / "evolution.png", "Attention-object alignment (IoU top-k and soft mass) against "
@@ -463,11 +575,50 @@ def _find_dashboard(ctx: _Ctx) -> pathlib.Path | None:
     return None
 
 
+def _fvu_stat(b: dict | None) -> dict | None:
+    return None if not b else {"mean": b.get("fvu"), "ci_low": b.get("ci_low"), "ci_high": b.get("ci_high")}
+
+
+def _sae_split_text(split: dict | None) -> str:
+    """How the rows were held out, in words, from the trainer's split record."""
+    if not split:
+        return "How rows were held out was not recorded (an older trainer); its held-out FVU may be optimistic."
+    if split.get("kind") == "episodes":
+        return (f"It is trained on {split.get('n_train_episodes')} episodes and evaluated on "
+                f"{split.get('n_eval_episodes')} held-out episodes it never saw ({split.get('n_eval_rows')} rows).")
+    return (f"It is evaluated on held-out blocks of {split.get('block_rows')} rows whose episodes were also trained "
+            "on, so the held-out FVU is optimistic.")
+
+
+def _sae_verdict(m: dict) -> Verdict:
+    """Finding when the SAE's held-out FVU is below PCA with the same L0 with the paired interval excluding 0."""
+    ho, base = m.get("held_out") or {}, m.get("baselines") or {}
+    split = m.get("split") or ho.get("split") or {}
+    pca, diff = base.get("pca_same_l0") or {}, base.get("pca_minus_sae") or {}
+    if split.get("kind") != "episodes":
+        return Verdict("undetermined", "rows were not held out by whole episodes, so the held-out FVU "
+                                       f"({_num(ho.get('fvu'))}) may reflect memorised episodes; rerun train_save.py "
+                                       "with --keys for a verdict.")
+    if not pca:
+        return Verdict("undetermined", f"held-out FVU {_num(ho.get('fvu'))}, but no baseline was recorded.")
+    side = excludes(diff.get("ci_low"), diff.get("ci_high"), 0.0)
+    what = (f"on {split.get('n_eval_episodes')} held-out episodes the SAE leaves {_num(ho.get('fvu'))} of the "
+            f"variance unexplained, PCA with as many active directions ({pca.get('n_components')}) leaves "
+            f"{_num(pca.get('fvu'))} and predicting the mean leaves {_num((base.get('train_mean') or {}).get('fvu'))}")
+    if side == "above":
+        return Verdict("finding", f"{what}; the SAE reconstructs better than PCA (95% interval of the difference "
+                                  f"{_ci(diff)} excludes 0).")
+    if side is None:
+        return Verdict("undetermined", f"{what}; too few held-out episodes for an interval.")
+    return Verdict("no finding" if side == "includes" else "below baseline",
+                   f"{what}; the SAE does not reconstruct better than PCA (difference {_ci(diff)}).")
+
+
 def section_sae(ctx: _Ctx) -> Section:
     sec = Section("sae", "3. Sparse autoencoder: which features does the action expert use?")
     metrics = ctx.out / "sae" / "metrics.json"
     if not metrics.is_file():
-        return _absent(ctx, sec, "sae/metrics.json", "<code>python train_save.py --activations X.npy --out OUT/sae</code>")
+        return _absent(ctx, sec, "sae/metrics.json", "<code>python train_save.py --activations X.npy --keys keys.npz --out OUT/sae</code>")
     m = _load_json(metrics)
     ho = m.get("held_out") or {}
     src = m.get("source") or {}
@@ -476,7 +627,7 @@ def section_sae(ctx: _Ctx) -> Section:
         f"denoising step; {_esc(src.get('shape', '?'))} rows x dims exported from the store) as a sparse non-negative "
         f"combination of {_esc(m.get('d_sae', '?'))} learned directions: <code>f = TopK(W_enc (x - b_dec) + b_enc)</code>, "
         f"<code>x_hat = W_dec f + b_dec</code> with <i>{_esc(m.get('arch', '?'))}</i> sparsity (k = {_esc(m.get('k', '?'))}). "
-        "It is trained on contiguous blocks of rows and evaluated on held-out blocks it never saw.</p>"
+        f"{_esc(_sae_split_text(m.get('split') or ho.get('split')))}</p>"
         "<p class='how'><b>FVU</b> (fraction of variance unexplained) on the held-out rows: "
         "<code>FVU = &Sigma;<sub>i</sub> ||x<sub>i</sub> - x_hat<sub>i</sub>||&sup2; / "
         "&Sigma;<sub>i</sub> ||x<sub>i</sub> - x&#772;||&sup2;</code>, x&#772; = per-dimension mean of the held-out rows "
@@ -485,9 +636,19 @@ def section_sae(ctx: _Ctx) -> Section:
         f"fraction firing on more than {_num(ho.get('dense_threshold'))} of them.</p>")
     if ho.get("fvu_formula"):
         sec.parts.append(f"<p class='how'>Formula as recorded by the trainer: <code>{_esc(ho['fvu_formula'])}</code></p>")
+    split = m.get("split") or ho.get("split") or {}
+    base = m.get("baselines") or {}
+    sec.verdict = _sae_verdict(m)
     rows = [["architecture", _esc(m.get("arch"))], ["input dim d_in", m.get("d_in")], ["features d_sae", m.get("d_sae")],
             ["k", m.get("k")], ["training steps", m.get("steps")], ["training rows", m.get("n_train_rows")],
-            ["held-out rows", ho.get("n_rows")], ["<b>held-out FVU</b>", ho.get("fvu")], ["held-out L0", ho.get("l0")],
+            ["held-out split", _esc(split.get("kind", "not recorded"))],
+            ["held-out episodes", split.get("n_eval_episodes")], ["held-out rows", ho.get("n_rows")],
+            ["<b>held-out FVU</b> [95% CI]", _ci({"mean": ho.get("fvu"), "ci_low": ho.get("fvu_ci_low"),
+                                                  "ci_high": ho.get("fvu_ci_high")})],
+            [f"FVU of PCA with {_esc((base.get('pca_same_l0') or {}).get('n_components', '?'))} components (as many "
+             "active directions as the SAE's L0) [95% CI]", _ci(_fvu_stat(base.get("pca_same_l0")))],
+            ["FVU of the training mean [95% CI]", _ci(_fvu_stat(base.get("train_mean")))],
+            ["held-out L0", ho.get("l0")],
             ["held-out MSE per row", ho.get("mse_per_row")], ["dead fraction (held-out)", ho.get("dead_fraction")],
             ["dense fraction (held-out)", ho.get("dense_fraction")],
             ["dead fraction (end of training)", m.get("final_train_dead_fraction")]]
@@ -498,6 +659,8 @@ def section_sae(ctx: _Ctx) -> Section:
                  ["action MSE, reconstruction spliced", sp.get("mse_spliced")],
                  ["action MSE, site zero-ablated", sp.get("mse_zero_ablated")]]
     sec.parts.append("<h3>Metrics</h3>" + _table(["metric", "value"], rows, raw_cols=(0,)))
+    if split.get("warning"):
+        sec.parts.append(f"<p class='note'>{_esc(split['warning'])}.</p>")
     if splice_path.is_file():
         sec.parts.append(
             "<p class='how'><b>Action error recovered</b>: on recorded observations, with the same flow noise, the "
@@ -527,8 +690,36 @@ def section_sae(ctx: _Ctx) -> Section:
     return sec
 
 
+def _probe_verdict(d: dict) -> Verdict:
+    """Finding when the 95% interval of the CV-chosen layer's test R^2 lies above both baselines' means; a test
+    R^2 below the shuffled baseline is flagged as such (it is never called the best layer)."""
+    layer = d.get("best_layer")
+    if d.get("target_kind", "regression") != "regression":
+        test, b = d.get("test") or {}, d.get("baselines") or {}
+        sh = (b.get("shuffled") or {}).get("accuracy")
+        return Verdict("undetermined", f"classification probe on layer {layer}: test accuracy "
+                                       f"{_num(test.get('accuracy'))} vs shuffled {_num(sh)}; no interval is "
+                                       "recorded for classification probes yet.")
+    test, b = d.get("test") or {}, d.get("baselines") or {}
+    r2, lo, hi = test.get("r2_mean"), test.get("r2_mean_ci_low"), test.get("r2_mean_ci_high")
+    shuffled, rand = (b.get("shuffled") or {}).get("r2_mean"), (b.get("random_features") or {}).get("r2_mean")
+    bar = max((v for v in (shuffled, rand) if v is not None), default=None)
+    what = (f"layer {layer} (chosen by cross-validation) predicts the held-out episodes' targets with R^2 "
+            f"{_num(r2)} [{_num(lo)}, {_num(hi)}], against {_num(shuffled)} with shuffled targets and {_num(rand)} "
+            "with random features")
+    if r2 is not None and shuffled is not None and r2 < shuffled:
+        return Verdict("below baseline", f"{what}: worse than the shuffled baseline, so no layer shows a linearly "
+                                         "readable action here.")
+    side = excludes(lo, hi, bar)
+    if side == "above":
+        return Verdict("finding", f"{what}; its 95% interval lies above both baselines.")
+    if side is None:
+        return Verdict("undetermined", f"{what}; no interval over held-out episodes was recorded.")
+    return Verdict("no finding", f"{what}; its 95% interval does not clear the baselines.")
+
+
 def section_probes(ctx: _Ctx) -> Section:
-    sec = Section("probes", "4. Linear probes: is the executed action linearly readable?")
+    sec = Section("probes", "4. Linear probes: is the action linearly readable from the activations?")
     path = ctx.out / "probes" / "probe_results.json"
     if not path.is_file():
         return _absent(ctx, sec, "probes/probe_results.json", "<code>python linear_probe.py --features X.npy --targets actions.npy --groups groups.npy --out OUT/probes</code>")
@@ -545,24 +736,31 @@ def section_probes(ctx: _Ctx) -> Section:
         "Two baselines run through the same pipeline: <b>shuffled</b> (each episode gets another episode's whole target "
         "sequence; mean &plusmn; sd over shuffles) and <b>random features</b> (i.i.d. Gaussian features of the same "
         "width). A probe means something only where it clearly beats both.</p>")
+    sec.verdict = _probe_verdict(d)
     if d.get("target_kind", "regression") == "regression":
         rows = []
         for L in d.get("layers") or []:
             b = L.get("baselines") or {}
             sh, rf = b.get("shuffled") or {}, b.get("random_features") or {}
             cv = L.get("cv") or {}
+            test = L.get("test") or {}
             rows.append([_esc(L.get("layer")), L.get("n_features"), cv.get("r2_mean_at_best"), cv.get("best_alpha"),
-                         (L.get("train") or {}).get("r2_mean"), f"<b>{_num((L.get('test') or {}).get('r2_mean'))}</b>",
+                         (L.get("train") or {}).get("r2_mean"),
+                         f"<b>{_num(test.get('r2_mean'))}</b> [{_num(test.get('r2_mean_ci_low'))}, "
+                         f"{_num(test.get('r2_mean_ci_high'))}]",
                          f"{_num(sh.get('r2_mean'))} &plusmn; {_num(sh.get('r2_mean_sd'))}", rf.get("r2_mean")])
-        sec.parts.append(f"<h3>R&sup2; by layer (best layer by CV: <code>{_esc(d.get('best_layer'))}</code>)</h3>" + _table(
-            ["layer", "features", "CV R\u00b2", "penalty alpha", "train R\u00b2", "test R\u00b2", "shuffled R\u00b2 (mean \u00b1 sd)",
-             "random-feature R\u00b2"], rows, raw_cols=(0, 5, 6)))
+        chosen = (f"best layer by CV: <code>{_esc(d.get('best_layer'))}</code>" if sec.verdict.status == "finding"
+                  else f"layer chosen by CV: <code>{_esc(d.get('best_layer'))}</code>, which does not beat its "
+                       "baselines")
+        sec.parts.append(f"<h3>R&sup2; by layer ({chosen})</h3>" + _table(
+            ["layer", "features", "CV R\u00b2", "penalty alpha", "train R\u00b2", "test R\u00b2 [95% CI]",
+             "shuffled R\u00b2 (mean \u00b1 sd)", "random-feature R\u00b2"], rows, raw_cols=(0, 5, 6)))
         test, b = d.get("test") or {}, d.get("baselines") or {}
         per, shp = test.get("r2_per_dim") or [], (b.get("shuffled") or {}).get("r2_per_dim") or []
         rfp = (b.get("random_features") or {}).get("r2_per_dim") or []
         rows = [[_esc(n), per[i] if i < len(per) else None, shp[i] if i < len(shp) else None,
                  rfp[i] if i < len(rfp) else None] for i, n in enumerate(names)]
-        sec.parts.append("<h3>Test R&sup2; per target dimension (best layer)</h3>" + _table(
+        sec.parts.append("<h3>Test R&sup2; per target dimension (layer chosen by CV)</h3>" + _table(
             ["dimension", "probe", "shuffled", "random features"], rows, raw_cols=(0,)))
         if any((L.get("cv") or {}).get("alpha_at_boundary") for L in d.get("layers") or []):
             sec.parts.append("<p class='note'>The chosen penalty is at an end of the searched range for some layer: "
@@ -573,18 +771,40 @@ def section_probes(ctx: _Ctx) -> Section:
         rows = [[k, test.get(k)] for k in ("accuracy", "balanced_accuracy", "auc", "log_loss", "majority_accuracy")]
         rows.append(["shuffled accuracy", (b.get("shuffled") or {}).get("accuracy")])
         rows.append(["random-feature accuracy", (b.get("random_features") or {}).get("accuracy")])
-        sec.parts.append("<h3>Classification probe (best layer)</h3>" + _table(["metric", "value"], rows))
+        sec.parts.append("<h3>Classification probe (layer chosen by CV)</h3>" + _table(["metric", "value"], rows))
     caps = {"r2_vs_layer.png": "Test R&sup2; (mean over target dimensions) of the probe for each layer, with the "
                                "shuffled-target and random-feature baselines computed on the same split.",
             "accuracy_vs_layer.png": "Test accuracy per layer with the shuffled, random-feature and majority-class baselines.",
             "cv_curves.png": "Cross-validated R&sup2; (mean over folds and dimensions) against the ridge penalty alpha for "
                              "each layer; the chosen penalty is the maximum of each curve.",
-            "r2_per_dim.png": "Test R&sup2; per target dimension for the best layer next to the shuffled baseline."}
+            "r2_per_dim.png": "Test R&sup2; per target dimension for the layer chosen by cross-validation, next to the "
+                             "shuffled baseline."}
     figs = [ctx.figure(sec, ctx.out / "probes" / n, c) for n, c in caps.items()]
     if any(figs):
         sec.parts.append("<div class='figs'>" + "".join(figs) + "</div>")
     sec.parts.append("<p>Files: " + ctx.link(sec, path) + "</p>")
     return sec
+
+
+def _geometry_verdict(d: dict) -> Verdict:
+    """Finding when the curvature's 95% interval excludes 90 degrees (consecutive steps that are not unrelated)."""
+    analyses = d.get("analyses") or []
+    if not analyses:
+        return Verdict("undetermined", "no analysis in geometry.json.")
+    a = analyses[0]
+    c = ((a.get("groups") or {}).get("all") or {}).get("curvature_deg") or {}
+    lo, hi = (c.get("ci95") or [None, None])[:2] if "ci95" in c else (c.get("ci_low"), c.get("ci_high"))
+    side = excludes(lo, hi, 90.0)
+    what = f"consecutive steps along {a.get('along')} turn by {_num(c.get('mean'), 3)} degrees [{_num(lo, 3)}, {_num(hi, 3)}]"
+    if side == "below":
+        return Verdict("finding", f"{what}: less than the 90 degrees of unrelated random steps, so the "
+                                  "representation moves with some persistence in one direction.")
+    if side == "above":
+        return Verdict("finding", f"{what}: more than the 90 degrees of unrelated random steps, so it tends to "
+                                  "reverse (oscillate).")
+    if side is None:
+        return Verdict("undetermined", f"{what}; no interval recorded.")
+    return Verdict("no finding", f"{what}: not distinguishable from the 90 degrees of unrelated random steps.")
 
 
 def section_geometry(ctx: _Ctx) -> Section:
@@ -600,7 +820,9 @@ def section_geometry(ctx: _Ctx) -> Section:
         "||z<sub>i+1</sub> - z<sub>i</sub>||; <b>relative step distance</b> = step distance / mean of the two norms; "
         "<b>curvature</b> = angle in degrees between consecutive steps (0 = straight line, 180 = reversal; undefined "
         "next to a near-zero step and then excluded). Means pool all values of a group; [brackets] are 95% bootstrap "
-        "intervals resampling whole trajectories.</p>")
+        "intervals resampling whole trajectories. Baseline: steps in unrelated random directions of a "
+        "high-dimensional space meet at 90 degrees.</p>")
+    sec.verdict = _geometry_verdict(d)
     traj = ctx.out / "export" / "geometry_input" / "trajectories.json"
     if traj.is_file():
         sec.parts.append("<p class='how'>Here each trajectory is one episode; each point is one policy query: the "
@@ -639,8 +861,11 @@ def section_pca(ctx: _Ctx) -> Section:
     sec = Section("pca", "6. Action PCA: how varied are the executed actions?")
     path = ctx.out / "pca" / "action_pca.json"
     if not path.is_file():
-        return _absent(ctx, sec, "pca/action_pca.json", "<code>python action_pca.py --episodes-dir OUT/rollouts --out OUT/pca</code>")
+        return _absent(ctx, sec, "pca/action_pca.json", "<code>python action_pca.py --rollouts OUT/rollouts --out OUT/pca</code>")
     d = _load_json(path)
+    sec.verdict = Verdict("descriptive", f"{d.get('n_components_90')} of {len(d.get('dim_names') or [])} principal "
+                                         "components explain 90% of the executed actions' variance; a description of "
+                                         "the behaviour, with no baseline to beat.")
     sec.parts.append(
         f"<p class='how'>The {_esc(d.get('n_rows'))} executed 7-D actions of {_esc(d.get('n_episodes'))} episodes are "
         f"{'z-scored per dimension, then ' if d.get('standardized') else ''}decomposed by PCA (SVD). Explained variance "
@@ -669,8 +894,11 @@ def section_pca(ctx: _Ctx) -> Section:
     return sec
 
 
-SECTIONS: tuple[Callable[[_Ctx], Section], ...] = (section_evaluation, section_attention, section_sae, section_probes,
-                                                    section_geometry, section_pca)
+SECTION_BUILDERS: dict[str, Callable[[_Ctx], Section]] = {
+    "evaluation": section_evaluation, "attention": section_attention, "sae": section_sae, "probes": section_probes,
+    "geometry": section_geometry, "pca": section_pca}
+# One builder per section of the quickstart's stage list, in its order (a section without a builder fails here).
+SECTIONS: tuple[Callable[[_Ctx], Section], ...] = tuple(SECTION_BUILDERS[sid] for sid in pipeline.SECTIONS)
 
 
 def _safe(fn: Callable[[_Ctx], Section], ctx: _Ctx) -> Section:
@@ -722,13 +950,21 @@ def _summary(ctx: _Ctx, sections: list[Section]) -> list[str]:
     sae = get("sae/metrics.json") if (ctx.out / "sae/metrics.json").is_file() else None
     if isinstance(sae, dict):
         ho = sae.get("held_out") or {}
-        lines.append(f"SAE: held-out FVU {_num(ho.get('fvu'))}, L0 {_num(ho.get('l0'))}, dead {_num(ho.get('dead_fraction'))}")
+        split = (sae.get("split") or ho.get("split") or {}).get("kind", "split not recorded")
+        pca = (sae.get("baselines") or {}).get("pca_same_l0") or {}
+        lines.append(f"SAE: held-out FVU {_num(ho.get('fvu'))} [{_num(ho.get('fvu_ci_low'))}, "
+                     f"{_num(ho.get('fvu_ci_high'))}] ({split} held out) vs PCA with the same L0 "
+                     f"{_num(pca.get('fvu'))}; L0 {_num(ho.get('l0'))}, dead {_num(ho.get('dead_fraction'))}")
     pr = get("probes/probe_results.json") if (ctx.out / "probes/probe_results.json").is_file() else None
     if isinstance(pr, dict) and pr.get("target_kind", "regression") == "regression":
-        b = pr.get("baselines") or {}
-        lines.append(f"probes: best layer {pr.get('best_layer')} test R^2 {_num((pr.get('test') or {}).get('r2_mean'))} vs "
-                     f"shuffled {_num((b.get('shuffled') or {}).get('r2_mean'))}, random features "
-                     f"{_num((b.get('random_features') or {}).get('r2_mean'))}")
+        b, t = pr.get("baselines") or {}, pr.get("test") or {}
+        nums = (f"test R^2 {_num(t.get('r2_mean'))} [{_num(t.get('r2_mean_ci_low'))}, "
+                f"{_num(t.get('r2_mean_ci_high'))}] vs shuffled {_num((b.get('shuffled') or {}).get('r2_mean'))}, "
+                f"random features {_num((b.get('random_features') or {}).get('r2_mean'))}")
+        if _probe_verdict(pr).status == "finding":
+            lines.append(f"probes: best layer {pr.get('best_layer')} {nums}")
+        else:
+            lines.append(f"probes: no layer beats its baselines (CV-chosen layer {pr.get('best_layer')}: {nums})")
     geo = get("geometry/geometry.json") if (ctx.out / "geometry/geometry.json").is_file() else None
     if isinstance(geo, dict) and geo.get("analyses"):
         a = geo["analyses"][0]
@@ -739,6 +975,9 @@ def _summary(ctx: _Ctx, sections: list[Section]) -> list[str]:
     if isinstance(pca, dict):
         lines.append(f"action PCA: {pca.get('n_components_90')} of {len(pca.get('dim_names') or [])} components explain 90% "
                      f"of the variance of {pca.get('n_rows')} actions")
+    judged = [f"{s.id} {s.verdict.status}" for s in sections if s.verdict is not None]
+    if judged:
+        lines.append("verdicts (does each result beat its baseline?): " + ", ".join(judged))
     bad = [s for s in sections if s.status != "ok"]
     for s in bad:
         lines.append(f"section {s.id}: {s.status}: {html.unescape(_strip_tags(s.reason or ''))}")
@@ -820,7 +1059,8 @@ def build_html(out: str | os.PathLike) -> tuple[str, list[Section], list[str]]:
                      + ("" if s.status == "ok" else f" <span class='{s.status}'>({s.status})</span>") for s in sections)
     parts.append(f"<p>Sections: {nav} | <a href='#stages'>Stages</a> | <a href='#files'>All files</a></p>")
     for s in sections:
-        parts.append(f"<h2 id='{s.id}'>{_esc(s.title)}</h2>" + "".join(s.parts))
+        parts.append(f"<h2 id='{s.id}'>{_esc(s.title)}</h2>" + (s.verdict.html() if s.verdict else "")
+                     + "".join(s.parts))
     parts.append("<h2 id='stages'>Stages</h2><p class='how'>Each analysis ran as a separate command; its output is in the "
                  "log.</p>" + _stages_table(ctx, head_sec))
     parts.append("<h2 id='files'>All files</h2><p class='how'>Every figure, metric file, video and log in this folder "
@@ -841,6 +1081,8 @@ def write_report(out: str | os.PathLike) -> pathlib.Path:
     record = {"schema": SCHEMA,
               "sections": [{"id": s.id, "title": s.title, "status": s.status,
                             "reason": _strip_tags(html.unescape(s.reason)) if s.reason else None,
+                            "verdict": None if s.verdict is None else {"status": s.verdict.status,
+                                                                       "text": s.verdict.text},
                             "figures": s.figures, "links": sorted(set(s.links))} for s in sections],
               "stages": ctx.stages, "summary": summary}
     write_text_atomic(out / "index.html", page)

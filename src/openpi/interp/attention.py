@@ -2,7 +2,7 @@
 
 Why a module of its own: every attention analysis starts by cutting an attention row (one query's probabilities
 over all keys of the joint sequence) into named spans. Doing that from the recorded span table, never from
-hard-coded indices, is what keeps a wrist-camera span from being read as "text" (docs/analyses.md, error 1).
+hard-coded indices, is what keeps a wrist-camera span from being read as "text" (docs/analyses.md, section 1, "a span read as text").
 
 Span table: the JSON-able dict of docs/conventions.md. As a superset of that format, a span may be a single
 half-open ``[start, end]`` or a list of them (``[[768, 769], [775, 776]]``): the BOS token and the trailing
@@ -324,6 +324,33 @@ class AttentionArray:
         return AttentionArray(self.data.mean(axis=pos, dtype=np.float64), kept)
 
 
+def ranges_label(values: Sequence[int]) -> str:
+    """[0, 1, 2, 5] -> '0-2, 5' (compact labels for titles)."""
+    out: list[str] = []
+    vals = sorted(int(v) for v in values)
+    start = prev = None
+    for v in vals + [None]:
+        if start is None:
+            start = prev = v
+        elif v is not None and v == prev + 1:
+            prev = v
+        else:
+            out.append(str(start) if start == prev else f"{start}-{prev}")
+            start = prev = v
+    return ", ".join(out)
+
+
+def step_file_stem(step: int | None) -> str:
+    """File stem of one attention time entry: ``s<env_step>`` (as the recorded-run overlays), or
+    ``unknown_step`` for a lone frame whose env step nobody recorded."""
+    return "unknown_step" if step is None else f"s{step:04d}"
+
+
+def step_title(step: int | None) -> str:
+    """Title text of one time entry: its env step (never a frame index)."""
+    return "env step unknown" if step is None else f"env step {step}"
+
+
 def parse_axes(spec: str) -> tuple[str, ...]:
     """``"steps,layers,heads,queries,keys"`` -> tuple of names."""
     return tuple(a.strip() for a in spec.split(",") if a.strip())
@@ -439,6 +466,11 @@ class AttentionInputs:
     """query indices (into the recorded queries axis) to keep (default all)."""
     times: tuple[int, ...] | None = None
     """time indices to keep when the array has a time axis (default all)."""
+    env_steps: pathlib.Path | None = None
+    """env step of every entry of the time axis: a (T,) .npy or an .npz with an 'env_step' array (an export's
+    keys.npz). Frames and titles are matched on these, never on positions."""
+    env_step: int | None = None
+    """env step of an attention array without a time axis."""
 
     def load(self) -> tuple[AttentionArray, SpanTable]:
         """Load, validate against the span table and apply the selection flags; axes become KNOWN_AXES."""
@@ -458,9 +490,38 @@ class AttentionInputs:
         chosen = {"time": self.times, "steps": self.steps, "layers": self.layers}
         return {ax: list(sel) if sel is not None else list(range(att.size(ax))) for ax, sel in chosen.items()}
 
+    def time_env_steps(self, att: AttentionArray) -> list[int] | None:
+        """Env step of each kept time entry, or None when no env step was given."""
+        axes = parse_axes(self.axes)
+        n_time_axis = None
+        if "time" in axes:
+            n_time_axis = int(np.load(self.attention, allow_pickle=False, mmap_mode="r").shape[axes.index("time")])
+        if self.env_steps is not None and self.env_step is not None:
+            raise ValueError("pass --env-steps (arrays with a time axis) or --env-step (without one), not both")
+        if self.env_step is not None:
+            if n_time_axis is not None:
+                raise ValueError(f"--env-step names one env step but the attention has a time axis of "
+                                 f"{n_time_axis} entries: pass --env-steps")
+            return [int(self.env_step)]
+        if self.env_steps is None:
+            return None
+        steps = load_env_steps(self.env_steps)
+        expected = 1 if n_time_axis is None else n_time_axis
+        if steps.size != expected:
+            raise ValueError(f"{self.env_steps} holds {steps.size} env steps, the attention's time axis has "
+                             f"{expected} entries")
+        kept = self.labels(att)["time"]
+        return [int(steps[t]) for t in kept]
+
+    def describe(self, att: AttentionArray) -> str:
+        """Title text naming the layers and denoising steps averaged (their original indices)."""
+        lab = self.labels(att)
+        return f"layers {ranges_label(lab['layers'])}, denoising steps {ranges_label(lab['steps'])} (mean)"
+
     def selection(self) -> dict[str, Any]:
         """The selection flags as a JSON-able record."""
-        return {"axes": self.axes, "times": self.times, "steps": self.steps, "layers": self.layers,
+        return {"axes": self.axes, "times": self.times, "env_steps": self.env_steps, "env_step": self.env_step,
+                "steps": self.steps, "layers": self.layers,
                 "heads": self.heads, "queries": self.queries, "reduction": "mean over selected steps, heads, "
                 "queries (and layers for the overall numbers)"}
 
@@ -521,28 +582,71 @@ def attention_summary(att: AttentionArray, table: SpanTable, labels: Mapping[str
             "warnings": sanity_warnings(modality_masses(att.data, table), table)}
 
 
-def select_frames(frames: Mapping[str, np.ndarray], n_time: int, times: Sequence[int] | None,
-                  frame_index: int | None) -> tuple[dict[str, np.ndarray], list[int]]:
-    """Pick the frames that go with the attention's time entries: (camera -> (n_time, H, W, 3), frame indices)."""
-    lengths = {cam: arr.shape[0] for cam, arr in frames.items()}
-    if times is not None:
-        idx = list(times)
-    elif frame_index is not None:
-        if n_time != 1:
-            raise ValueError(f"--frame-index picks one frame but the attention has {n_time} time entries")
-        idx = [frame_index]
-    elif all(n == n_time for n in lengths.values()):
-        idx = list(range(n_time))
+def load_frame_env_steps(path: str | os.PathLike) -> np.ndarray | None:
+    """The ``env_step`` array of a frames npz (one per frame row), or None when the file has none."""
+    with np.load(path, allow_pickle=False) as npz:
+        if "env_step" not in npz.files:
+            return None
+        steps = np.asarray(npz["env_step"]).astype(np.int64).reshape(-1)
+    if np.unique(steps).size != steps.size:
+        raise ValueError(f"{path}: 'env_step' repeats values, so frames cannot be joined by env step")
+    return steps
+
+
+def load_env_steps(path: str | os.PathLike) -> np.ndarray:
+    """Env steps of an attention array's time entries: a (T,) .npy, or an .npz with an ``env_step`` column (e.g.
+    the keys.npz an export writes next to its arrays)."""
+    path = pathlib.Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"env steps file {path} not found")
+    if path.suffix == ".npz":
+        with np.load(path, allow_pickle=False) as npz:
+            if "env_step" not in npz.files:
+                raise ValueError(f"{path} has no 'env_step' array (has {npz.files})")
+            steps = np.asarray(npz["env_step"])
     else:
-        raise ValueError(f"frames hold {lengths} frames but the attention has {n_time} time entries: pass "
-                         "--frame-index (attention without a time axis) or --times")
-    if len(idx) != n_time:
-        raise ValueError(f"{len(idx)} frame indices for {n_time} attention time entries")
-    for cam, n in lengths.items():
-        bad = [i for i in idx if not -n <= i < n]
-        if bad:
-            raise IndexError(f"frame indices {bad} out of range for {n} frames of camera {cam}")
-    return {cam: arr[idx] for cam, arr in frames.items()}, idx
+        steps = np.load(path, allow_pickle=False)
+    if steps.ndim != 1 or not np.issubdtype(steps.dtype, np.integer):
+        raise ValueError(f"{path}: env steps must be a 1-D integer array, found {steps.dtype}{steps.shape}")
+    return steps.astype(np.int64)
+
+
+def select_frames(frames: Mapping[str, np.ndarray], frame_steps: np.ndarray | None,
+                  query_steps: Sequence[int] | None, source: str = "frames") -> tuple[dict[str, np.ndarray],
+                                                                                  list[int | None]]:
+    """The frame of each attention time entry, joined on env step: (camera -> (n, H, W, 3), env steps).
+
+    ``frame_steps``: the frames file's ``env_step`` column; ``query_steps``: the env step of each attention time
+    entry. Rows are matched by value, never by position, and a query env step with no frame is an error naming
+    it. Without env steps on either side only the unambiguous case is accepted: one frame for one time entry."""
+    lengths = {cam: arr.shape[0] for cam, arr in frames.items()}
+    n_frames = next(iter(lengths.values()), 0)
+    if len(set(lengths.values())) > 1:
+        raise ValueError(f"{source}: cameras hold different numbers of frames {lengths}")
+    if query_steps is None or frame_steps is None:
+        n_query = 1 if query_steps is None else len(query_steps)
+        if n_frames == 1 and n_query == 1:
+            step = (None if query_steps is None else int(query_steps[0])) if frame_steps is None else int(frame_steps[0])
+            if query_steps is not None and frame_steps is not None and step != int(query_steps[0]):
+                raise ValueError(f"{source}: its frame is env step {step}, the attention is env step {query_steps[0]}")
+            return {cam: arr[:1] for cam, arr in frames.items()}, [step]
+        if query_steps is None:
+            raise ValueError(f"{source} holds {n_frames} frames but the env step of the attention is unknown: pass "
+                             "--env-steps (one env step per attention time entry, e.g. the export's keys.npz) or "
+                             "--env-step (attention without a time axis)")
+        raise ValueError(f"{source} has no 'env_step' array, so its {n_frames} frames cannot be joined with the "
+                         f"attention's env steps {list(query_steps)[:5]}; use the rollout's frames file "
+                         "(examples/libero/main.py --save-frames), which records them")
+    steps = np.asarray(frame_steps, np.int64)
+    if steps.shape != (n_frames,):
+        raise ValueError(f"{source}: {steps.size} env steps for {n_frames} frames")
+    row_of = {int(s): i for i, s in enumerate(steps)}
+    missing = [int(q) for q in query_steps if int(q) not in row_of]
+    if missing:
+        raise KeyError(f"{source} has no frame for env step(s) {missing} (it holds env steps "
+                       f"{int(steps.min())}..{int(steps.max())}, {steps.size} frames)")
+    rows = [row_of[int(q)] for q in query_steps]
+    return {cam: arr[rows] for cam, arr in frames.items()}, [int(q) for q in query_steps]
 
 
 def camera_heatmaps(row: np.ndarray, table: SpanTable, cameras: Sequence[str]) -> dict[str, np.ndarray]:

@@ -1,9 +1,13 @@
 """Figures and videos of attention for people to look at (never used for metrics).
 
 Why separate from the metrics: upsampling and colour scaling are display choices. Metrics read patch-level
-probabilities (openpi.interp.iou); everything here may smooth and rescale. Colour scaling: 0 maps to the bottom
-of the colormap and the map's maximum (or ``vmax``) to the top, so a colour means "share of this map's peak",
-not an absolute probability; titles carry the absolute numbers.
+probabilities (openpi.interp.iou); everything here may smooth and rescale. Colour scaling of the overlays: 0 maps
+to the bottom of the colormap and ``vmax`` to the top, one scale shared by every camera panel of a figure (by
+default the largest patch probability among them), with a colour bar in attention probability per patch, so two
+panels can be compared by colour. Object outlines mark the instance masks that were scored.
+
+Figures are drawn on bare ``matplotlib.figure.Figure`` objects (no pyplot), so importing this module never
+changes the caller's matplotlib backend, and every PNG is written atomically.
 """
 from __future__ import annotations
 
@@ -13,12 +17,14 @@ import pathlib
 from collections.abc import Iterable, Mapping, Sequence
 
 import matplotlib
+import numpy as np
+from matplotlib.cm import ScalarMappable
+from matplotlib.colors import Normalize
+from matplotlib.figure import Figure
+from matplotlib.patches import Patch
+from PIL import Image
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-from matplotlib.patches import Patch  # noqa: E402
-from PIL import Image  # noqa: E402
+from openpi.shared.io import atomic_path
 
 DPI = 100
 SPAN_COLOURS = {"instruction": "tab:blue", "template": "tab:gray", "pad": "lightgray"}
@@ -53,11 +59,10 @@ def side_by_side(images: Sequence[np.ndarray]) -> np.ndarray:
     return np.concatenate(list(images), axis=1)
 
 
-def _save(fig: plt.Figure, path: str | os.PathLike) -> pathlib.Path:
+def _save(fig: Figure, path: str | os.PathLike) -> pathlib.Path:
     path = pathlib.Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=DPI)
-    plt.close(fig)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=DPI, format="png")
     return path
 
 
@@ -65,31 +70,50 @@ def _token_label(tok: str) -> str:
     return tok.replace("\n", "\\n").replace("\u2581", " ").strip() or repr(tok)
 
 
-def _draw_overlays(axes: Sequence[plt.Axes], frames: Mapping[str, np.ndarray], heatmaps: Mapping[str, np.ndarray],
-                   shares: Mapping[str, float] | None, cmap: str, alpha: float) -> None:
+def shared_vmax(heatmaps: Mapping[str, np.ndarray]) -> float:
+    """The top of the shared colour scale: the largest patch probability among the panels (1 if all are 0)."""
+    top = max((float(np.max(h)) for h in heatmaps.values() if np.size(h)), default=0.0)
+    return top if top > 0 else 1.0
+
+
+def _draw_overlays(fig: Figure, axes: Sequence, frames: Mapping[str, np.ndarray], heatmaps: Mapping[str, np.ndarray],
+                   shares: Mapping[str, float] | None, cmap: str, alpha: float, vmax: float | None,
+                   outlines: Mapping[str, np.ndarray] | None) -> None:
+    """One overlay per camera on one colour scale with its colour bar; outlines (frame-sized boolean masks) are
+    drawn as white contours."""
+    top = shared_vmax(heatmaps) if vmax is None else float(vmax)
     for ax, cam in zip(axes, heatmaps):
-        ax.imshow(overlay(frames[cam], heatmaps[cam], cmap, alpha))
+        ax.imshow(overlay(frames[cam], heatmaps[cam], cmap, alpha, vmax=top))
         label = cam if shares is None or cam not in shares else f"{cam}  (mass {shares[cam]:.3f})"
+        outline = None if outlines is None else outlines.get(cam)
+        if outline is not None and np.any(outline):
+            ax.contour(np.asarray(outline, np.float32), levels=[0.5], colors="white", linewidths=1.2)
+            label += "\nwhite outline: scored objects"
         ax.set_title(label, fontsize=9)
-        ax.axis("off")
+        ax.set_axis_off()
+    fig.colorbar(ScalarMappable(Normalize(0.0, top), cmap=cmap), ax=list(axes), fraction=0.035, pad=0.02,
+                 label="attention probability per patch")
 
 
 def plot_camera_overlays(frames: Mapping[str, np.ndarray], heatmaps: Mapping[str, np.ndarray],
                          path: str | os.PathLike, title: str | None = None,
                          shares: Mapping[str, float] | None = None, cmap: str = "jet",
-                         alpha: float = 0.5) -> pathlib.Path:
-    """One panel per camera in ``heatmaps`` (frames keyed by the same names); size (4 * cams) x 4.4 inches."""
+                         alpha: float = 0.5, vmax: float | None = None,
+                         outlines: Mapping[str, np.ndarray] | None = None) -> pathlib.Path:
+    """One panel per camera in ``heatmaps`` (frames keyed by the same names) on one shared colour scale with a
+    colour bar, scored objects outlined; size (4 * cams) x 4.4 inches."""
     missing = [c for c in heatmaps if c not in frames]
     if missing:
         raise KeyError(f"no frame for camera(s) {missing}; frames have {list(frames)}")
-    fig, axes = plt.subplots(1, len(heatmaps), figsize=(4 * len(heatmaps), 4.4), squeeze=False)
-    _draw_overlays(axes[0], frames, heatmaps, shares, cmap, alpha)
+    fig = Figure(figsize=(4 * len(heatmaps), 4.4))
+    axes = fig.subplots(1, len(heatmaps), squeeze=False)[0]
+    _draw_overlays(fig, axes, frames, heatmaps, shares, cmap, alpha, vmax, outlines)
     if title:
         fig.suptitle(title, fontsize=10)
     return _save(fig, path)
 
 
-def _draw_token_bars(ax: plt.Axes, weights: np.ndarray, tokens: Sequence[str], kinds: Sequence[str] | None) -> None:
+def _draw_token_bars(ax, weights: np.ndarray, tokens: Sequence[str], kinds: Sequence[str] | None) -> None:
     x = np.arange(len(tokens))
     colours = [SPAN_COLOURS.get(k, "tab:blue") for k in kinds] if kinds is not None else "tab:blue"
     ax.bar(x, weights, color=colours)
@@ -106,7 +130,8 @@ def plot_text_attention(weights: np.ndarray, tokens: Sequence[str], path: str | 
     weights = np.asarray(weights)
     if weights.shape != (len(tokens),):
         raise ValueError(f"{weights.shape[0] if weights.ndim else 0} weights for {len(tokens)} tokens")
-    fig, ax = plt.subplots(figsize=(max(6.0, 0.35 * len(tokens) + 2), 4))
+    fig = Figure(figsize=(max(6.0, 0.35 * len(tokens) + 2), 4))
+    ax = fig.add_subplot()
     _draw_token_bars(ax, weights, tokens, kinds)
     if title:
         ax.set_title(title, fontsize=10)
@@ -120,7 +145,8 @@ def plot_layer_token_heatmap(matrix: np.ndarray, tokens: Sequence[str], path: st
     matrix = np.asarray(matrix)
     if matrix.ndim != 2 or matrix.shape[1] != len(tokens):
         raise ValueError(f"matrix of shape {matrix.shape} does not match {len(tokens)} tokens")
-    fig, ax = plt.subplots(figsize=(max(6.0, 0.35 * len(tokens) + 2), max(3.0, 0.25 * matrix.shape[0] + 2)))
+    fig = Figure(figsize=(max(6.0, 0.35 * len(tokens) + 2), max(3.0, 0.25 * matrix.shape[0] + 2)))
+    ax = fig.add_subplot()
     im = ax.imshow(matrix, aspect="auto", cmap="viridis", interpolation="nearest")
     ax.set_xticks(np.arange(len(tokens)), [_token_label(t) for t in tokens], rotation=60, ha="right", fontsize=7)
     labels = list(layer_labels) if layer_labels is not None else list(range(matrix.shape[0]))
@@ -136,13 +162,15 @@ def plot_layer_token_heatmap(matrix: np.ndarray, tokens: Sequence[str], path: st
 def plot_combined(frames: Mapping[str, np.ndarray], heatmaps: Mapping[str, np.ndarray], weights: np.ndarray,
                   tokens: Sequence[str], fractions: Mapping[str, float], path: str | os.PathLike,
                   kinds: Sequence[str] | None = None, title: str | None = None, cmap: str = "jet",
-                  alpha: float = 0.5) -> pathlib.Path:
-    """Camera overlays on top; per-token text attention and the modality fractions below. 12 x 8 inches."""
+                  alpha: float = 0.5, vmax: float | None = None,
+                  outlines: Mapping[str, np.ndarray] | None = None) -> pathlib.Path:
+    """Camera overlays on top (shared colour scale and bar); per-token text attention and the modality fractions
+    below. 12 x 8 inches."""
     n_cam = max(1, len(heatmaps))
-    fig = plt.figure(figsize=(12, 8))
+    fig = Figure(figsize=(12, 8), layout="constrained")
     grid = fig.add_gridspec(2, max(n_cam, 2), height_ratios=[1.2, 1])
-    _draw_overlays([fig.add_subplot(grid[0, i]) for i in range(len(heatmaps))], frames, heatmaps,
-                   fractions, cmap, alpha)
+    _draw_overlays(fig, [fig.add_subplot(grid[0, i]) for i in range(len(heatmaps))], frames, heatmaps,
+                   fractions, cmap, alpha, vmax, outlines)
     ax_text = fig.add_subplot(grid[1, : max(n_cam, 2) - 1])
     _draw_token_bars(ax_text, np.asarray(weights), tokens, kinds)
     ax_mod = fig.add_subplot(grid[1, max(n_cam, 2) - 1])
@@ -153,7 +181,6 @@ def plot_combined(frames: Mapping[str, np.ndarray], heatmaps: Mapping[str, np.nd
     ax_mod.tick_params(axis="y", labelsize=7)
     if title:
         fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
     return _save(fig, path)
 
 
@@ -162,15 +189,18 @@ def plot_evolution(x: np.ndarray, series: Mapping[str, np.ndarray], path: str | 
                    title: str | None = None) -> pathlib.Path:
     """Line plot of several named series over a shared x axis (time, denoising step or layer)."""
     x = np.asarray(x)
-    fig, ax = plt.subplots(figsize=(8, 4))
+    fig = Figure(figsize=(8, 4))
+    ax = fig.add_subplot()
     for name, y in series.items():
         y = np.asarray(y)
         if y.shape != x.shape:
             raise ValueError(f"series {name!r} has shape {y.shape}, x has {x.shape}")
-        ax.plot(x, y, marker="o" if x.size <= 30 else None, ms=3, label=name)
+        if np.isfinite(y).any():  # a legend entry only for a line that is drawn
+            ax.plot(x, y, marker="o" if x.size <= 30 else None, ms=3, label=name)
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
-    ax.legend(fontsize=7, ncol=2)
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(fontsize=7, ncol=2)
     ax.grid(alpha=0.3)
     if title:
         ax.set_title(title, fontsize=10)

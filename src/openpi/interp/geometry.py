@@ -270,14 +270,13 @@ def analyse_array(
 
 
 def plot_profiles(analyses: list[dict[str, Any]], path: str, max_panels: int = 6) -> None:
-    """Per-position distance and curvature (mean and 95% CI) for up to ``max_panels`` analyses."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    """Per-position distance and curvature (mean and 95% CI) for up to ``max_panels`` analyses; panels of one
+    metric share their y scale so they can be compared by eye. Drawn on a bare ``Figure`` (no pyplot)."""
+    from matplotlib.figure import Figure
 
     sel = analyses if len(analyses) <= max_panels else [analyses[i] for i in np.linspace(0, len(analyses) - 1, max_panels).round().astype(int)]
-    fig, axes = plt.subplots(2, len(sel), figsize=(3.2 * len(sel), 5.5), squeeze=False)
+    fig = Figure(figsize=(3.2 * len(sel), 5.5))
+    axes = fig.subplots(2, len(sel), squeeze=False, sharey="row")
     for col, a in enumerate(sel):
         for row, metric in enumerate(("relative_step_distance", "curvature_deg")):
             ax = axes[row, col]
@@ -289,28 +288,25 @@ def plot_profiles(analyses: list[dict[str, Any]], path: str, max_panels: int = 6
                 lo = np.array([np.nan if v is None else v for v in bp["ci95_low"]])
                 hi = np.array([np.nan if v is None else v for v in bp["ci95_high"]])
                 x = np.arange(len(m))
-                ax.plot(x, m, color=color, lw=1, label=gname)
+                ax.plot(x, m, color=color, lw=1, label=f"{gname} (mean, 95% CI)")
                 ax.fill_between(x, lo, hi, color=color, alpha=0.2)
             ax.set_xlabel(f"{a['along']} index")
             if col == 0:
                 ax.set_ylabel("relative step distance" if row == 0 else "curvature (deg)")
             title = f"along {a['along']}" + (f", {a['per']} {a['per_index']}" if a["per"] else "")
             ax.set_title(title, fontsize=8)
-            if row == 0 and col == 0:
+            if row == 0 and col == 0 and ax.get_legend_handles_labels()[0]:
                 ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    _save(fig, path)
 
 
 def plot_summary_by_per(analyses: list[dict[str, Any]], path: str) -> None:
-    """Overall mean (95% CI) of each metric against the ``per`` index (e.g. curvature over time, per layer)."""
-    import matplotlib
+    """Overall mean (95% CI) of each metric against the ``per`` index (e.g. curvature over time, per layer).
+    Drawn on a bare ``Figure`` (no pyplot)."""
+    from matplotlib.figure import Figure
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, 3, figsize=(13, 3.8))
+    fig = Figure(figsize=(13, 3.8))
+    axes = fig.subplots(1, 3)
     x = np.array([a["per_index"] for a in analyses])
     for ax, metric in zip(axes, METRICS):
         for gname, color in (("all", "tab:blue"), ("success", "tab:green"), ("failure", "tab:red")):
@@ -320,14 +316,22 @@ def plot_summary_by_per(analyses: list[dict[str, Any]], path: str) -> None:
             m = np.array([np.nan if v["mean"] is None else v["mean"] for v in s])
             lo = np.array([np.nan if v["ci95"][0] is None else v["ci95"][0] for v in s])
             hi = np.array([np.nan if v["ci95"][1] is None else v["ci95"][1] for v in s])
-            ax.plot(x, m, "o-", ms=3, color=color, label=gname)
+            ax.plot(x, m, "o-", ms=3, color=color, label=f"{gname} (mean, 95% CI)")
             ax.fill_between(x, lo, hi, color=color, alpha=0.2)
         ax.set_xlabel(f"{analyses[0]['per']} index")
         ax.set_title(f"{metric} along {analyses[0]['along']}", fontsize=9)
-    axes[0].legend(fontsize=7)
+    if axes[0].get_legend_handles_labels()[0]:
+        axes[0].legend(fontsize=7)
+    _save(fig, path)
+
+
+def _save(fig: Any, path: str) -> None:
+    """tight_layout, then an atomic PNG write (a reader never sees half a figure)."""
+    from openpi.shared.io import atomic_path
+
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=110, format="png")
 
 
 def _nanpct(a: np.ndarray, q: float) -> np.ndarray:

@@ -149,7 +149,7 @@ def inlp_from_stats(
     train = stats.moments(range(k))
     mean = train.sx / train.n + stats.x_shift
     var = np.diag(train.centred()[2]) / train.n
-    scale = P._standard_scale(var)
+    scale = P.standard_scale(var)
     base = stats.affine(mean, np.diag(1.0 / scale))
     sets = P.shuffle_target_sets(n_targets, n_shuffles)
     first = P.ridge_cv_from_stats(base, alphas, sets, standardize=False)
@@ -196,7 +196,7 @@ def inlp_classification(
     parts = split.assign(groups)
     train = parts != P.TEST_PART
     mean = X[train].mean(0)
-    scale = P._standard_scale(X[train].var(0))
+    scale = P.standard_scale(X[train].var(0))
     Z = (X - mean) / scale
     shuffled = [
         P.logistic_probe(Z, P.shuffle_between_groups(y, groups, seed=seed + 1 + s, order=order), parts, Cs, seed=seed, standardize=False).test["balanced_accuracy"]
@@ -214,15 +214,17 @@ def inlp_classification(
 
 
 def plot_inlp(result: InlpResult, path: str, title: str = "") -> None:
-    """Held-out metric vs iteration with the shuffled band; top axis shows the rank removed."""
-    import matplotlib
+    """Held-out metric vs iteration with the shuffled band; top axis shows the rank removed.
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    Drawn on a bare ``Figure`` (no pyplot), so the caller's matplotlib backend is never changed."""
+    from matplotlib.figure import Figure
+
+    from openpi.shared.io import atomic_path
 
     its = [r for r in result.iterations if r["metric"] is not None]
     x = [r["iteration"] for r in its]
-    fig, ax = plt.subplots(figsize=(6, 4))
+    fig = Figure(figsize=(6, 4))
+    ax = fig.add_subplot()
     ax.plot(x, [r["metric"] for r in its], "o-", label=f"test {result.metric}")
     b = result.band
     ax.axhspan(b["shuffled_mean"] - b["z"] * b["shuffled_sd"], b["upper"], color="grey", alpha=0.3, label="shuffled band (stop below top)")
@@ -237,5 +239,5 @@ def plot_inlp(result: InlpResult, path: str, title: str = "") -> None:
     ax.set_title(title or f"INLP ({result.stop_reason} at iteration {result.stopped_at})", fontsize=9)
     ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=120, format="png")

@@ -2,7 +2,7 @@
 
 Why: "does the policy look at the object it manipulates?" needs numbers a reviewer trusts. All metrics work on
 patch-level probabilities (never on an upsampled, min-max-normalised picture) and come with baselines, chance
-levels and bootstrap intervals (docs/analyses.md section 1).
+levels and bootstrap intervals (docs/analyses.md section 1, ATTENTION_VIZ_README.md).
 
 Definitions (P = grid_h * grid_w patches, per frame):
 

@@ -50,6 +50,9 @@ and temporal autocorrelation, keeps the group structure the CV relies on, and re
 from __future__ import annotations
 
 import dataclasses
+import os
+import shutil
+import sys
 import warnings
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any
@@ -58,10 +61,13 @@ import numpy as np
 
 from openpi.shared import io as shared_io
 from openpi.shared.io import finite_float, finite_floats
+from openpi.shared.rundir import RunDir
 
 TEST_PART = -1  # part label of held-out test groups in GroupSplit.assign
 DEFAULT_ALPHAS: tuple[float, ...] = tuple(float(a) for a in np.logspace(-6, 4, 21))
 DEFAULT_CS: tuple[float, ...] = tuple(float(c) for c in np.logspace(-4, 2, 7))
+DEFAULT_N_BOOT = 1000
+RUN_JOB = "probes"
 
 Batch = tuple[np.ndarray, Mapping[str, np.ndarray]]
 Join = Callable[[Mapping[str, np.ndarray]], tuple[np.ndarray, np.ndarray]]
@@ -493,7 +499,7 @@ class _Decomp:
         return beta, intercept
 
 
-def _standard_scale(var: np.ndarray) -> np.ndarray:
+def standard_scale(var: np.ndarray) -> np.ndarray:
     """Population std with zero-variance features left at scale 1 (their centred column is zero anyway)."""
     ref = max(float(np.mean(np.abs(var))), 1e-300)
     s = np.sqrt(np.clip(var, 0.0, None))
@@ -514,7 +520,7 @@ def _decompose(train: Moments, standardize: bool) -> _Decomp:
     if train.n < 2:
         raise ProbeInputError(f"need at least 2 training rows; found {train.n:g}")
     mx, my, cxx, cxy = train.centred()
-    scale = _standard_scale(np.diag(cxx) / train.n) if standardize else np.ones(len(mx))
+    scale = standard_scale(np.diag(cxx) / train.n) if standardize else np.ones(len(mx))
     S = cxx / np.outer(scale, scale)
     S = 0.5 * (S + S.T)
     evals, evecs = _eigh(S)
@@ -637,7 +643,7 @@ def ridge_cv_dense(
     def fit(rows: np.ndarray) -> Callable[[float], tuple[np.ndarray, np.ndarray]]:
         Xtr, ytr = X[rows], y[rows]
         mu, ybar = Xtr.mean(0), ytr.mean(0)
-        scale = _standard_scale(Xtr.var(0)) if standardize else np.ones(X.shape[1])
+        scale = standard_scale(Xtr.var(0)) if standardize else np.ones(X.shape[1])
         U, s, Vt = np.linalg.svd((Xtr - mu) / scale, full_matrices=False)
         uty = U.T @ (ytr - ybar)
         n = rows.sum()
@@ -787,7 +793,7 @@ def _fit_logistic(X: np.ndarray, y: np.ndarray, Cs: np.ndarray, seed: int, stand
     from sklearn.linear_model import LogisticRegression
 
     mean = X.mean(0)
-    scale = _standard_scale(X.var(0)) if standardize else np.ones(X.shape[1])
+    scale = standard_scale(X.var(0)) if standardize else np.ones(X.shape[1])
     Z = (X - mean) / scale
     models = []
     n_warn = 0
@@ -936,10 +942,14 @@ def regression_probe(
     progress: bool = False,
     total_rows: int | None = None,
     return_stats: bool = False,
+    test_batches: Callable[[], Iterable[Batch]] | None = None,
+    n_boot: int = DEFAULT_N_BOOT,
 ) -> dict[str, Any] | tuple[dict[str, Any], FoldStats]:
     """Ridge probe + baselines from ONE pass over a batch stream; returns the JSON-able per-layer record.
 
     With ``return_stats`` also the accumulated :class:`FoldStats` (e.g. to run INLP without another pass).
+    With ``test_batches`` (a function returning a fresh stream of the same rows) a second pass scores the final
+    model per held-out episode and adds the 95% interval of the test R^2 (:func:`test_r2_interval`).
 
     ``join(keys)`` must return targets with ``n_targets * (1 + n_shuffles)`` columns laid out as by
     :func:`stack_shuffles` (use ``array_join(stack_shuffles(...), groups)`` or ``KeyTargetTable.with_shuffles``).
@@ -957,6 +967,8 @@ def regression_probe(
     sets = shuffle_target_sets(n_targets, n_shuffles)
     res = ridge_cv_from_stats(stats, alphas, sets, target_names=target_names)
     out: dict[str, Any] = {"n_features": stats.n_features, **res["y"].to_json(), "baselines": {}}
+    if test_batches is not None:
+        out["test"] |= test_r2_interval(test_batches(), join, split, res["y"], n_targets, n_boot, seed)
     if n_shuffles:
         out["baselines"]["shuffled"] = _shuffled_summary([res[f"shuffled_{s}"] for s in range(n_shuffles)])
     if rand is not None:
@@ -969,6 +981,55 @@ def regression_probe(
             "method": "i.i.d. N(0,1) features of the same dimension, same rows, targets and split",
         }
     return (out, stats) if return_stats else out
+
+
+def test_r2_interval(batches: Iterable[Batch], join: Join, split: GroupSplit, fit: RidgeResult, n_targets: int,
+                     n_boot: int = DEFAULT_N_BOOT, seed: int = 0) -> dict[str, Any]:
+    """95% interval of the test R^2 (mean over dimensions), resampling held-out episodes.
+
+    Why: rows of one episode are not independent, so the uncertainty of a held-out score comes from how few
+    episodes are held out. One pass over the test rows accumulates, per test episode, the row count, the squared
+    errors of the final model and the sums of y and y^2; a resample's R^2 per dimension is
+    ``1 - sum w_g sse_g / sum w_g ss_g`` with ``ss_g`` taken around the mean of all test rows (a ratio bootstrap,
+    so the full-weight value equals ``r2_mean``)."""
+    index: dict[Any, int] = {}
+    n, sse, sy, syy = [], [], [], []
+    for X, keys in batches:
+        y, groups = join(keys)
+        y = as_target_matrix(y)[:, :n_targets]
+        test = split.assign(groups) == TEST_PART
+        if not test.any():
+            continue
+        pred = np.asarray(X, np.float64)[test] @ fit.coef + fit.intercept
+        err, yt, gt = np.square(y[test] - pred), y[test], np.asarray(groups)[test]
+        for g in np.unique(gt):
+            rows = gt == g
+            i = index.setdefault(_scalar(g), len(n))
+            if i == len(n):
+                n.append(0.0)
+                sse.append(np.zeros(n_targets))
+                sy.append(np.zeros(n_targets))
+                syy.append(np.zeros(n_targets))
+            n[i] += float(rows.sum())
+            sse[i] += err[rows].sum(0)
+            sy[i] += yt[rows].sum(0)
+            syy[i] += np.square(yt[rows]).sum(0)
+    if not n:
+        raise ProbeInputError("no test rows in the second pass over the features")
+    n_a, sse_a, sy_a, syy_a = np.asarray(n), np.stack(sse), np.stack(sy), np.stack(syy)
+    mu = sy_a.sum(0) / n_a.sum()
+    ss = syy_a - 2.0 * sy_a * mu + n_a[:, None] * mu**2
+    g = len(n)
+    w = np.ones((1, g))
+    if g >= 2 and n_boot:
+        draws = np.random.default_rng([seed, 5]).integers(0, g, size=(n_boot, g))
+        w = np.vstack([w, np.stack([np.bincount(d, minlength=g) for d in draws])])
+    with np.errstate(divide="ignore", invalid="ignore"):
+        r2 = np.nanmean(1.0 - (w @ sse_a) / (w @ ss), axis=1)
+    boot = r2[1:][np.isfinite(r2[1:])]
+    lo, hi = (float(np.percentile(boot, 2.5)), float(np.percentile(boot, 97.5))) if boot.size else (None, None)
+    return {"r2_mean_ci_low": lo, "r2_mean_ci_high": hi, "r2_mean_check": finite_float(r2[0]),
+            "interval": f"95% percentile bootstrap over the {g} held-out episodes ({n_boot if g >= 2 else 0} resamples)"}
 
 
 def classification_probe(
@@ -1128,6 +1189,50 @@ def _scalar(v: Any) -> Any:
     return v.item() if isinstance(v, np.generic) else v
 
 
+# ------------------------------------------------------------------------------------------------ run directory
+
+
+def input_stamps(paths: Mapping[str, str | None]) -> dict[str, Any]:
+    """(file name, size, modification time) of each input file: cheap stand-ins for their content in the run's
+    fingerprint (a regenerated export is other data; a moved folder is not)."""
+    out: dict[str, Any] = {}
+    for name, path in paths.items():
+        out[name] = None if path is None else [os.path.basename(path), os.path.getsize(path), os.stat(path).st_mtime_ns]
+    return out
+
+
+def run_layers(out_dir: str, settings: Any, layers: Sequence[tuple[str, str]],
+               compute: Callable[[str, str], dict[str, Any]], shard_index: int = 0, num_shards: int = 1,
+               overwrite: bool = False) -> list[dict[str, Any]] | None:
+    """Probe this shard's layers into ``<out>/layers/<name>.json`` inside one run directory, then gather.
+
+    ``out_dir/run.json`` fingerprints ``settings`` (every probe setting and the input stamps), so finished layer
+    files are reused only by a rerun with the same settings; other settings are refused naming each difference
+    (``overwrite`` starts over). Shards split the layers round-robin; whichever shard finds every layer done gets
+    the full list (in ``layers`` order), the others None."""
+    if not 0 <= shard_index < num_shards:
+        raise ValueError(f"--shard-index {shard_index} must be in [0, --num-shards {num_shards})")
+    RunDir(out_dir, RUN_JOB, settings, overwrite=overwrite)
+    layer_dir = os.path.join(out_dir, "layers")
+    if overwrite:
+        shutil.rmtree(layer_dir, ignore_errors=True)
+    os.makedirs(layer_dir, exist_ok=True)
+    for name, path in layers[shard_index::num_shards]:
+        part = os.path.join(layer_dir, f"{name}.json")
+        if os.path.exists(part):
+            print(f"[resume] layer {name} already done", file=sys.stderr)
+            continue
+        write_json_atomic(part, compute(name, path))
+    done = []
+    for name, _ in layers:
+        part = os.path.join(layer_dir, f"{name}.json")
+        if not os.path.exists(part):
+            print(f"layer {name} not done yet (another shard?); summary not written", file=sys.stderr)
+            return None
+        done.append(shared_io.read_json(part, f"probe result of layer {name}", hint="delete it to recompute"))
+    return done
+
+
 def write_json_atomic(path: str, obj: Any) -> None:
     """Write strict JSON (indent 1, NaN refused) atomically, so a crash never leaves a half-written result."""
     shared_io.write_json_atomic(path, obj, indent=1)
@@ -1137,13 +1242,21 @@ def write_json_atomic(path: str, obj: Any) -> None:
 
 
 def plot_layer_sweep(layers: Sequence[Mapping[str, Any]], kind: str, out_dir: str) -> list[str]:
-    """Metric-vs-layer with baselines, CV curves and per-dimension bars; returns the written file names."""
-    import os
+    """Metric-vs-layer with baselines, CV curves and per-dimension bars; returns the written file names.
 
+    Drawn on bare ``Figure`` objects (no pyplot), so the caller's matplotlib backend is never changed."""
     import matplotlib
+    from matplotlib.figure import Figure
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    def new(figsize: tuple[float, float]):
+        fig = Figure(figsize=figsize)
+        return fig, fig.add_subplot()
+
+    def save(fig, name: str) -> None:
+        fig.tight_layout()
+        with shared_io.atomic_path(os.path.join(out_dir, name)) as tmp:
+            fig.savefig(tmp, dpi=120, format="png")
+        written.append(name)
 
     names = [str(l["layer"]) for l in layers]
     x = np.arange(len(layers))
@@ -1157,18 +1270,25 @@ def plot_layer_sweep(layers: Sequence[Mapping[str, Any]], kind: str, out_dir: st
         return np.nan if v is None else float(v)
 
     if kind == "regression":
-        fig, ax = plt.subplots(figsize=(max(5, 0.4 * len(layers) + 3), 4))
+        fig, ax = new((max(5, 0.4 * len(layers) + 3), 4))
         per_dim = np.array([[val(v) for v in l["test"]["r2_per_dim"]] for l in layers])
         dim_names = layers[0].get("target_names") or [f"dim{j}" for j in range(per_dim.shape[1])]
         for j in range(per_dim.shape[1]):
             ax.plot(x, per_dim[:, j], lw=0.8, alpha=0.4, label=dim_names[j] if per_dim.shape[1] <= 10 else None)
-        ax.plot(x, [val(l["test"]["r2_mean"]) for l in layers], "o-", color="k", lw=2, label="test R^2 (mean over dims)")
+        mean = np.array([val(l["test"]["r2_mean"]) for l in layers])
+        lo = np.array([val(l["test"].get("r2_mean_ci_low")) for l in layers])
+        hi = np.array([val(l["test"].get("r2_mean_ci_high")) for l in layers])
+        if np.isfinite(lo).any():
+            ax.errorbar(x, mean, yerr=np.clip(np.nan_to_num([mean - lo, hi - mean]), 0, None), fmt="o-", color="k",
+                        lw=2, capsize=3, label="test R^2 (mean over dims), 95% interval over test episodes")
+        else:
+            ax.plot(x, mean, "o-", color="k", lw=2, label="test R^2 (mean over dims)")
         ax.plot(x, [base(l, "shuffled", "r2_mean") for l in layers], "--", color="tab:red", label="shuffled labels")
         ax.plot(x, [base(l, "random_features", "r2_mean") for l in layers], ":", color="tab:purple", label="random features")
         ax.set_ylabel("held-out R^2")
         fname = "r2_vs_layer.png"
     else:
-        fig, ax = plt.subplots(figsize=(max(5, 0.4 * len(layers) + 3), 4))
+        fig, ax = new((max(5, 0.4 * len(layers) + 3), 4))
         ax.plot(x, [val(l["test"]["accuracy"]) for l in layers], "o-", color="k", label="test accuracy")
         ax.plot(x, [val(l["test"]["auc"]) for l in layers], "s-", color="tab:blue", label="test AUC")
         ax.plot(x, [base(l, "shuffled", "accuracy") for l in layers], "--", color="tab:red", label="shuffled labels (acc.)")
@@ -1180,13 +1300,10 @@ def plot_layer_sweep(layers: Sequence[Mapping[str, Any]], kind: str, out_dir: st
     ax.set_xticklabels(names, rotation=45, ha="right", fontsize=7)
     ax.set_xlabel("layer")
     ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(os.path.join(out_dir, fname), dpi=120)
-    plt.close(fig)
-    written.append(fname)
+    save(fig, fname)
 
-    fig, ax = plt.subplots(figsize=(5.5, 4))
-    cmap = plt.get_cmap("viridis")
+    fig, ax = new((5.5, 4))
+    cmap = matplotlib.colormaps["viridis"]
     for i, l in enumerate(layers):
         cv = l["cv"]
         if kind == "regression":
@@ -1197,15 +1314,12 @@ def plot_layer_sweep(layers: Sequence[Mapping[str, Any]], kind: str, out_dir: st
     ax.set_ylabel("CV R^2 (mean over folds, dims)" if kind == "regression" else "CV log-loss")
     if len(layers) <= 12:
         ax.legend(fontsize=6)
-    fig.tight_layout()
-    fig.savefig(os.path.join(out_dir, "cv_curves.png"), dpi=120)
-    plt.close(fig)
-    written.append("cv_curves.png")
+    save(fig, "cv_curves.png")
 
     if kind == "regression":
         best = max(layers, key=lambda l: val(l["cv"]["r2_mean_at_best"]))
         dims = best.get("target_names") or [f"dim{j}" for j in range(len(best["test"]["r2_per_dim"]))]
-        fig, ax = plt.subplots(figsize=(max(4, 0.6 * len(dims) + 2), 3.5))
+        fig, ax = new((max(4, 0.6 * len(dims) + 2), 3.5))
         xd = np.arange(len(dims))
         ax.bar(xd - 0.2, [val(v) for v in best["test"]["r2_per_dim"]], 0.4, label="probe")
         sh = best.get("baselines", {}).get("shuffled")
@@ -1216,8 +1330,5 @@ def plot_layer_sweep(layers: Sequence[Mapping[str, Any]], kind: str, out_dir: st
         ax.set_ylabel("held-out R^2")
         ax.set_title(f"per-dimension R^2, layer {best['layer']}", fontsize=9)
         ax.legend(fontsize=7)
-        fig.tight_layout()
-        fig.savefig(os.path.join(out_dir, "r2_per_dim.png"), dpi=120)
-        plt.close(fig)
-        written.append("r2_per_dim.png")
+        save(fig, "r2_per_dim.png")
     return written

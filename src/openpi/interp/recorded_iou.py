@@ -11,17 +11,21 @@ finished episodes are skipped on a rerun, so a killed run resumes. Summaries are
 in OUT at the end of each run.
 
 Outputs (OUT/):
+``run.json`` (openpi.shared.rundir): job ``attention-iou`` and the settings every episode file shares.
 ``episodes/<stem>.json`` (schema ``vla-interp/recorded-attention-iou/1``), one per episode::
 
     run_id, suite, task_id, episode, prompt, original_prompt, prompt_mode, success, episode_steps
-    settings      {camera, layers, denoise_steps, percentile, sigma_frac} (checked on resume)
+    settings      {camera, layers, denoise_steps, percentile, sigma_frac}
+    grid          [grid_h, grid_w] of the camera patches (from the recording's span table)
     object_ids    {BDDL name: instance id} (matched objects of interest); objects_scored: ids present in the masks
     warnings      e.g. "no object of interest found in the segmentation" (then every metric is null)
     queries       [{env_step, replan_index, frame_row, time_frac (env_step / episode_steps), phase early|mid|late,
                     fraction {visual, instruction, template, state, actions, <camera>...} (layer mean),
-                    visual_linguistic_ratio, layer_mean {METRIC..., mask_area, camera_share, warning,
-                    baselines {uniform|center_bias: {soft_mass, iou_topk}}, objects {"<id>": {soft_mass,
-                    iou_topk, pointing_accuracy} | null}}, per_layer [{layer, same as layer_mean}]}]
+                    visual_linguistic_ratio, cameras {<valid camera with masks>: {soft_mass, uniform_soft_mass}}
+                    (layer mean; null when no object is in that camera), layer_mean {METRIC..., mask_area,
+                    camera_share, warning, baselines {uniform|center_bias: {soft_mass, iou_topk}}, objects {"<id>":
+                    {soft_mass, iou_topk, pointing_accuracy} | null}}, per_layer [{layer, same as layer_mean,
+                    fraction {...} and visual_linguistic_ratio of that layer alone}]}]
     mean          {METRIC: mean over the episode's queries (layer mean)}
 
 METRIC: soft_mass, pointing_accuracy, iou_topk, dice_topk, iou_percentile, iou_otsu, iou_ceiling_percentile,
@@ -29,10 +33,13 @@ iou_chance_percentile (definitions: openpi.interp.iou, ATTENTION_VIZ_README.md).
 
 ``summary_tasks.csv`` / ``summary_suites.csv``: one row per (run_id, prompt_mode, suite[, task_id], layer) with
 layer = ``mean`` or a layer index: n_episodes, n_queries, success_rate, mean and episode-bootstrap 95% CI of
-iou_topk and soft_mass, means of pointing_accuracy, iou_percentile, uniform/centre-bias iou_topk, visual and
-instruction fractions.
+iou_topk, soft_mass and soft_mass_lift (soft mass minus uniform attention's), means of pointing_accuracy,
+iou_percentile, uniform/centre-bias iou_topk, uniform_soft_mass, and the visual and instruction fractions of that
+row's layer (of the layer mean on ``mean`` rows).
 ``summary.json`` (schema ``vla-interp/recorded-attention-iou-summary/1``): {counts {episodes, expected_episodes,
-missing_episodes, queries}, warnings [str], success_vs_failure {run_id: {success|failure: {n_episodes, n_queries,
+missing_episodes, queries}, grid, n_patches, bootstrap {n_boot, seed, unit, level}, warnings [str],
+soft_mass_by_camera {run_id: {camera: {n_episodes, soft_mass, uniform_soft_mass, lift: {mean, ci_low, ci_high,
+n}}}}, success_vs_failure {run_id: {success|failure: {n_episodes, n_queries,
 METRIC | uniform_iou_topk | center_bias_iou_topk | visual_fraction | instruction_fraction | success: {mean,
 ci_low, ci_high, n}}, difference {iou_topk, soft_mass, pointing_accuracy, visual_fraction: success - failure} |
 null}}, modality {run_id: {prompt_modes, visual, instruction, by_phase {early|mid|late: {n_queries, visual,
@@ -48,6 +55,7 @@ from __future__ import annotations
 
 import csv
 import pathlib
+import shutil
 from collections.abc import Sequence
 from typing import Literal
 
@@ -59,12 +67,14 @@ from openpi.interp import attention_plots as plots
 from openpi.interp import iou
 from openpi.interp.recorded_run import EpisodeKey, JoinError, PolicyQuery, RecordedRun
 from openpi.shared.io import atomic_path, finite_float, read_json
+from openpi.shared.rundir import RunDir
 
 SCHEMA = "vla-interp/recorded-attention-iou/1"
 METRICS: tuple[str, ...] = ("soft_mass", "pointing_accuracy", "iou_topk", "dice_topk", "iou_percentile",
                             "iou_otsu", "iou_ceiling_percentile", "iou_chance_percentile")
 BASE_METRICS: tuple[str, ...] = ("soft_mass", "iou_topk")
 PHASES: tuple[str, ...] = ("early", "mid", "late")
+RUN_JOB = "attention-iou"
 NO_OBJECT_WARNING = "no object of interest found in the segmentation of camera {camera}; metrics are null"
 Camera = Literal["base_0_rgb", "left_wrist_0_rgb"]
 
@@ -102,15 +112,15 @@ def score_episode(queries: Sequence[PolicyQuery], camera: str, percentile: float
     if not present:
         warnings.append(NO_OBJECT_WARNING.format(camera=camera))
 
-    summaries = A.modality_summary(rows[:, 0], table)
+    summaries = [A.modality_summary(rows[:, j], table) for j in range(l1)]  # j = 0: layer mean
     per_query: list[dict] = []
     for i, q in enumerate(queries):
         frac = q.env_step / max(q.episode_steps, 1)
         per_query.append({"env_step": q.env_step, "replan_index": q.replan_index, "frame_row": q.frame_row,
                           "time_frac": frac, "phase": phase_of(frac),
-                          "fraction": {k.split("/", 1)[1]: finite_float(v[i]) for k, v in summaries.items()
-                                       if k.startswith("fraction/")},
-                          "visual_linguistic_ratio": finite_float(summaries["visual_linguistic_ratio"][i])})
+                          "fraction": _fractions(summaries[0], i),
+                          "visual_linguistic_ratio": finite_float(summaries[0]["visual_linguistic_ratio"][i]),
+                          "cameras": {}})
 
     def empty_entry() -> dict:
         return {m: None for m in METRICS} | {"mask_area": None, "camera_share": None, "warning": None,
@@ -140,11 +150,43 @@ def score_episode(queries: Sequence[PolicyQuery], camera: str, percentile: float
                                      if cover[k][i].any() else None) for k, v in obj.items()}
     for i, entry in enumerate(per_query):
         entry["layer_mean"] = entries[i][0]
-        entry["per_layer"] = [{"layer": lay, **entries[i][j + 1]} for j, lay in enumerate(layers)]
+        entry["per_layer"] = [{"layer": lay, **entries[i][j + 1], "fraction": _fractions(summaries[j + 1], i),
+                               "visual_linguistic_ratio": finite_float(summaries[j + 1]["visual_linguistic_ratio"][i])}
+                              for j, lay in enumerate(layers)]
+    for cam in table.valid_cameras:
+        if not all(cam in q.masks for q in queries):
+            continue
+        got = camera_soft_mass(rows[:, 0], table, cam, np.stack([q.masks[cam] for q in queries]), ids)
+        for i, entry in enumerate(per_query):
+            entry["cameras"][cam] = {"soft_mass": None if got is None else finite_float(got[0][i]),
+                                     "uniform_soft_mass": None if got is None else finite_float(got[1][i])}
     mean = {m: _mean([e["layer_mean"][m] for e in per_query]) for m in METRICS}
-    return {"object_ids": q0.object_ids, "objects_scored": present, "warnings": warnings,
+    return {"object_ids": q0.object_ids, "objects_scored": present, "warnings": warnings, "grid": list(grid),
             "queries": per_query, "mean": mean,
             "table_warnings": A.sanity_warnings(A.modality_masses(rows[:, 0], table), table)}
+
+
+def _fractions(summary: dict[str, np.ndarray], i: int) -> dict[str, float | None]:
+    """Row i's modality fractions from a :func:`openpi.interp.attention.modality_summary`."""
+    return {k.split("/", 1)[1]: finite_float(v[i]) for k, v in summary.items() if k.startswith("fraction/")}
+
+
+def camera_soft_mass(rows: np.ndarray, table: A.SpanTable, camera: str, masks: np.ndarray,
+                     ids: Sequence[int]) -> tuple[np.ndarray, np.ndarray] | None:
+    """(soft mass of each row's attention within ``camera`` on the objects, the same for uniform attention), or
+    None when none of ``ids`` appears in the camera's masks.
+
+    Uniform attention's soft mass is the objects' mean patch coverage (their area fraction), so soft mass / it is
+    the lift over looking everywhere alike, at whatever grid the model has."""
+    found = set(iou.present_ids(masks))
+    present = [i for i in ids if i in found]
+    if not present:
+        return None
+    cover = np.clip(sum(iou.pool_objects(masks, present, table.grid).values()), 0.0, 1.0)
+    probs = A.camera_probs(rows, table, camera)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        p = probs / probs.sum(axis=1, keepdims=True)
+    return (p * cover).sum(axis=1), cover.mean(axis=1)
 
 
 def _mean(values: Sequence[float | None]) -> float | None:
@@ -154,22 +196,29 @@ def _mean(values: Sequence[float | None]) -> float | None:
 
 def render_episode(queries: Sequence[PolicyQuery], result: dict, out: pathlib.Path, stem: str, camera: str,
                    overlays: bool, video: bool) -> None:
-    """Overlay PNGs (valid cameras with frames) and an MP4 of the scored camera next to the other one."""
+    """Overlay PNGs (valid cameras with frames, one colour scale per figure, the scored objects outlined) and an
+    MP4 of the scored camera next to the other one."""
     table = queries[0].table
     cams = [c for c in table.valid_cameras if c in queries[0].frames]
+    scored = [int(i) for i in result["objects_scored"]]
     movie = []
     for q, entry in zip(queries, result["queries"]):
         row = q.attention.mean(axis=0)
         heat = A.camera_heatmaps(row, table, cams)
         m = entry["layer_mean"]
-        title = (f"{stem} step {q.env_step}  IoU(top-k) {_fmt(m['iou_topk'])}  soft mass {_fmt(m['soft_mass'])}  "
-                 f"{'success' if q.success else 'failure'}")
+        title = (f"{stem}, env step {q.env_step} ({'success' if q.success else 'failure'}); layers "
+                 f"{A.ranges_label(q.layers)}, denoising steps {A.ranges_label(q.steps)} (mean)\n{camera}: IoU "
+                 f"top-k {_fmt(m['iou_topk'])}, soft mass {_fmt(m['soft_mass'])} (uniform "
+                 f"{_fmt((m['baselines'] or {}).get('uniform', {}).get('soft_mass'))})")
+        outlines = {c: np.isin(q.masks[c], scored) for c in cams if c in q.masks and scored}
         if overlays:
             plots.plot_camera_overlays({c: q.frames[c] for c in cams}, heat, out / "overlays" / stem /
-                                       f"s{q.env_step:04d}.png", title=title,
-                                       shares={c: float(entry["fraction"].get(c) or 0.0) for c in cams})
+                                       f"{A.step_file_stem(q.env_step)}.png", title=title,
+                                       shares={c: float(entry["fraction"].get(c) or 0.0) for c in cams},
+                                       outlines=outlines)
         if video:
-            movie.append(plots.side_by_side([plots.overlay(q.frames[c], heat[c]) for c in cams]))
+            top = plots.shared_vmax(heat)
+            movie.append(plots.side_by_side([plots.overlay(q.frames[c], heat[c], vmax=top) for c in cams]))
     if video and movie:
         plots.write_mp4(movie, out / "videos" / f"{stem}.mp4", fps=5)
 
@@ -180,7 +229,7 @@ def _fmt(v: float | None) -> str:
 
 def settings_of(run: RecordedRun, camera: str, steps: Sequence[int] | None, percentile: float,
                 sigma_frac: float) -> dict:
-    """The settings an episode file records; a resumed run must match them so files never mix settings."""
+    """The settings an episode file records (and the run directory fingerprints), so files never mix settings."""
     return {"camera": camera, "layers": list(run.layer_sites), "denoise_steps": steps,
             "percentile": percentile, "sigma_frac": sigma_frac}
 
@@ -214,8 +263,14 @@ def _episode_values(ep: dict, layer: int | None) -> dict[str, float]:
     for b in ("uniform", "center_bias"):
         v = _mean([e["baselines"][b]["iou_topk"] if e["baselines"] else None for e in entries])
         out[f"{b}_iou_topk"] = np.nan if v is None else v
+    v = _mean([e["baselines"]["uniform"]["soft_mass"] if e["baselines"] else None for e in entries])
+    out["uniform_soft_mass"] = np.nan if v is None else v
+    v = _mean([e["soft_mass"] - e["baselines"]["uniform"]["soft_mass"]
+               for e in entries if e["baselines"] and e["soft_mass"] is not None])
+    out["soft_mass_lift"] = np.nan if v is None else v
+    fractions = [q["fraction"] if layer is None else e["fraction"] for q, e in zip(qs, entries)]
     for f in ("visual", "instruction"):
-        v = _mean([q["fraction"].get(f) for q in qs])
+        v = _mean([fr.get(f) for fr in fractions])
         out[f"{f}_fraction"] = np.nan if v is None else v
     out["success"] = float(ep["success"])
     return out
@@ -231,17 +286,18 @@ def _stats(eps: Sequence[dict], layer: int | None, n_boot: int, seed: int) -> di
 
 CSV_FIELDS = ["run_id", "prompt_mode", "suite", "task_id", "layer", "n_episodes", "n_queries", "success_rate",
               "iou_topk", "iou_topk_ci_low", "iou_topk_ci_high", "soft_mass", "soft_mass_ci_low",
-              "soft_mass_ci_high", "pointing_accuracy", "iou_percentile", "uniform_iou_topk",
+              "soft_mass_ci_high", "uniform_soft_mass", "soft_mass_lift", "soft_mass_lift_ci_low",
+              "soft_mass_lift_ci_high", "pointing_accuracy", "iou_percentile", "uniform_iou_topk",
               "center_bias_iou_topk", "visual_fraction", "instruction_fraction"]
 
 
 def _csv_row(group: dict, layer, stats: dict) -> dict:
     row = dict(group) | {"layer": "mean" if layer is None else layer, "n_episodes": stats["n_episodes"],
                          "n_queries": stats["n_queries"], "success_rate": stats["success"]["mean"]}
-    for m in ("iou_topk", "soft_mass"):
+    for m in ("iou_topk", "soft_mass", "soft_mass_lift"):
         row |= {m: stats[m]["mean"], f"{m}_ci_low": stats[m]["ci_low"], f"{m}_ci_high": stats[m]["ci_high"]}
     for m in ("pointing_accuracy", "iou_percentile", "uniform_iou_topk", "center_bias_iou_topk",
-              "visual_fraction", "instruction_fraction"):
+              "uniform_soft_mass", "visual_fraction", "instruction_fraction"):
         row[m] = stats[m]["mean"]
     return {k: ("" if isinstance(v, float) and not np.isfinite(v) else v) for k, v in row.items()}
 
@@ -287,6 +343,32 @@ def success_vs_failure(episodes: Sequence[dict], n_boot: int, seed: int) -> dict
         else:
             part["difference"] = None
         out[run_id] = part
+    return out
+
+
+def soft_mass_by_camera(episodes: Sequence[dict], n_boot: int, seed: int) -> dict:
+    """Per run and camera: soft mass on the objects, uniform attention's soft mass, and the lift (their
+    difference), each a mean of per-episode means with a 95% bootstrap interval over episodes (layer mean)."""
+    out: dict = {}
+    for run_id in sorted({e["run_id"] for e in episodes}):
+        eps = [e for e in episodes if e["run_id"] == run_id]
+        cams = sorted({c for e in eps for q in e["queries"] for c in q.get("cameras", {})})
+        out[run_id] = {}
+        for cam in cams:
+            vals: dict[str, list[float]] = {"soft_mass": [], "uniform_soft_mass": [], "lift": []}
+            for e in eps:
+                pairs = [(c["soft_mass"], c["uniform_soft_mass"]) for q in e["queries"]
+                         for c in [q.get("cameras", {}).get(cam)] if c and c["soft_mass"] is not None]
+                if pairs:
+                    soft, unif = np.asarray(pairs, np.float64).T
+                    vals["soft_mass"].append(soft.mean())
+                    vals["uniform_soft_mass"].append(unif.mean())
+                    vals["lift"].append((soft - unif).mean())
+            if not vals["lift"]:
+                out[run_id][cam] = {"n_episodes": 0}
+                continue
+            boot = iou.bootstrap_means({k: np.asarray(v) for k, v in vals.items()}, None, n_boot, seed)
+            out[run_id][cam] = {"n_episodes": len(vals["lift"]), **boot}
     return out
 
 
@@ -402,6 +484,10 @@ def summarise(out: pathlib.Path, n_boot: int, seed: int, expected: int, warnings
     for e in episodes:
         warnings.extend(f"{e['run_id']}__{e['suite']}__task{e['task_id']}__ep{e['episode']}: {w}"
                         for w in e["warnings"])
+    grids = sorted({tuple(e["grid"]) for e in episodes if e.get("grid")})
+    if len(grids) > 1:
+        warnings.append(f"episode files hold attention on different patch grids {grids}")
+    grid = list(grids[0]) if len(grids) == 1 else None
     tasks, suites = summary_tables(episodes, n_boot, seed)
     write_csv(out / "summary_tasks.csv", tasks)
     write_csv(out / "summary_suites.csv", suites)
@@ -409,7 +495,10 @@ def summarise(out: pathlib.Path, n_boot: int, seed: int, expected: int, warnings
                "counts": {"episodes": len(episodes), "expected_episodes": expected,
                           "missing_episodes": max(0, expected - len(episodes)),
                           "queries": sum(len(e["queries"]) for e in episodes)},
+               "grid": grid, "n_patches": None if grid is None else grid[0] * grid[1],
+               "bootstrap": {"n_boot": n_boot, "seed": seed, "unit": "episode", "level": 0.95},
                "success_vs_failure": success_vs_failure(episodes, n_boot, seed),
+               "soft_mass_by_camera": soft_mass_by_camera(episodes, n_boot, seed),
                "modality": modality_by_run(episodes)}
     summary["language_corruption"] = language_corruption(episodes, warnings)
     summary["warnings"] = warnings
@@ -426,12 +515,16 @@ def evaluate_run(store: pathlib.Path, rollouts: pathlib.Path, out: pathlib.Path,
                  camera: Camera = "base_0_rgb", overlays: bool = False, video: bool = False,
                  percentile: float = 90.0, sigma_frac: float = 0.25, n_boot: int = 1000, seed: int = 0,
                  on_missing: Literal["error", "skip"] = "error", shard_index: int = 0,
-                 num_shards: int = 1) -> dict:
+                 num_shards: int = 1, overwrite: bool = False) -> dict:
     """Score this shard's unfinished episodes into ``out/episodes/``, then rebuild every summary from all of them.
 
-    Episode files already in ``out`` are skipped (resume) after checking that they were computed with the same
-    settings; the summaries cover every episode file present, so shards can finish in any order. Returns the
-    ``summary.json`` contents.
+    ``out`` is a run directory (openpi.shared.rundir): ``run.json`` fingerprints every setting that changes an
+    episode file (camera, resolved layers, denoising steps, percentile, sigma, missing-data policy), so episode
+    files already there are reused only by a rerun with the same settings (resume, other shards, other recorded
+    runs scored into the same folder) and other settings are refused naming each difference (``overwrite``
+    starts over). Store, rollout folder, shard and figure flags change no number. The summaries are rebuilt whole
+    from every episode file on each call (so shards can finish in any order); their bootstrap (``n_boot``,
+    ``seed``) is recorded in ``summary.json`` rather than fingerprinted. Returns the ``summary.json`` contents.
     """
     if num_shards < 1 or not 0 <= shard_index < num_shards:
         raise ValueError(f"need 0 <= shard_index < num_shards, got {shard_index}, {num_shards}")
@@ -441,12 +534,13 @@ def evaluate_run(store: pathlib.Path, rollouts: pathlib.Path, out: pathlib.Path,
     keys = run.episode_keys()
     mine = keys[shard_index::num_shards]
     settings = settings_of(run, camera, steps, percentile, sigma_frac)
+    RunDir(out, RUN_JOB, {**settings, "on_missing": on_missing}, overwrite=overwrite)
+    if overwrite:
+        for name in ("episodes", "overlays", "videos"):
+            shutil.rmtree(out / name, ignore_errors=True)
     for key in tqdm.tqdm(mine, desc="episodes", unit="ep"):
         path = out / "episodes" / f"{key.stem}.json"
         if path.exists():
-            old = read_json(path, "episode result", hint="delete it to recompute").get("settings")
-            if old != A.json_safe(settings):
-                raise ValueError(f"{path} was computed with settings {old}, now {settings}; use another --out")
             continue
         result, queries = episode_result(run, key, settings)
         if overlays or video:

@@ -24,6 +24,7 @@ from tqdm import tqdm
 
 from openpi.envs import libero_env, rollout
 from openpi.shared.io import read_json
+from openpi.shared.rundir import RunDir, RunSettingsError, differences, run_option, settings_of
 from openpi.training import demos
 
 logger = logging.getLogger(__name__)
@@ -294,38 +295,41 @@ def _collect(env, init_state_index: int, max_steps: int, settle_steps: int, resi
 
 @dataclasses.dataclass
 class GenerateConfig:
-    out_dir: str
+    """Demo generation settings. ``run_option`` fields choose which episodes this call attempts (like a shard) or
+    where they go, not how an episode is generated, so one out_dir can grow by more tasks or episodes."""
+
+    out_dir: str = run_option()
     suite: str = "libero_spatial"
-    task_ids: tuple[int, ...] | None = None  # None: every task of the suite
-    episodes_per_task: int = 10  # episode i starts from the suite's initial state i
-    first_episode: int = 0  # episodes first_episode .. first_episode + episodes_per_task - 1
+    task_ids: tuple[int, ...] | None = run_option(None)  # None: every task of the suite
+    episodes_per_task: int = run_option(10)  # episode i starts from the suite's initial state i
+    first_episode: int = run_option(0)  # episodes first_episode .. first_episode + episodes_per_task - 1
     max_steps: int | None = None  # None: the suite's evaluation budget
     settle_steps: int = 10
     resize_size: int = 224
     frame_stride: int = 1  # render and keep frames every k-th step (states and actions: every step)
     seed: int = 7
     measure_only: bool = False  # no rendering, no demos: only attempt records and success rates
-    shard_index: int = 0
-    num_shards: int = 1
-
-    def settings(self) -> dict[str, Any]:
-        """What must not change between runs writing into one out_dir (checked on resume)."""
-        return {"suite": self.suite, "max_steps": self.max_steps, "settle_steps": self.settle_steps,
-                "resize_size": self.resize_size, "frame_stride": self.frame_stride, "seed": self.seed, "measure_only": self.measure_only,
-                "controller": dataclasses.asdict(ControllerParams())}
+    shard_index: int = run_option(0)
+    num_shards: int = run_option(1)
 
 
-def check_or_write_settings(cfg: GenerateConfig) -> None:
-    path = pathlib.Path(cfg.out_dir) / "generate_config.json"
-    settings = cfg.settings()
-    if path.exists():
-        old = read_json(path, "demo generation settings", error=demos.DemoFormatError)
-        diffs = [f"{k}: {old.get(k)!r} on disk vs {v!r} now" for k, v in settings.items() if old.get(k) != v]
+DEMO_JOB = "demo-generation"
+
+
+def check_or_write_settings(cfg: GenerateConfig) -> RunDir:
+    """The out_dir's run directory (``run.json``): resume with the same settings and controller parameters,
+    refuse others naming each. A folder of the older layout (``generate_config.json``) is adopted when its
+    settings agree."""
+    root = pathlib.Path(cfg.out_dir)
+    settings = {**settings_of(cfg), "controller": settings_of(ControllerParams())}
+    legacy = root / "generate_config.json"
+    if legacy.is_file() and not (root / "run.json").is_file():
+        old = read_json(legacy, "demo generation settings", error=demos.DemoFormatError)
+        diffs = differences(old, {k: settings.get(k) for k in old})
         if diffs:
-            raise ValueError(f"{cfg.out_dir} was generated with other settings ({'; '.join(diffs)}); "
-                             "use another --out-dir")
-    else:
-        demos.write_json_atomic(path, settings)
+            raise RunSettingsError(f"{cfg.out_dir} was generated with other settings ({'; '.join(diffs)}); "
+                                   "use another --out-dir")
+    return RunDir(root, DEMO_JOB, settings)
 
 
 def generate(cfg: GenerateConfig, env_factory=None, progress: bool = True) -> dict[str, Any]:

@@ -11,14 +11,17 @@ the first 6 dims when the policy config predicts deltas, normalised with the dem
 ``action_dim`` -> ``pi0.compute_loss`` (noise ~ N(0, 1), t ~ Beta(1.5, 1)) -> AdamW (global-norm clipping,
 linear warmup then cosine decay).
 
-Output layout (``out_dir``)::
+Output layout (``out_dir``, one :class:`openpi.shared.rundir.RunDir`)::
 
-    train_config.json                  settings (resume refuses a different schedule/model, naming each change)
+    run.json                           job "flow-matching-train", fingerprint and every setting (a rerun with the
+                                       same settings resumes; other settings are refused, naming each change)
     assets/physical-intelligence/libero/norm_stats.json   computed once from the demos
-    <step>/params                      Orbax, openpi's released layout -> create_policy(config, "<out>/<step>")
-    <step>/assets/physical-intelligence/libero/norm_stats.json
-    <step>/train_state                 Orbax: optimizer state leaves, step, rng (for resume)
-    <step>/train_meta.json             written last, after an atomic rename: its presence = complete checkpoint
+    checkpoints/<step:08d>/            one complete checkpoint each (openpi.shared.rundir.CheckpointDir):
+        params/                        Orbax, openpi's released layout -> create_policy(config, "<that folder>")
+        assets/physical-intelligence/libero/norm_stats.json
+        state.npz                      optimizer state leaves, rng key data, step (bit-exact, for resume)
+        meta.json                      written last: {step, policy_config, model, num_params, demo_dirs,
+                                       num_frames, fingerprint, loss}
     metrics.jsonl                      one JSON object per logged step: step, loss, grad_norm, lr, steps_per_s,
                                        elapsed_s (entries past the resumed checkpoint are dropped on resume)
     loss.png                           loss curve (log scale) with the learning rate
@@ -28,6 +31,7 @@ from __future__ import annotations
 import concurrent.futures
 import dataclasses
 import functools
+import hashlib
 import json
 import logging
 import pathlib
@@ -40,7 +44,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-import orbax.checkpoint as ocp
 from tqdm import tqdm
 
 from openpi.models import checkpoint, pi0
@@ -51,12 +54,14 @@ from openpi.models.tokenizer import EMBEDDED_TOKENIZER, PromptTokenizer
 from openpi.policies import policy_config as pc
 from openpi.policies.libero_policy import (IMAGE_KEY, PROMPT_KEY, STATE_KEY, WRIST_KEY, LiberoTransforms,
                                            batch_observation)
-from openpi.shared.io import atomic_path, read_json
+from openpi.shared.io import atomic_path, jsonable, read_json, write_json_atomic, write_text_atomic
+from openpi.shared.rundir import CheckpointDir, RunDir, RunSettingsError, atomic_dir, run_option
 from openpi.training import demos as demo_io
 
 logger = logging.getLogger(__name__)
 NORM_STATS_REL = pathlib.Path("assets") / pc.LIBERO_ASSET_ID / "norm_stats.json"
 DELTA_DIMS = 6
+RUN_JOB = "flow-matching-train"
 
 
 # ------------------------------------------------------------------------------------------------ data
@@ -136,11 +141,16 @@ def make_batch(items: list[dict[str, Any]], transforms: LiberoTransforms) -> tup
 
 @dataclasses.dataclass
 class TrainConfig:
-    demo_dirs: tuple[str, ...]
-    out_dir: str
+    """Training settings. Fields declared with ``run_option`` say where to read and write and how often to log or
+    save; they never change the weights, so they stay out of the run's fingerprint (a resumed run may change them).
+    Which demos are trained on is fingerprinted by content (demo names and lengths), not by folder path, so a run
+    moved to another machine resumes."""
+
+    demo_dirs: tuple[str, ...] = run_option()
+    out_dir: str = run_option()
     policy_config: str = "pi0_tiny_spatial"
     init_checkpoint: str | None = None  # openpi checkpoint to fine-tune from (else seeded random init)
-    tokenizer: str | None = None  # PaliGemma tokenizer for real configs (see create_policy)
+    tokenizer: str | None = run_option(None)  # PaliGemma tokenizer for real configs; fingerprinted by content
     dtype: str | None = None  # override the config's compute dtype
     num_steps: int = 2000
     batch_size: int = 8
@@ -152,9 +162,10 @@ class TrainConfig:
     b1: float = 0.9
     b2: float = 0.95
     seed: int = 0
-    save_every: int = 500
-    keep_last: int | None = 3  # delete older step directories (None: keep all)
-    log_every: int = 10
+    save_every: int = run_option(500)
+    keep_last: int | None = run_option(3)  # delete older checkpoints (None: keep all)
+    log_every: int = run_option(10)
+    overwrite: bool = run_option(False)  # start over in out_dir (its checkpoints and metrics are deleted)
 
     def __post_init__(self) -> None:
         self.demo_dirs = tuple(str(d) for d in self.demo_dirs)
@@ -165,13 +176,6 @@ class TrainConfig:
             raise ValueError(f"warmup_steps must be in [0, num_steps={self.num_steps}), got {self.warmup_steps}")
         if self.keep_last is not None and self.keep_last < 1:
             raise ValueError(f"keep_last must be >= 1 or None, got {self.keep_last}")
-
-    def fixed(self) -> dict[str, Any]:
-        """Settings a resumed run must share with the run that wrote the checkpoints."""
-        d = dataclasses.asdict(self)
-        for k in ("out_dir", "save_every", "keep_last", "log_every", "demo_dirs", "tokenizer"):
-            d.pop(k)
-        return d
 
 
 def model_config(cfg: TrainConfig) -> Pi0Config:
@@ -220,81 +224,93 @@ def make_train_step(config: Pi0Config, optimizer: optax.GradientTransformation):
     return jax.jit(step, donate_argnums=(0, 1))
 
 
-# ------------------------------------------------------------------------------------------------ checkpoints
+# ------------------------------------------------------------------------------------------------ run directory
 
 
-def step_dirs(out_dir: pathlib.Path) -> list[tuple[int, pathlib.Path]]:
-    """Complete checkpoints (with train_meta.json), oldest first."""
-    if not out_dir.is_dir():
-        return []
-    found = [(int(p.name), p) for p in out_dir.iterdir() if p.is_dir() and p.name.isdigit()
-             and (p / "train_meta.json").is_file()]
-    return sorted(found)
+def _sha256(path: pathlib.Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()[:16]
 
 
-def save_checkpoint(out_dir: pathlib.Path, step: int, params, opt_state, rng, norm_stats: dict[str, NormStats],
-                    meta: dict[str, Any], tokenizer_path: pathlib.Path | None = None) -> pathlib.Path:
-    """Write ``<out>/<step>/`` via a temporary directory renamed into place (a killed save leaves no checkpoint)."""
-    final = out_dir / str(step)
-    if final.exists():
-        raise FileExistsError(f"checkpoint {final} already exists; refusing to overwrite it")
-    tmp = out_dir / f".tmp-{step}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    checkpoint.save_params(tmp, jax.device_get(params))
-    leaves = jax.tree_util.tree_leaves(opt_state)
-    state = {"opt_state": {str(i): np.asarray(x) for i, x in enumerate(leaves)},
-             "step": np.asarray(step, np.int64), "rng": np.asarray(jax.random.key_data(rng))}
-    ocp.PyTreeCheckpointer().save((tmp / "train_state").resolve(), state)
-    save_norm_stats(tmp / NORM_STATS_REL, norm_stats)
-    if tokenizer_path is not None and tokenizer_path != EMBEDDED_TOKENIZER:
-        shutil.copy(tokenizer_path, tmp / "assets" / "paligemma_tokenizer.model")
-    (tmp / "train_meta.json").write_text(json.dumps({"step": step, **meta}, indent=1))
-    tmp.rename(final)
-    return final
+def run_settings(cfg: TrainConfig, dataset: DemoDataset, tokenizer_path: pathlib.Path) -> dict[str, Any]:
+    """Everything the weights depend on: the config's settings, the demos by content and the tokenizer file."""
+    demos = sorted((p.name, len(ep.actions), ep.frame_stride) for p, ep in zip(dataset.paths, dataset.episodes))
+    digest = hashlib.sha256(json.dumps(demos).encode()).hexdigest()[:16]
+    return {"train": cfg, "demos": {"n_demos": len(demos), "n_frames": len(dataset), "sha256": digest},
+            "tokenizer_sha256": _sha256(tokenizer_path)}
+
+
+def open_run(cfg: TrainConfig, settings: dict[str, Any]) -> RunDir:
+    """The run directory: new, resumed (same settings) or refused naming each changed setting."""
+    out_dir = pathlib.Path(cfg.out_dir).expanduser().resolve()
+    if (out_dir / "train_config.json").is_file() and not (out_dir / "run.json").is_file() and not cfg.overwrite:
+        raise RunSettingsError(f"{out_dir} holds a training run in the older layout (train_config.json, <step>/ "
+                               "folders) that this version cannot resume; choose another --out-dir or pass "
+                               "--overwrite")
+    if cfg.overwrite:
+        for name in ("metrics.jsonl", "loss.png", "train_config.json"):
+            (out_dir / name).unlink(missing_ok=True)
+        shutil.rmtree(out_dir / NORM_STATS_REL.parts[0], ignore_errors=True)
+        for old in out_dir.glob("[0-9]*/train_meta.json"):  # step folders of the older layout
+            shutil.rmtree(old.parent)
+    return RunDir(out_dir, RUN_JOB, settings, overwrite=cfg.overwrite)
+
+
+def checkpoints(out_dir: str | pathlib.Path, keep_last: int | None = None) -> CheckpointDir:
+    """The run's checkpoints: ``<out>/checkpoints/<step:08d>/``, each one servable by ``create_policy``."""
+    return CheckpointDir(pathlib.Path(out_dir).expanduser().resolve() / "checkpoints", keep_last=keep_last)
+
+
+def _servable(params, norm_stats: dict[str, NormStats], tokenizer_path: pathlib.Path | None):
+    """``write_extra`` of a checkpoint: what ``create_policy(config, step_dir)`` loads (params, norm stats,
+    and for the real configs the tokenizer)."""
+
+    def write(step_dir: pathlib.Path) -> None:
+        checkpoint.save_params(step_dir, jax.device_get(params))
+        save_norm_stats(step_dir / NORM_STATS_REL, norm_stats)
+        if tokenizer_path is not None and tokenizer_path != EMBEDDED_TOKENIZER:
+            shutil.copy(tokenizer_path, step_dir / "assets" / "paligemma_tokenizer.model")
+
+    return write
+
+
+def train_state(opt_state, rng, step: int) -> dict[str, Any]:
+    """The bit-exact part of a checkpoint besides the params (those are read back from the Orbax ``params/``)."""
+    return {"opt_state": opt_state, "rng": np.asarray(jax.random.key_data(rng)), "step": np.asarray(step, np.int64)}
+
+
+def restore(ckpts: CheckpointDir, mcfg: Pi0Config, optimizer: optax.GradientTransformation):
+    """(params, opt_state, rng, step, step_dir) of the newest complete checkpoint."""
+    step = ckpts.latest()
+    step_dir = ckpts.step_dir(step)
+    params = jax.tree.map(jnp.asarray, checkpoint.load_params(step_dir, mcfg, dtype=np.float32))
+    template = train_state(optimizer.init(params), jax.random.key(0), 0)
+    state, meta = ckpts.restore(template, step)
+    if int(state["step"]) != step:
+        raise checkpoint.CheckpointError(f"{step_dir}: folder says step {step}, its state says {int(state['step'])}")
+    opt_state = jax.tree.map(jnp.asarray, state["opt_state"])
+    rng = jax.random.wrap_key_data(jnp.asarray(state["rng"]))
+    return params, opt_state, rng, step, step_dir
 
 
 def package_checkpoint(step_dir: str | pathlib.Path, dest: str | pathlib.Path) -> pathlib.Path:
-    """Copy what serving needs from a training checkpoint (params, assets, train_meta.json; not the optimizer
-    state, which is twice the size of the params) to a new directory ``dest``, e.g. to ship it in a package."""
+    """Copy what serving needs from a training checkpoint (params, assets and its metadata as train_meta.json;
+    not the optimizer state, which is twice the size of the params) to a new directory ``dest``, e.g. to ship it
+    in a package."""
     step_dir, dest = pathlib.Path(step_dir), pathlib.Path(dest)
-    if not (step_dir / "train_meta.json").is_file():
-        raise FileNotFoundError(f"{step_dir} is not a complete training checkpoint (no train_meta.json)")
+    if not (step_dir / "meta.json").is_file() or not (step_dir / "params").is_dir():
+        raise FileNotFoundError(f"{step_dir} is not a complete training checkpoint (no meta.json or params/)")
     if dest.exists():
         raise FileExistsError(f"{dest} already exists; refusing to overwrite it")
-    tmp = dest.with_name(f".tmp-{dest.name}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    for name in ("params", "assets"):
-        shutil.copytree(step_dir / name, tmp / name)
-    shutil.copy(step_dir / "train_meta.json", tmp / "train_meta.json")
-    tmp.rename(dest)
+    meta = read_json(step_dir / "meta.json", "checkpoint metadata")
+    with atomic_dir(dest) as tmp:
+        for name in ("params", "assets"):
+            shutil.copytree(step_dir / name, tmp / name)
+        write_json_atomic(tmp / "train_meta.json", {k: v for k, v in meta.items() if k != "num_leaves"})
     return dest
-
-
-def load_train_state(step_dir: pathlib.Path, opt_state_template) -> tuple[Any, jax.Array, int]:
-    """(opt_state, rng, step) from ``<step>/train_state``; leaf count and shapes must match the optimizer."""
-    restored = ocp.PyTreeCheckpointer().restore((step_dir / "train_state").resolve())
-    leaves, treedef = jax.tree_util.tree_flatten(opt_state_template)
-    stored = restored["opt_state"]
-    if len(stored) != len(leaves):
-        raise checkpoint.CheckpointError(f"{step_dir}/train_state holds {len(stored)} optimizer arrays, the "
-                                         f"optimizer has {len(leaves)}: different optimizer settings?")
-    new = []
-    for i, ref in enumerate(leaves):
-        arr = np.asarray(stored[str(i)])
-        if arr.shape != np.shape(ref):
-            raise checkpoint.CheckpointError(f"{step_dir}/train_state: optimizer array {i} has shape {arr.shape}, "
-                                             f"expected {np.shape(ref)}")
-        new.append(jnp.asarray(arr, dtype=jnp.asarray(ref).dtype))
-    rng = jax.random.wrap_key_data(jnp.asarray(restored["rng"]))
-    return jax.tree_util.tree_unflatten(treedef, new), rng, int(restored["step"])
-
-
-def prune(out_dir: pathlib.Path, keep_last: int | None) -> None:
-    if keep_last is None:
-        return
-    for _, path in step_dirs(out_dir)[:-keep_last]:
-        shutil.rmtree(path)
 
 
 # ------------------------------------------------------------------------------------------------ metrics
@@ -309,55 +325,40 @@ def read_metrics(path: pathlib.Path) -> list[dict[str, Any]]:
 def truncate_metrics(path: pathlib.Path, last_step: int) -> None:
     """Drop entries logged after ``last_step`` (by a run killed before its next checkpoint)."""
     rows = [r for r in read_metrics(path) if r["step"] <= last_step]
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    tmp.replace(path)
+    write_text_atomic(path, "".join(json.dumps(jsonable(r)) + "\n" for r in rows))
 
 
 def plot_loss(metrics: list[dict[str, Any]], path: pathlib.Path) -> None:
-    import matplotlib
+    """loss.png: batch loss and its running mean (log scale) with the learning rate on a second axis.
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    Uses a bare ``Figure`` (no pyplot), so it works under any matplotlib backend and never changes it."""
+    from matplotlib.figure import Figure
 
     if not metrics:
         return
     steps = np.array([m["step"] for m in metrics])
-    loss = np.array([m["loss"] for m in metrics])
-    fig, ax = plt.subplots(figsize=(7, 4))
-    ax.plot(steps, loss, lw=0.8, alpha=0.5, label="loss (batch)")
+    loss = np.array([np.nan if m["loss"] is None else m["loss"] for m in metrics], dtype=float)
+    fig = Figure(figsize=(7, 4))
+    ax = fig.add_subplot()
+    lines = ax.plot(steps, loss, lw=0.8, alpha=0.5, label="loss (batch)")
     if len(loss) >= 10:
         k = max(len(loss) // 20, 2)
         smooth = np.convolve(loss, np.ones(k) / k, mode="valid")
-        ax.plot(steps[k - 1:], smooth, lw=1.8, label=f"loss (mean of {k})")
+        lines += ax.plot(steps[k - 1:], smooth, lw=1.8, label=f"loss (mean of {k})")
     ax.set_yscale("log")
     ax.set_xlabel("step")
     ax.set_ylabel("flow-matching loss")
     ax2 = ax.twinx()
-    ax2.plot(steps, [m["lr"] for m in metrics], color="grey", lw=0.8, ls="--", label="lr")
+    lines += ax2.plot(steps, [m["lr"] for m in metrics], color="grey", lw=0.8, ls="--", label="learning rate")
     ax2.set_ylabel("learning rate")
-    ax.legend(loc="upper right")
+    ax.legend(handles=lines, loc="upper right")
     ax.set_title("training loss")
     fig.tight_layout()
     with atomic_path(path) as tmp:
         fig.savefig(tmp, dpi=110, format="png")
-    plt.close(fig)
 
 
 # ------------------------------------------------------------------------------------------------ loop
-
-
-def _check_or_write_config(out_dir: pathlib.Path, cfg: TrainConfig) -> None:
-    path = out_dir / "train_config.json"
-    fixed = cfg.fixed()
-    if path.exists():
-        old = read_json(path, "training run settings").get("fixed", {})
-        diffs = [f"{k}: {old.get(k)!r} on disk vs {v!r} now" for k, v in fixed.items() if old.get(k) != v]
-        if diffs:
-            raise ValueError(f"{out_dir} holds a run with other settings ({'; '.join(diffs)}); use another "
-                             "--out-dir")
-    else:
-        demo_io.write_json_atomic(path, {"fixed": fixed, "demo_dirs": list(cfg.demo_dirs)})
 
 
 def _tokenizer_path(cfg: TrainConfig, policy: pc.PolicyConfig) -> pathlib.Path:
@@ -374,31 +375,28 @@ def train(cfg: TrainConfig, progress: bool = True, stop_at: int | None = None) -
     metrics.jsonl, so they cover earlier (resumed) runs too, and steps_per_s excludes the first (compiling) entry.
     """
     end = cfg.num_steps if stop_at is None else min(stop_at, cfg.num_steps)
-    out_dir = pathlib.Path(cfg.out_dir).expanduser().resolve()
-    out_dir.mkdir(parents=True, exist_ok=True)
     policy = pc.get_config(cfg.policy_config)
     mcfg = model_config(cfg)
-    _check_or_write_config(out_dir, cfg)
     dataset = DemoDataset(cfg.demo_dirs, mcfg.action_horizon)
+    tok_path = _tokenizer_path(cfg, policy)
+    run = open_run(cfg, run_settings(cfg, dataset, tok_path))
+    out_dir = run.root
     stats_path = out_dir / NORM_STATS_REL
     if stats_path.exists():
         norm_stats = load_norm_stats(stats_path)
     else:
         norm_stats = compute_demo_norm_stats(dataset, policy.delta_actions)
         save_norm_stats(stats_path, norm_stats)
-    tok_path = _tokenizer_path(cfg, policy)
     transforms = LiberoTransforms(mcfg, PromptTokenizer(tok_path, mcfg.max_token_len), norm_stats,
                                   quantile_norm=policy.quantile_norm, delta_actions=policy.delta_actions)
     optimizer, schedule = make_optimizer(cfg)
-    existing = step_dirs(out_dir)
-    if existing:
-        start, last = existing[-1]
-        params = jax.tree.map(jnp.asarray, checkpoint.load_params(last, mcfg, dtype=np.float32))
-        opt_state, rng, stored = load_train_state(last, optimizer.init(params))
-        if stored != start:
-            raise checkpoint.CheckpointError(f"{last}: directory says step {start}, train_state says {stored}")
-        truncate_metrics(out_dir / "metrics.jsonl", start)
-        logger.info("resuming from %s (step %d)", last, start)
+    ckpts = checkpoints(out_dir, cfg.keep_last)
+    metrics_path = out_dir / "metrics.jsonl"
+    saved = None
+    if ckpts.latest() is not None:
+        params, opt_state, rng, start, saved = restore(ckpts, mcfg, optimizer)
+        truncate_metrics(metrics_path, start)
+        logger.info("resuming from %s (step %d)", saved, start)
     else:
         start = 0
         if cfg.init_checkpoint:
@@ -408,6 +406,7 @@ def train(cfg: TrainConfig, progress: bool = True, stop_at: int | None = None) -
         params = jax.tree.map(jnp.asarray, params)
         opt_state = optimizer.init(params)
         rng = jax.random.key(cfg.seed)
+        metrics_path.unlink(missing_ok=True)  # rows of a run whose checkpoints are gone describe other weights
     num_params = count_params(mcfg)
     logger.info("%s: %d parameters, %d demo frames in %d episodes", cfg.policy_config, num_params, len(dataset),
                 len(dataset.episodes))
@@ -417,13 +416,11 @@ def train(cfg: TrainConfig, progress: bool = True, stop_at: int | None = None) -
         picks = np.random.default_rng([cfg.seed, step]).integers(0, len(dataset), cfg.batch_size)
         return make_batch([dataset.item(int(i)) for i in picks], transforms)
 
-    metrics_path = out_dir / "metrics.jsonl"
     last_loss = None
-    saved = step_dirs(out_dir)[-1][1] if existing else None
     t_start = time.monotonic()
     t_window, steps_window = t_start, 0
     meta = {"policy_config": cfg.policy_config, "model": mcfg.to_dict(), "num_params": num_params,
-            "demo_dirs": list(cfg.demo_dirs), "num_frames": len(dataset)}
+            "demo_dirs": list(cfg.demo_dirs), "num_frames": len(dataset), "fingerprint": run.fingerprint}
     with concurrent.futures.ThreadPoolExecutor(1) as pool, open(metrics_path, "a") as log:
         pending = pool.submit(batch_for, start) if start < end else None
         bar = tqdm(range(start, end), initial=start, total=cfg.num_steps, desc="train", disable=not progress)
@@ -445,13 +442,12 @@ def train(cfg: TrainConfig, progress: bool = True, stop_at: int | None = None) -
                        "elapsed_s": now - t_start}
                 t_window, steps_window = now, 0
                 last_loss = loss
-                log.write(json.dumps(row) + "\n")
+                log.write(json.dumps(jsonable(row)) + "\n")
                 log.flush()
                 bar.set_postfix(loss=f"{loss:.4f}", lr=f"{row['lr']:.2e}")
             if done % cfg.save_every == 0 or done == end:
-                saved = save_checkpoint(out_dir, done, params, opt_state, rng, norm_stats,
-                                        {**meta, "loss": last_loss}, tok_path)
-                prune(out_dir, cfg.keep_last)
+                saved = ckpts.save(done, train_state(opt_state, rng, done), {**meta, "loss": last_loss},
+                                   write_extra=_servable(params, norm_stats, tok_path))
                 plot_loss(read_metrics(metrics_path), out_dir / "loss.png")
     metrics = read_metrics(metrics_path)
     timed = [m["steps_per_s"] for m in metrics[1:]]  # the first entry includes compilation

@@ -90,3 +90,109 @@ def evaluate_sae(sae, batches: Iterable[np.ndarray], dense_threshold: float = DE
         codes = sae.encode(x)
         acc.add(x, sae.decode(codes), codes)
     return acc.result()
+
+
+# ------------------------------------------------------------------------------------------------ intervals
+
+
+class GroupedFVU:
+    """Per-group sums from which the FVU of any resample of groups follows exactly, for several reconstructions.
+
+    Why: held-out rows of one episode (or one row block) are not independent, so an interval must resample whole
+    groups. Per group we keep the row count, the sum of x, the sum of ||x||^2 and each model's sum of squared
+    errors. A resample's FVU is the ratio ``sum w_g sse_g / sum w_g ss_g`` with ``ss_g = sum_{i in g} ||x_i - mu||^2``
+    around the mean ``mu`` of all held-out rows (a ratio-estimator bootstrap: re-centring on each resample would
+    shrink the denominator whenever an episode is drawn twice and bias the interval upwards). With all weights 1 it
+    is exactly the FVU of the module docstring.
+    """
+
+    def __init__(self, d_in: int, models: Iterable[str]) -> None:
+        self.d_in = d_in
+        self.models = tuple(models)
+        self.index: dict[object, int] = {}
+        self.n: list[float] = []
+        self.sum_x: list[np.ndarray] = []
+        self.sum_sq: list[float] = []
+        self.sse: dict[str, list[float]] = {m: [] for m in self.models}
+
+    def add(self, groups: np.ndarray, x: np.ndarray, recon: dict[str, np.ndarray]) -> None:
+        """Add held-out rows ``x`` (b, d) of the given groups (b,) with each model's reconstruction (b, d)."""
+        x = np.asarray(x, np.float64)
+        groups = np.asarray(groups)
+        if groups.shape != (x.shape[0],):
+            raise ValueError(f"{groups.shape} group ids for {x.shape[0]} rows")
+        missing = [m for m in self.models if m not in recon]
+        if missing:
+            raise ValueError(f"no reconstruction for {missing}")
+        err = {m: np.square(x - np.asarray(recon[m], np.float64)).sum(axis=1) for m in self.models}
+        for g in np.unique(groups):
+            rows = groups == g
+            i = self.index.setdefault(g.item() if hasattr(g, "item") else g, len(self.n))
+            if i == len(self.n):
+                self.n.append(0.0)
+                self.sum_x.append(np.zeros(self.d_in))
+                self.sum_sq.append(0.0)
+                for m in self.models:
+                    self.sse[m].append(0.0)
+            self.n[i] += float(rows.sum())
+            self.sum_x[i] += x[rows].sum(axis=0)
+            self.sum_sq[i] += float(np.square(x[rows]).sum())
+            for m in self.models:
+                self.sse[m][i] += float(err[m][rows].sum())
+
+    def _fvu(self, w: np.ndarray) -> dict[str, np.ndarray]:
+        """FVU per model for weight vectors ``w`` (r, groups) -> (r,) arrays."""
+        n, sx, sq = np.asarray(self.n), np.stack(self.sum_x), np.asarray(self.sum_sq)
+        mu = sx.sum(axis=0) / n.sum()
+        ss = sq - 2.0 * sx @ mu + n * float(mu @ mu)
+        tot = w @ ss
+        with np.errstate(divide="ignore", invalid="ignore"):
+            return {m: np.where(tot > 0, (w @ np.asarray(self.sse[m])) / tot, np.nan) for m in self.models}
+
+    def summary(self, n_boot: int, seed: int, pairs: Iterable[tuple[str, str]] = ()) -> dict:
+        """{model: {fvu, ci_low, ci_high}} and {"a-b": {mean, ci_low, ci_high}} for each pair, 95% percentile
+        intervals from ``n_boot`` resamples of groups (the same resamples for every model, so differences are
+        paired)."""
+        g = len(self.n)
+        if g == 0:
+            raise ValueError("no held-out rows: cannot compute FVU intervals")
+        point = self._fvu(np.ones((1, g)))
+        rng = np.random.default_rng([seed, 4])
+        draws = rng.integers(0, g, size=(n_boot, g))
+        w = np.stack([np.bincount(d, minlength=g) for d in draws]).astype(np.float64) if n_boot else np.zeros((0, g))
+        boot = self._fvu(w) if n_boot else {m: np.zeros(0) for m in self.models}
+
+        def interval(values: np.ndarray) -> tuple[float | None, float | None]:
+            v = values[np.isfinite(values)]
+            if g < 2 or v.size == 0:
+                return None, None
+            return float(np.percentile(v, 2.5)), float(np.percentile(v, 97.5))
+
+        out: dict = {"n_groups": g, "n_boot": n_boot, "interval": "95% percentile bootstrap over held-out groups"}
+        for m in self.models:
+            lo, hi = interval(boot[m])
+            out[m] = {"fvu": float(point[m][0]), "ci_low": lo, "ci_high": hi}
+        for a, b in pairs:
+            lo, hi = interval(boot[a] - boot[b])
+            out[f"{a}-{b}"] = {"mean": float(point[a][0] - point[b][0]), "ci_low": lo, "ci_high": hi}
+        return out
+
+
+class PCABaseline:
+    """Reconstruction by the training mean plus the top ``n_components`` principal directions of training rows:
+    a dense code with as many active directions as the SAE's L0 (``n_components=0`` is the mean predictor)."""
+
+    def __init__(self, sample: np.ndarray, n_components: int) -> None:
+        sample = np.asarray(sample, np.float64)
+        self.mean = sample.mean(axis=0)
+        k = int(min(max(n_components, 0), *sample.shape))
+        if k:
+            _, _, vt = np.linalg.svd(sample - self.mean, full_matrices=False)
+            self.basis = vt[:k]
+        else:
+            self.basis = np.zeros((0, sample.shape[1]))
+        self.n_components = k
+
+    def __call__(self, x: np.ndarray) -> np.ndarray:
+        c = np.asarray(x, np.float64) - self.mean
+        return self.mean + (c @ self.basis.T) @ self.basis

@@ -13,8 +13,15 @@ Recipe (Gao et al. 2024; Bussmann et al. 2024 for BatchTopK):
   of each batch (started after warm-up).
 
 Determinism: the batch of step t depends only on (seed, t); the training state (weights, Adam moments,
-dead-latent counters, threshold, curves) is checkpointed atomically, so a killed run rerun with the same
-command resumes and ends with the same weights as an uninterrupted run.
+dead-latent counters, threshold, curves) is checkpointed atomically in the output folder's run directory
+(openpi.shared.rundir: run.json fingerprints the config and the exact rows, checkpoints/<step>/ the state, the
+same mechanism as the flow-matching trainer), so a killed run rerun with the same command resumes and ends with
+the same weights as an uninterrupted run, and a rerun with other settings is refused naming each difference.
+
+Held-out split: whole episodes by default (key columns needed); contiguous row blocks only when asked for
+(``split="rows"``). metrics.json states the split next to every held-out number, with a 95% interval that
+resamples held-out episodes (or blocks) and two baselines on the same rows: the training mean and PCA with as many
+components as the SAE's L0.
 
 Batch sources: anything implementing `BatchSource` (e.g. the activation store); `IndexedRowSource` serves
 rows of a memory-mapped `.npy` (only the current batch and a row permutation, 8 bytes per row, are in RAM).
@@ -24,12 +31,11 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import json
 import logging
 import math
 import pathlib
 import shutil
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from typing import Literal, Protocol
 
 import jax
@@ -41,11 +47,14 @@ import tqdm
 from openpi.interp.sae import io as sae_io
 from openpi.interp.sae import metrics as sae_metrics
 from openpi.interp.sae import model as sae_model
-from openpi.shared.io import read_json, save_npz_atomic, write_json_atomic
+from openpi.shared.io import atomic_path, read_json, write_json_atomic
+from openpi.shared.records import EPISODE_COLUMNS, episode_keys_of_rows
+from openpi.shared.rundir import RunDir, RunSettingsError
 
 logger = logging.getLogger(__name__)
 
-CHECKPOINT_DIR = "checkpoint"
+RUN_JOB = "sae-train"
+CHECKPOINT_DIR = "checkpoints"  # openpi.shared.rundir.CheckpointDir inside the output folder, removed when done
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -93,10 +102,14 @@ class TrainConfig:
     """BatchTopK: per-row slots of the sparse path (default 4k); batches needing more use the exact dense path."""
     backward: Literal["auto", "slots", "dense", "scatter"] = "auto"
     """Weight gradients of the sparse gathers: scatter-add (GPU) or one dense product (CPU); auto picks by backend."""
+    split: Literal["episodes", "rows"] = "episodes"
+    """Held-out split: whole episodes (needs the key columns run_id, suite, task_id, episode), or contiguous row
+    blocks, an explicit choice that leaks (the other tokens, denoising steps and queries of a held-out row's episode
+    are in training, so its FVU is optimistic)."""
     holdout_frac: float = 0.05
-    """Fraction of rows held out for evaluation (whole episodes when keys are given, else blocks of rows)."""
+    """Fraction of episodes (or of row blocks) held out for evaluation."""
     holdout_block: int = 128
-    """Without keys, rows are held out in contiguous blocks of this size (neighbouring rows are correlated)."""
+    """With --split rows, rows are held out in contiguous blocks of this size (neighbouring rows are correlated)."""
     eval_every: int | None = None
     """Steps between held-out FVU points of the training curve (default steps // 20)."""
     eval_curve_rows: int = 8192
@@ -105,6 +118,8 @@ class TrainConfig:
     """Steps between checkpoints (default steps // 10)."""
     dense_threshold: float = sae_metrics.DEFAULT_DENSE_THRESHOLD
     """A latent active on more than this fraction of held-out rows counts as dense."""
+    n_boot: int = 1000
+    """Bootstrap resamples of held-out episodes (or row blocks) for the FVU intervals."""
     seed: int = 0
     """Seed of initialisation, batch order and held-out split."""
 
@@ -203,6 +218,36 @@ class BatchSource(Protocol):
     def fingerprint(self) -> dict: ...
 
 
+@dataclasses.dataclass(frozen=True)
+class HoldoutSplit:
+    """Which rows train and which are held out, and the unit they were held out in (episode or row block).
+
+    ``eval_groups`` gives, per held-out row (in ``eval_rows`` order), its episode or block: the unit the FVU
+    intervals resample, since rows of one episode are not independent."""
+
+    kind: Literal["episodes", "rows"]
+    train_rows: np.ndarray
+    eval_rows: np.ndarray
+    eval_groups: np.ndarray
+    n_train_groups: int
+    n_eval_groups: int
+    eval_episodes: tuple[str, ...] = ()
+    block: int | None = None
+
+    def to_json(self) -> dict:
+        """The ``split`` record written next to every held-out number."""
+        out = {"kind": self.kind, "n_train_rows": int(self.train_rows.size), "n_eval_rows": int(self.eval_rows.size)}
+        if self.kind == "episodes":
+            out |= {"n_train_episodes": self.n_train_groups, "n_eval_episodes": self.n_eval_groups,
+                    "eval_episodes": list(self.eval_episodes), "unit": "episode"}
+        else:
+            out |= {"n_train_episodes": None, "n_eval_episodes": None, "block_rows": self.block,
+                    "n_train_blocks": self.n_train_groups, "n_eval_blocks": self.n_eval_groups, "unit": "row block",
+                    "warning": "row blocks: other tokens, denoising steps and queries of a held-out row's episode "
+                               "were trained on, so held-out FVU is optimistic"}
+        return out
+
+
 class IndexedRowSource:
     """Batches drawn from given row indices of a random-access matrix (e.g. `np.load(..., mmap_mode="r")`).
 
@@ -210,12 +255,15 @@ class IndexedRowSource:
     disk locality. Memory: one batch plus one int64 permutation of the training rows.
     """
 
-    def __init__(self, x, train_rows: np.ndarray, eval_rows: np.ndarray, batch_size: int, seed: int, name: str = "array") -> None:
+    def __init__(self, x, split: HoldoutSplit, batch_size: int, seed: int, name: str = "array") -> None:
         self.x = x
         self.d = int(x.shape[1])
         self.batch_size = int(batch_size)
-        self.train_rows = np.sort(np.asarray(train_rows, np.int64))
-        self.eval_rows = np.sort(np.asarray(eval_rows, np.int64))
+        order = np.argsort(split.eval_rows, kind="stable")
+        self.split = dataclasses.replace(split, train_rows=np.sort(np.asarray(split.train_rows, np.int64)),
+                                         eval_rows=np.asarray(split.eval_rows, np.int64)[order],
+                                         eval_groups=np.asarray(split.eval_groups)[order])
+        self.train_rows, self.eval_rows = self.split.train_rows, self.split.eval_rows
         self.seed = int(seed)
         self.name = name
         if self.train_rows.size == 0:
@@ -259,6 +307,11 @@ class IndexedRowSource:
         for start in range(0, self.eval_rows.size, chunk):
             yield np.asarray(self.x[self.eval_rows[start : start + chunk]], np.float32)
 
+    def iter_eval_groups(self, chunk: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        """(held-out rows, their episode or block ids), in the order of :meth:`iter_eval`."""
+        for start, x in zip(range(0, self.eval_rows.size, chunk), self.iter_eval(chunk)):
+            yield x, self.split.eval_groups[start : start + chunk]
+
     def sample_train(self, n: int, seed: int) -> np.ndarray:
         rng = np.random.default_rng([seed, 2])
         rows = self.train_rows[np.sort(rng.choice(self.n_train, size=min(n, self.n_train), replace=False))]
@@ -268,14 +321,15 @@ class IndexedRowSource:
         h = hashlib.sha256()
         h.update(self.train_rows.tobytes())
         h.update(self.eval_rows.tobytes())
-        return {"name": self.name, "shape": list(self.x.shape), "rows_sha256": h.hexdigest()[:16]}
+        return {"name": self.name, "shape": list(self.x.shape), "split": self.split.kind,
+                "rows_sha256": h.hexdigest()[:16]}
 
 
 def holdout_split(n_rows: int, frac: float, block: int, seed: int, groups: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
     """(train_rows, eval_rows) holding out a seeded fraction of groups (episodes) or of contiguous row blocks."""
     if not 0.0 < frac < 1.0:
         raise ValueError(f"holdout_frac must be in (0, 1), got {frac}")
-    group = np.asarray(groups, np.int64) if groups is not None else np.arange(n_rows, dtype=np.int64) // max(1, block)
+    group = _row_groups(n_rows, block, groups)
     uniq = np.unique(group)
     n_eval = max(1, int(round(frac * uniq.size)))
     if uniq.size < 2:
@@ -286,6 +340,33 @@ def holdout_split(n_rows: int, frac: float, block: int, seed: int, groups: np.nd
     return np.flatnonzero(~is_eval), np.flatnonzero(is_eval)
 
 
+def _row_groups(n_rows: int, block: int, groups: np.ndarray | None) -> np.ndarray:
+    return np.asarray(groups, np.int64) if groups is not None else np.arange(n_rows, dtype=np.int64) // max(1, block)
+
+
+def make_split(cfg: TrainConfig, n_rows: int, keys: Mapping[str, np.ndarray] | None, source: str) -> HoldoutSplit:
+    """The held-out split ``cfg.split`` asks for over ``n_rows`` rows (``keys`` already restricted to them)."""
+    if cfg.split == "episodes":
+        if keys is None or any(c not in keys for c in EPISODE_COLUMNS):
+            have = "no --keys" if keys is None else f"keys with columns {sorted(keys)}"
+            raise ValueError(f"{source}: holding out whole episodes needs the key columns {list(EPISODE_COLUMNS)} "
+                             f"(pass --keys KEYS.npz, which export_activations.py writes next to X.npy); found "
+                             f"{have}. Pass --split rows to hold out row blocks instead (optimistic: rows of a "
+                             "held-out episode are also in training)")
+        groups, episodes = episode_keys_of_rows(keys)
+        tr, ev = holdout_split(n_rows, cfg.holdout_frac, cfg.holdout_block, cfg.seed, groups)
+        held = np.unique(groups[ev])
+        return HoldoutSplit("episodes", tr, ev, groups[ev], len(episodes) - held.size, int(held.size),
+                            tuple(episodes[i].stem for i in held))
+    if cfg.split != "rows":
+        raise ValueError(f"split must be 'episodes' or 'rows', got {cfg.split!r}")
+    tr, ev = holdout_split(n_rows, cfg.holdout_frac, cfg.holdout_block, cfg.seed)
+    blocks = _row_groups(n_rows, cfg.holdout_block, None)
+    n_eval = int(np.unique(blocks[ev]).size)
+    return HoldoutSplit("rows", tr, ev, blocks[ev], int(np.unique(blocks).size) - n_eval, n_eval,
+                        block=cfg.holdout_block)
+
+
 def npy_source(
     path: str | pathlib.Path,
     cfg: TrainConfig,
@@ -294,23 +375,22 @@ def npy_source(
 ) -> IndexedRowSource:
     """Batch source over a `.npy` activation matrix (memory-mapped), optionally filtered by key columns.
 
-    With keys, held-out rows are whole episodes; without, contiguous blocks of `holdout_block` rows.
+    Held-out rows are whole episodes (``cfg.split="episodes"``, needs keys) or contiguous row blocks (``"rows"``).
     """
     from openpi.interp.sae import data as sae_data
 
     x = sae_data.open_activations(path)
     rows = np.arange(x.shape[0])
-    groups = None
     if keys is not None:
         keys = sae_data.check_keys(keys, x.shape[0], source=f"keys of {path}")
         if select:
             rows = sae_data.select_rows(keys, select, x.shape[0])
-        if all(c in keys for c in sae_data.EPISODE_COLUMNS):
-            groups = sae_data.episode_ids(sae_data.subset_keys(keys, rows))[0]
+        keys = {c: np.asarray(v)[rows] for c, v in keys.items()}
     elif select:
         raise ValueError("--select needs --keys (the key columns to select on)")
-    tr, ev = holdout_split(rows.size, cfg.holdout_frac, cfg.holdout_block, cfg.seed, groups)
-    return IndexedRowSource(x, rows[tr], rows[ev], cfg.batch_size, cfg.seed, name=str(path))
+    split = make_split(cfg, rows.size, keys, str(path))
+    split = dataclasses.replace(split, train_rows=rows[split.train_rows], eval_rows=rows[split.eval_rows])
+    return IndexedRowSource(x, split, cfg.batch_size, cfg.seed, name=str(path))
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -444,39 +524,6 @@ def make_eval_fn(r: Resolved, arch: str, width: int | None = None) -> Callable:
 
 
 # ----------------------------------------------------------------------------------------------------
-# Checkpoints
-# ----------------------------------------------------------------------------------------------------
-def _fingerprint(cfg: TrainConfig, source: BatchSource) -> str:
-    blob = json.dumps({"cfg": dataclasses.asdict(cfg), "source": source.fingerprint()}, sort_keys=True)
-    return hashlib.sha256(blob.encode()).hexdigest()[:20]
-
-
-def save_checkpoint(ckpt_dir: pathlib.Path, state: dict, extra: dict) -> None:
-    """Write the state pytree and JSON extras as one npz, atomically (tmp file + rename): a kill at any
-    moment leaves either the previous or the new checkpoint, never a mix."""
-    ckpt_dir.mkdir(parents=True, exist_ok=True)
-    leaves = jax.tree_util.tree_leaves(state)
-    arrays = {f"leaf_{i:04d}": np.asarray(v) for i, v in enumerate(leaves)}
-    arrays["extra_json"] = np.frombuffer(json.dumps(extra).encode(), np.uint8)
-    save_npz_atomic(ckpt_dir / "state.npz", arrays, compress=False)
-
-
-def load_checkpoint(ckpt_dir: pathlib.Path, template: dict) -> tuple[dict, dict] | None:
-    """(state, extras) from `ckpt_dir`, or None when there is no checkpoint."""
-    path = ckpt_dir / "state.npz"
-    if not path.is_file():
-        return None
-    with np.load(path) as z:
-        extra = json.loads(z["extra_json"].tobytes().decode())
-        leaves = [z[f"leaf_{i:04d}"] for i in range(len(z.files) - 1)]
-    treedef = jax.tree_util.tree_structure(template)
-    tmpl_leaves = jax.tree_util.tree_leaves(template)
-    if len(leaves) != len(tmpl_leaves) or any(a.shape != b.shape for a, b in zip(leaves, tmpl_leaves)):
-        raise ValueError(f"{path}: checkpoint does not match the model being trained (different shapes)")
-    return jax.tree_util.tree_unflatten(treedef, [jnp.asarray(v) for v in leaves]), extra
-
-
-# ----------------------------------------------------------------------------------------------------
 # Driver
 # ----------------------------------------------------------------------------------------------------
 @dataclasses.dataclass
@@ -484,6 +531,21 @@ class TrainResult:
     sae: sae_model.SparseAutoencoder
     metrics: dict
     completed: bool
+
+
+OUTPUT_NAMES = (sae_io.CFG_NAME, sae_io.WEIGHTS_NAME, "metrics.json", "curves.json", "training_curves.png")
+
+
+def open_run(cfg: TrainConfig, source: BatchSource, out: pathlib.Path, overwrite: bool) -> RunDir:
+    """The SAE's run directory (settings = the config and the exact rows), refusing other settings by name."""
+    if not (out / "run.json").is_file() and (out / "metrics.json").is_file() and not overwrite:
+        raise RunSettingsError(f"{out} holds an SAE written by an older version (metrics.json, no run.json); "
+                               "choose another --out or pass --overwrite")
+    run = RunDir(out, RUN_JOB, {"train": cfg, "source": source.fingerprint()}, overwrite=overwrite)
+    if overwrite:
+        for name in OUTPUT_NAMES:
+            (out / name).unlink(missing_ok=True)
+    return run
 
 
 def train(
@@ -500,42 +562,28 @@ def train(
     Returns None when stopped early by `stop_after_steps` (a checkpoint holds the state).
     """
     out = pathlib.Path(out_dir)
-    fp = _fingerprint(cfg, source)
-    done = out / "metrics.json"
-    if done.is_file() and not overwrite:
-        prev = read_json(done, "finished SAE metrics")
-        if prev.get("fingerprint") != fp:
-            raise FileExistsError(
-                f"{out} already holds a finished SAE trained with a different configuration or data "
-                f"(fingerprint {prev.get('fingerprint')} != {fp}); choose another --out or pass --overwrite"
-            )
-        logger.info("%s: already finished, loading it", out)
-        return TrainResult(sae_io.load_sae(out), prev, completed=True)
     r = resolve(cfg, source.d, source.n_train)  # raises on impossible settings before anything is written
-    ckpt_dir = out / CHECKPOINT_DIR
-    if overwrite and out.exists():
-        for name in (sae_io.CFG_NAME, sae_io.WEIGHTS_NAME, "metrics.json"):
-            (out / name).unlink(missing_ok=True)
-        shutil.rmtree(ckpt_dir, ignore_errors=True)
-    out.mkdir(parents=True, exist_ok=True)
+    run = open_run(cfg, source, out, overwrite)
+    done = out / "metrics.json"
+    if run.resumed and done.is_file():
+        logger.info("%s: already finished, loading it", out)
+        return TrainResult(sae_io.load_sae(out), read_json(done, "finished SAE metrics"), completed=True)
 
     step_fn = make_train_step(r, cfg.arch, cfg)
     eval_fn = make_eval_fn(r, cfg.arch, cfg.batchtopk_width)
 
     # The scale and b_dec are recomputed deterministically; a checkpoint's copies are checked against them.
-    scale, b_dec = init_stats(source.sample_train(cfg.init_sample_rows, cfg.seed), cfg.b_dec_init)
+    sample = source.sample_train(cfg.init_sample_rows, cfg.seed)
+    scale, b_dec = init_stats(sample, cfg.b_dec_init)
     state = init_state(r, cfg.arch, scale, b_dec, cfg.seed)
     curves: dict[str, list] = {"step": [], "mse": [], "auxk": [], "dead_fraction": [], "l0": [], "threshold": [], "lr": [], "eval_step": [], "eval_fvu": []}
-    loaded = load_checkpoint(ckpt_dir, state)
-    if loaded is not None:
-        ck_state, extra = loaded
-        if extra.get("fingerprint") != fp:
-            raise FileExistsError(
-                f"{ckpt_dir} holds a checkpoint of a different configuration or data (fingerprint "
-                f"{extra.get('fingerprint')} != {fp}); choose another --out or pass --overwrite"
-            )
-        state, curves = ck_state, extra["curves"]
-        scale = float(extra["input_scale"])
+    ckpts = run.checkpoints
+    ckpts.keep_last = 1
+    if ckpts.latest() is not None:
+        ck_state, meta = ckpts.restore(state)
+        state = jax.tree.map(jnp.asarray, ck_state)
+        curves = meta["curves"]
+        scale = float(meta["input_scale"])
         logger.info("resuming %s from step %d / %d", out, int(state["step"]), r.steps)
 
     eval_cache = _eval_subset(source, cfg.eval_curve_rows) * scale
@@ -544,7 +592,8 @@ def train(
     stop = r.steps if stop_after_steps is None else min(r.steps, stop_after_steps)
 
     def checkpoint():
-        save_checkpoint(ckpt_dir, state, {"fingerprint": fp, "step": int(state["step"]), "input_scale": scale, "curves": curves, "resolved": dataclasses.asdict(r)})
+        if int(state["step"]) not in ckpts.steps():
+            ckpts.save(int(state["step"]), state, {"input_scale": scale, "curves": curves, "resolved": dataclasses.asdict(r)})
 
     batches = source.iter_train(start)
     bar = tqdm.tqdm(range(start, stop), desc=f"SAE {cfg.arch} k={r.k} n={r.d_sae}", disable=not progress, initial=start, total=r.steps, mininterval=2.0)
@@ -571,9 +620,9 @@ def train(
     threshold = float(state["threshold"]) if cfg.arch == "batchtopk" else None
     spec = sae_model.SAESpec(d_in=r.d_in, d_sae=r.d_sae, arch=cfg.arch, k=r.k, input_scale=scale)
     sae = sae_model.SparseAutoencoder(spec, sae_model.params_from_train(state["params"]), None if threshold is None else np.full(r.d_sae, threshold, np.float32))
-    held = sae_metrics.evaluate_sae(sae, source.iter_eval(4096), cfg.dense_threshold)
+    held, baselines = held_out_metrics(sae, source, sample, cfg)
     metrics = {
-        "fingerprint": fp,
+        "fingerprint": run.fingerprint,
         "arch": cfg.arch,
         "d_in": r.d_in,
         "d_sae": r.d_sae,
@@ -585,21 +634,51 @@ def train(
         "lr": r.lr,
         "input_scale": scale,
         "threshold": threshold,
+        "split": held["split"],
         "held_out": held,
+        "baselines": baselines,
         "final_train_dead_fraction": curves["dead_fraction"][-1] if curves["dead_fraction"] else None,
         "config": dataclasses.asdict(cfg),
         "resolved": dataclasses.asdict(r),
         "source": source.fingerprint(),
     }
-    extras = {"training": {k: v for k, v in metrics.items() if k not in ("held_out",)}}
+    extras = {"training": {k: v for k, v in metrics.items() if k not in ("held_out", "baselines")}}
     if extra_metadata:
         extras.update(extra_metadata)
     sae_io.save_sae(out, sae, extras)
-    _plot_curves(out, curves, cfg.arch)
+    _plot_curves(out, curves, cfg.arch, held["split"]["kind"])
     write_json_atomic(out / "curves.json", curves, indent=None)
     write_json_atomic(done, metrics, indent=2)
-    shutil.rmtree(ckpt_dir, ignore_errors=True)
+    shutil.rmtree(ckpts.root, ignore_errors=True)
     return TrainResult(sae, metrics, completed=True)
+
+
+def held_out_metrics(sae: sae_model.SparseAutoencoder, source: IndexedRowSource, sample: np.ndarray,
+                     cfg: TrainConfig) -> tuple[dict, dict]:
+    """(held-out metrics with their split and FVU interval, baselines on the same rows with the same resamples).
+
+    Baselines: the training mean (FVU about 1: the floor any reconstruction must beat) and PCA of training rows
+    with as many components as the SAE's held-out L0 (a dense code with as many active directions)."""
+    held = sae_metrics.evaluate_sae(sae, source.iter_eval(4096), cfg.dense_threshold)
+    mean_model = sae_metrics.PCABaseline(sample, 0)
+    pca = sae_metrics.PCABaseline(sample, int(round(held["l0"])))
+    grouped = sae_metrics.GroupedFVU(sae.spec.d_in, ("sae", "pca_same_l0", "train_mean"))
+    for x, groups in source.iter_eval_groups(4096):
+        grouped.add(groups, x, {"sae": sae.decode(sae.encode(x)), "pca_same_l0": pca(x), "train_mean": mean_model(x)})
+    boot = grouped.summary(cfg.n_boot, cfg.seed, pairs=[("pca_same_l0", "sae"), ("train_mean", "sae")])
+    split = source.split.to_json()
+    held |= {"split": split, "fvu_ci_low": boot["sae"]["ci_low"], "fvu_ci_high": boot["sae"]["ci_high"],
+             "interval": f"{boot['interval']} ({boot['n_groups']} {split['unit']}s, {cfg.n_boot} resamples)"}
+    baselines = {
+        "split": split["kind"],
+        "train_mean": {**boot["train_mean"], "what": "every held-out row predicted by the training mean"},
+        "pca_same_l0": {**boot["pca_same_l0"], "n_components": pca.n_components,
+                        "what": f"training mean + top {pca.n_components} principal directions of "
+                                f"{len(sample)} training rows (as many active directions as the SAE's L0)"},
+        "pca_minus_sae": boot["pca_same_l0-sae"],
+        "mean_minus_sae": boot["train_mean-sae"],
+    }
+    return held, baselines
 
 
 def _eval_subset(source: BatchSource, n: int) -> np.ndarray:
@@ -612,17 +691,18 @@ def _eval_subset(source: BatchSource, n: int) -> np.ndarray:
     return np.concatenate(parts).astype(np.float32)
 
 
-def _plot_curves(out: pathlib.Path, curves: dict, arch: str) -> None:
-    """training_curves.png: loss terms, held-out FVU, dead fraction and (BatchTopK) threshold vs step."""
-    import matplotlib
+def _plot_curves(out: pathlib.Path, curves: dict, arch: str, split_kind: str) -> None:
+    """training_curves.png: loss terms, held-out FVU, dead fraction and (BatchTopK) threshold vs step.
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    Drawn on a bare ``Figure`` (no pyplot), so the caller's matplotlib backend is never changed."""
+    from matplotlib.figure import Figure
 
+    curves = {k: [np.nan if v is None else v for v in vals] for k, vals in curves.items()}
     panels = [("mse", "train MSE / d (scaled units)", True), ("auxk", "AuxK loss (normalised)", False), ("dead_fraction", "dead fraction (training window)", False)]
     if arch == "batchtopk":
         panels.append(("threshold", "BatchTopK threshold (EMA)", False))
-    fig, axes = plt.subplots(1, len(panels) + 1, figsize=(4.2 * (len(panels) + 1), 3.4))
+    fig = Figure(figsize=(4.2 * (len(panels) + 1), 3.4))
+    axes = fig.subplots(1, len(panels) + 1)
     for ax, (name, title, logy) in zip(axes, panels):
         ax.plot(curves["step"], curves[name])
         ax.set_title(title, fontsize=9)
@@ -631,10 +711,11 @@ def _plot_curves(out: pathlib.Path, curves: dict, arch: str) -> None:
             ax.set_yscale("log")
     ax = axes[-1]
     ax.plot(curves["eval_step"], curves["eval_fvu"], marker=".")
-    ax.set_title("held-out FVU (per-dim mean of eval rows)", fontsize=9)
+    unit = "whole episodes" if split_kind == "episodes" else "row blocks (optimistic)"
+    ax.set_title(f"held-out FVU ({unit})", fontsize=9)
     ax.set_xlabel("step")
     if min(curves["eval_fvu"], default=0) > 0:
         ax.set_yscale("log")
     fig.tight_layout()
-    fig.savefig(out / "training_curves.png", dpi=110)
-    plt.close(fig)
+    with atomic_path(out / "training_curves.png") as tmp:
+        fig.savefig(tmp, dpi=110, format="png")
