@@ -175,7 +175,7 @@ class EpisodeRecord:
         return rec
 
     def write(self, path: str | pathlib.Path) -> None:
-        write_json_atomic(path, self.to_json())
+        write_json_atomic(path, self.to_json(), indent=None)  # compact: records hold T x 7 and T x 8 arrays
 
     def to_json(self) -> dict[str, Any]:
         out = dict(self.raw)
