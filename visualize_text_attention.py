@@ -57,13 +57,17 @@ def main(args: Args) -> None:
     instr = [i for i, k in enumerate(kinds) if k == "instruction"]
     top = sorted(instr, key=lambda i: -weights[i])[: args.top]
     layers = args.labels(att)["layers"]
+    env_steps = args.time_env_steps(att)
+    when = "" if env_steps is None else f"env steps {A.ranges_label(env_steps)}; "
     plots.plot_text_attention(weights, tokens, args.out / "text_attention.png", kinds=kinds,
-                              title="attention of the selected queries over the prompt")
-    plots.plot_layer_token_heatmap(weights_l, tokens, args.out / "text_layer_token.png", layer_labels=layers)
+                              title=f"attention over the prompt; {when}{args.describe(att)}")
+    plots.plot_layer_token_heatmap(weights_l, tokens, args.out / "text_layer_token.png", layer_labels=layers,
+                                   title=f"attention per layer over the prompt; {when}denoising steps "
+                                         f"{A.ranges_label(args.labels(att)['steps'])} (mean)")
     warnings = A.sanity_warnings(A.modality_masses(att.data, table), table)
     A.write_json(args.out / "text_attention.json", {
         "inputs": {"attention": str(args.attention), "spans": str(args.spans), "tokens": str(args.tokens)},
-        "selection": args.selection(),
+        "selection": args.selection(), "env_steps": env_steps,
         "tokens": tokens, "kinds": kinds, "key_index": key_idx, "weights": weights,
         "weights_within_text": within,
         "per_layer": [{"layer": lab, "weights": weights_l[i]} for i, lab in enumerate(layers)],
