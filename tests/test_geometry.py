@@ -3,15 +3,12 @@
 from __future__ import annotations
 
 import json
-import os
-import sys
 
 import numpy as np
 import pytest
 
 from openpi.interp import geometry as G
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def line(n=12, d=16, seed=0, step=0.7):
@@ -112,11 +109,8 @@ def test_four_d_input_runs_along_both_axes():
 
 
 def test_cli_writes_json_and_plots_and_rejects_bad_success(tmp_path):
-    sys.path.insert(0, ROOT)
-    try:
-        import geometry as script
-    finally:
-        sys.path.remove(ROOT)
+    from openpi.interp import geometry_cli as script
+
     T = np.stack([np.stack([line(n=6, d=5, seed=s), zigzag(n=6, d=5, seed=s)]) for s in range(6)]).astype(np.float32)  # (6, 2, 6, 5)
     np.save(tmp_path / "T.npy", T)
     np.save(tmp_path / "S.npy", np.array([1, 0, 1, 0, 1, 0]))

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import sys
 
 import numpy as np
 import pytest
@@ -13,7 +12,6 @@ import pytest
 from openpi.interp import probes as P
 from openpi.shared.rundir import RunSettingsError
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def planted_regression(n=6000, d=20, n_groups=100, seed=0, offset=0.0):
@@ -234,11 +232,8 @@ def test_bad_inputs_give_named_errors():
 
 
 def _run_cli(tmp_path, **kw):
-    sys.path.insert(0, ROOT)
-    try:
-        import linear_probe
-    finally:
-        sys.path.remove(ROOT)
+    from openpi.interp import probe_cli as linear_probe
+
     args = linear_probe.Args(progress=False, **kw)
     return linear_probe, linear_probe.main(args)
 

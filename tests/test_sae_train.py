@@ -15,9 +15,9 @@ from openpi.interp.sae import synthetic
 from openpi.interp.sae import train as sae_train
 from openpi.shared.rundir import CheckpointDir, RunSettingsError
 
+from openpi.interp.sae import train_cli as train_save
+
 REPO = pathlib.Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-import train_save  # noqa: E402
 
 
 def _args(x_path, out, **kw):

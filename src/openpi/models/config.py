@@ -1,7 +1,7 @@
 """Model configurations: SigLIP and Gemma variants, and the Pi0 / Pi0.5 config that ties them together.
 
-Variant tables are the facts that define compatibility with openpi's released checkpoints
-(see docs/openpi-compat.md in the shared reference material).
+Variant tables are the facts that define compatibility with openpi's released checkpoints (tested: every
+parameter path and shape of the full-size configs equals openpi's manifests).
 """
 from __future__ import annotations
 
