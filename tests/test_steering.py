@@ -82,3 +82,12 @@ def test_steer_script_compares_on_the_same_initial_states(tmp_path):
     assert ep["common_steps"] == 6 and len(ep["first_chunk_mean_abs_delta"]) == 7
     assert max(ep["first_chunk_mean_abs_delta"]) > 1e-4  # same first observation and noise: only the edit differs
     assert report["delta_success_rate"] == saved["steered"]["success_rate"] - saved["baseline"]["success_rate"]
+
+
+def test_a_site_that_matches_nothing_is_refused_before_any_rollout(tmp_path):
+    """Review item 10: --site llm.layer.99.resid_post ran every episode and reported deltas of 0.0."""
+    sae_dir, _ = _planted_sae(tmp_path)
+    with pytest.raises(ValueError, match=r"matches no hook point.*nearest valid names"):
+        run_steering(SteerArgs(sae=str(sae_dir), site="llm.layer.99.resid_post", feature=3, mode="ablate",
+                               out=tmp_path / "steer", trials=1, max_steps=6))
+    assert not (tmp_path / "steer").exists()  # nothing ran, nothing written

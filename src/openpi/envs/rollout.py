@@ -69,8 +69,9 @@ import tqdm
 
 from openpi.envs import libero_env
 from openpi.envs import perturbations as pert
-from openpi.shared.io import jsonable, read_json, save_npz_atomic, write_json_atomic
-from openpi.shared.records import (ACTION_DIM, EPISODE_SCHEMA, RUN_SCHEMA, STATE_DIM, SUMMARY_SCHEMA, EpisodeKey,
+from openpi.shared.io import jsonable, save_npz_atomic, write_json_atomic
+from openpi.shared.rundir import RunDir, run_option
+from openpi.shared.records import (ACTION_DIM, EPISODE_SCHEMA, STATE_DIM, SUMMARY_SCHEMA, EpisodeKey,
                                    EpisodeRecord, RecordError, RolloutDir, validate_run_id)
 
 logger = logging.getLogger(__name__)
@@ -163,23 +164,26 @@ def unique_path(directory: pathlib.Path, base: str, suffix: str) -> pathlib.Path
 
 @dataclasses.dataclass
 class RolloutConfig:
+    """Settings of a run id; every field is fingerprinted (``openpi.shared.rundir``) except the run options, which
+    say where and how outputs are written, not what the episodes are."""
+
     run_id: str
-    out_dir: pathlib.Path
-    video_dir: pathlib.Path
+    out_dir: pathlib.Path = run_option()
+    video_dir: pathlib.Path = run_option()
     seed: int = 7
     resize_size: int = 224
     replan_steps: int = 5
     settle_steps: int = 10
     max_steps: int | None = None  # None: the suite's default
-    save_frames: bool = False
-    save_video: bool = True
-    video_fps: int = 10
+    save_frames: bool = run_option(False)
+    save_video: bool = run_option(True)
+    video_fps: int = run_option(10)
     # False: render the cameras only on steps that query the policy (~5x faster on CPU); the video then holds
     # one frame per query, and frames cannot be saved. Images show the end of the step instead of one physics
     # substep before it (LiberoTaskEnv.render_cameras): a mean difference of 0.05-0.3 grey levels per pixel.
     render_every_step: bool = True
-    retry_errors: bool = True
-    max_consecutive_errors: int = 3
+    retry_errors: bool = run_option(True)
+    max_consecutive_errors: int = run_option(3)
     perturb: pert.PerturbationConfig = dataclasses.field(default_factory=pert.PerturbationConfig)
 
     def __post_init__(self) -> None:
@@ -199,18 +203,6 @@ class RolloutConfig:
 
     def steps_for(self, suite: str) -> int:
         return self.max_steps if self.max_steps is not None else libero_env.max_steps_for_suite(suite)
-
-    def settings(self) -> dict[str, Any]:
-        """What must stay the same for episodes of one run id to be comparable (checked on resume)."""
-        return {
-            "seed": self.seed,
-            "resize_size": self.resize_size,
-            "replan_steps": self.replan_steps,
-            "settle_steps": self.settle_steps,
-            "max_steps": self.max_steps,
-            "render_every_step": self.render_every_step,
-            "perturb": self.perturb.to_json(),
-        }
 
     @property
     def rollouts(self) -> RolloutDir:
@@ -244,39 +236,17 @@ def _write_video(path: pathlib.Path, frames: Sequence[np.ndarray], fps: int) -> 
             tmp.unlink()
 
 
-def to_jsonable(obj: Any) -> Any:
-    """Numpy arrays/scalars -> lists/numbers, paths -> str, anything else unknown -> its repr; NaN stays NaN
-    (run settings are compared with what ``json.loads`` reads back, which keeps NaN)."""
-    return jsonable(obj, nonfinite="keep", default=repr)
-
-
-# --------------------------------------------------------------------------------------------------
-# Run config (resume guard)
-# --------------------------------------------------------------------------------------------------
+def _now() -> str:
+    return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
 
 
 def check_or_write_run_config(cfg: RolloutConfig, extra: dict[str, Any] | None = None) -> dict[str, Any]:
-    """Write ``<out>/runs/<run_id>.json`` or, when it exists, refuse settings that differ from the stored ones."""
-    path = cfg.rollouts.run_json(cfg.run_id)
-    settings = to_jsonable(cfg.settings())
-    if path.exists():
-        stored = read_json(path, "run config", hint="fix or remove it")
-        old = stored.get("settings", {})
-        diffs = [f"{k}: stored {old.get(k)!r} vs now {settings.get(k)!r}" for k in settings if old.get(k) != settings.get(k)]
-        if diffs:
-            raise ValueError(
-                f"run id {cfg.run_id!r} already exists in {path} with different settings ({'; '.join(diffs)}); "
-                "use another --run-id"
-            )
-        return stored
-    record = {"schema": RUN_SCHEMA, "run_id": cfg.run_id, "settings": settings, **to_jsonable(extra or {})}
-    record["created_at"] = _now()
-    write_json_atomic(path, record, indent=1)
-    return record
-
-
-def _now() -> str:
-    return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+    """Write ``<out>/runs/<run_id>.json`` or, when it exists, refuse settings that differ from the stored ones
+    (one run directory mechanism: ``openpi.shared.rundir``; ``extra`` such as the server metadata is stored too)."""
+    run = RunDir(cfg.out_dir, "libero-eval", cfg, extra={"run_id": cfg.run_id, **(extra or {})},
+                 run_json=str(cfg.rollouts.run_json(cfg.run_id).relative_to(cfg.out_dir)),
+                 remedy="use another --run-id")
+    return run.record
 
 
 # --------------------------------------------------------------------------------------------------

@@ -25,7 +25,6 @@ import numpy as np
 from openpi.shared.io import read_json, write_json_atomic
 
 EPISODE_SCHEMA = "vla-interp/libero-episode/1"
-RUN_SCHEMA = "vla-interp/libero-run/1"
 SUMMARY_SCHEMA = "vla-interp/libero-summary/1"
 
 EPISODE_COLUMNS: tuple[str, ...] = ("run_id", "suite", "task_id", "episode")

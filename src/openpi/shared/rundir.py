@@ -8,7 +8,7 @@ or complete. Writing that once means it behaves the same everywhere.
 
 Layout::
 
-    <root>/run.json                  {schema, job, fingerprint, settings, created_at, extra}
+    <root>/run.json                  {schema, job, fingerprint, settings, created_at, **extra}
     <root>/checkpoints/<step:08d>/   one complete checkpoint each (``state.npz`` + ``meta.json`` + extras)
 
 Fingerprint: a hash of *every* setting. Fields that change how a job runs but not what it computes (shard index,
@@ -93,11 +93,15 @@ class RunDir:
 
     ``RunDir(root, "sae-train", cfg)`` writes ``run.json`` or, when one exists, refuses a different job or
     different settings (``overwrite=True`` starts over: checkpoints are removed, outputs are replaced as they are
-    rewritten). ``run_json`` names the settings file for jobs that keep several runs in one folder.
+    rewritten). ``run_json`` names the settings file for jobs that keep several runs in one folder; ``remedy`` is
+    what a refusal tells the user to do; ``extra`` (descriptive, not compared) is stored at the top level.
     """
 
+    RESERVED = ("schema", "job", "fingerprint", "settings", "created_at")
+
     def __init__(self, root: str | os.PathLike, job: str, settings: Any, *, overwrite: bool = False,
-                 extra: Mapping[str, Any] | None = None, run_json: str = "run.json") -> None:
+                 extra: Mapping[str, Any] | None = None, run_json: str = "run.json",
+                 remedy: str = "choose another output folder or pass --overwrite") -> None:
         self.root = pathlib.Path(root)
         self.job = job
         self.settings = settings_of(settings)
@@ -111,15 +115,18 @@ class RunDir:
                                        "choose another output folder")
             if stored.get("fingerprint") != self.fingerprint:
                 diffs = differences(stored.get("settings"), self.settings) or ["(settings equal, format changed)"]
-                raise RunSettingsError(f"{self.root} holds a {job} run with other settings ({'; '.join(diffs)}); "
-                                       "choose another output folder or pass --overwrite")
+                raise RunSettingsError(f"{self.run_path} holds a {job} run with different settings "
+                                       f"({'; '.join(diffs)}); {remedy}")
             self.resumed = True
             self.record = stored
         else:
             if overwrite:
                 shutil.rmtree(self.root / "checkpoints", ignore_errors=True)
+            clash = sorted(set(extra or {}) & set(self.RESERVED))
+            if clash:
+                raise ValueError(f"run extras may not use the reserved keys {clash}")
             self.record = {"schema": RUN_SCHEMA, "job": job, "fingerprint": self.fingerprint,
-                           "settings": self.settings, "created_at": _now(), "extra": dict(extra or {})}
+                           "settings": self.settings, "created_at": _now(), **dict(extra or {})}
             write_json_atomic(self.run_path, self.record)
 
     def path(self, *parts: str) -> pathlib.Path:
