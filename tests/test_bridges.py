@@ -133,6 +133,6 @@ def test_attention_export_feeds_iou_and_visualisers(recorded):
     assert iou["counts"]["n_used"] == n_queries and iou["inputs"]["grid"] == [8, 8]
     first = "bridge__libero_spatial__task0__ep0"
     summary = json.loads((recorded / f"export_attn_visualize_{first}" / "attention_summary.json").read_text())
-    assert summary["frame_indices"] == [0, 1, 2]
+    assert summary["env_steps"] == [0, 4, 8]  # frames joined to the attention by env step, not position
     assert (recorded / f"export_attn_text_{first}" / "text_attention.json").is_file()
     assert list((recorded / f"export_attn_combined_{first}" / "combined").glob("*.png"))

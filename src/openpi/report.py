@@ -411,7 +411,7 @@ def _grid_of(summary: dict, episode: dict) -> tuple[int, int] | None:
 
 def _attention_verdict(by_camera: dict) -> Verdict:
     """Finding when, for some run and camera, the 95% interval of the soft-mass lift over uniform excludes 0."""
-    parts, found, undetermined = [], False, True
+    parts, found, undetermined, where = [], False, True, []
     for run, cams in sorted(by_camera.items()):
         for cam, c in sorted((cams or {}).items()):
             if not c.get("n_episodes"):
@@ -420,6 +420,8 @@ def _attention_verdict(by_camera: dict) -> Verdict:
             side = excludes(lift.get("ci_low"), lift.get("ci_high"), 0.0)
             undetermined &= side is None
             found |= side == "above"
+            if side == "above":
+                where.append(f"{run}/{cam}")
             word = {"above": "more than", "below": "less than", "includes": "no different from",
                     None: "(no interval) vs"}[side]
             parts.append(f"{run}/{cam}: soft mass {_num((c.get('soft_mass') or {}).get('mean'))} on the objects, "
@@ -430,8 +432,8 @@ def _attention_verdict(by_camera: dict) -> Verdict:
                                        "objects could not be measured.")
     if found:
         return Verdict("finding", "the action tokens put more attention on the task objects than uniform "
-                                  "attention would (the 95% interval of the lift excludes 0) in " +
-                       "; ".join(parts) + ".")
+                                  f"attention would in {', '.join(where)} (the 95% interval of the lift lies above "
+                                  "0); per camera: " + "; ".join(parts) + ".")
     if undetermined:
         return Verdict("undetermined", "too few episodes for an interval: " + "; ".join(parts) + ".")
     return Verdict("no finding", "attention on the task objects is not distinguishable from uniform attention "
@@ -961,8 +963,12 @@ def _summary(ctx: _Ctx, sections: list[Section]) -> list[str]:
         nums = (f"test R^2 {_num(t.get('r2_mean'))} [{_num(t.get('r2_mean_ci_low'))}, "
                 f"{_num(t.get('r2_mean_ci_high'))}] vs shuffled {_num((b.get('shuffled') or {}).get('r2_mean'))}, "
                 f"random features {_num((b.get('random_features') or {}).get('r2_mean'))}")
-        if _probe_verdict(pr).status == "finding":
+        status = _probe_verdict(pr).status
+        if status == "finding":
             lines.append(f"probes: best layer {pr.get('best_layer')} {nums}")
+        elif status == "undetermined":
+            lines.append(f"probes: undetermined, no interval over held-out episodes (CV-chosen layer "
+                         f"{pr.get('best_layer')}: {nums})")
         else:
             lines.append(f"probes: no layer beats its baselines (CV-chosen layer {pr.get('best_layer')}: {nums})")
     geo = get("geometry/geometry.json") if (ctx.out / "geometry/geometry.json").is_file() else None

@@ -107,6 +107,7 @@ class BridgePlan:
             "visualize_attention.py": ["python", "visualize_attention.py", "--attention",
                                        self._path(*ep, "attention.npy"), "--axes", ATTENTION_AXES, "--spans",
                                        self._path(*ep, "spans.json"), "--frames", self._path(*ep, "frames.npz"),
+                                       "--env-steps", self._path(*ep, "env_steps.npy"),
                                        "--out", self._result(f"visualize_{first}")],
             "visualize_text_attention.py": ["python", "visualize_text_attention.py", "--attention",
                                             self._path(*ep, "attention.npy"), "--axes", ATTENTION_AXES, "--spans",
@@ -115,8 +116,8 @@ class BridgePlan:
             "visualize_combined_attention.py": [
                 "python", "visualize_combined_attention.py", "--attention", self._path(*ep, "attention.npy"),
                 "--axes", ATTENTION_AXES, "--spans", self._path(*ep, "spans.json"), "--frames",
-                self._path(*ep, "frames.npz"), "--tokens", self._path(*ep, "tokens.json"), "--out",
-                self._result(f"combined_{first}")],
+                self._path(*ep, "frames.npz"), "--env-steps", self._path(*ep, "env_steps.npy"), "--tokens",
+                self._path(*ep, "tokens.json"), "--out", self._result(f"combined_{first}")],
         }
         for cam in iou.cameras:
             commands[f"attention_iou.py {cam}"] = [
@@ -158,7 +159,9 @@ def _write_episode(ep_dir: pathlib.Path, key: EpisodeKey, queries: list[PolicyQu
     write_json_atomic(ep_dir / "spans.json", queries[0].table_dict, indent=1)
     frames = {CAMERA_TO_FRAME_KEY[c]: np.stack([q.frames[c] for q in queries]) for c in queries[0].frames}
     frames.update({f"{CAMERA_TO_FRAME_KEY[c]}_seg": np.stack([q.masks[c] for q in queries]) for c in queries[0].masks})
-    np.savez_compressed(ep_dir / "frames.npz", **frames, env_step=np.array([q.env_step for q in queries], np.int32))
+    env_steps = np.array([q.env_step for q in queries], np.int32)
+    np.savez_compressed(ep_dir / "frames.npz", **frames, env_step=env_steps)
+    np.save(ep_dir / "env_steps.npy", env_steps)  # the env step of each attention time entry (--env-steps)
     write_json_atomic(ep_dir / "queries.json", {
         "axes": ATTENTION_AXES, "episode": key.stem, "layers": queries[0].layers, "denoise_steps": queries[0].steps,
         "time": [{"env_step": q.env_step, "replan_index": q.replan_index} for q in queries],
