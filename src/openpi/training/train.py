@@ -52,6 +52,7 @@ from openpi.policies import policy_config as pc
 from openpi.policies.libero_policy import (IMAGE_KEY, PROMPT_KEY, STATE_KEY, WRIST_KEY, LiberoTransforms,
                                            batch_observation)
 from openpi.shared.io import atomic_path, read_json
+from openpi.training import augment as aug
 from openpi.training import demos as demo_io
 
 logger = logging.getLogger(__name__)
@@ -155,6 +156,7 @@ class TrainConfig:
     save_every: int = 500
     keep_last: int | None = 3  # delete older step directories (None: keep all)
     log_every: int = 10
+    augment: bool = False  # image augmentation (openpi.training.augment, default AugmentConfig) in every step
 
     def __post_init__(self) -> None:
         self.demo_dirs = tuple(str(d) for d in self.demo_dirs)
@@ -202,16 +204,21 @@ def _optimizer(settings: tuple) -> tuple[optax.GradientTransformation, optax.Sch
 
 
 @functools.lru_cache(maxsize=8)
-def make_train_step(config: Pi0Config, optimizer: optax.GradientTransformation):
+def make_train_step(config: Pi0Config, optimizer: optax.GradientTransformation,
+                    augment: aug.AugmentConfig | None = None):
     """jit(params, opt_state, obs, targets, rng) -> (params, opt_state, {loss, grad_norm}).
 
-    Cached per (config, optimizer) so a resumed run in the same process reuses the compiled step (~30 s on CPU).
+    Cached per (config, optimizer, augment) so a resumed run in the same process reuses the compiled step (~30 s
+    on CPU).
     """
 
     def loss_fn(params, obs, targets, rng):
         return jnp.mean(pi0.compute_loss(config, params, obs, targets, rng=rng))
 
     def step(params, opt_state, obs, targets, rng):
+        if augment is not None:  # [augment] images only, from the step's rng: resume replays it exactly
+            aug_rng, rng = jax.random.split(rng)
+            obs = aug.augment_observation(obs, aug_rng, augment)
         loss, grads = jax.value_and_grad(loss_fn)(params, obs, targets, rng)
         updates, opt_state = optimizer.update(grads, opt_state, params)
         params = optax.apply_updates(params, updates)
@@ -347,11 +354,15 @@ def plot_loss(metrics: list[dict[str, Any]], path: pathlib.Path) -> None:
 # ------------------------------------------------------------------------------------------------ loop
 
 
+ADDED_SETTINGS = {"augment": False}  # fixed settings added after runs were written, with their old behaviour
+
+
 def _check_or_write_config(out_dir: pathlib.Path, cfg: TrainConfig) -> None:
     path = out_dir / "train_config.json"
     fixed = cfg.fixed()
     if path.exists():
         old = read_json(path, "training run settings").get("fixed", {})
+        old = {**ADDED_SETTINGS, **old}  # runs written before a setting existed used its default
         diffs = [f"{k}: {old.get(k)!r} on disk vs {v!r} now" for k, v in fixed.items() if old.get(k) != v]
         if diffs:
             raise ValueError(f"{out_dir} holds a run with other settings ({'; '.join(diffs)}); use another "
@@ -411,7 +422,7 @@ def train(cfg: TrainConfig, progress: bool = True, stop_at: int | None = None) -
     num_params = count_params(mcfg)
     logger.info("%s: %d parameters, %d demo frames in %d episodes", cfg.policy_config, num_params, len(dataset),
                 len(dataset.episodes))
-    train_step = make_train_step(mcfg, optimizer)
+    train_step = make_train_step(mcfg, optimizer, aug.AugmentConfig() if cfg.augment else None)  # [augment]
 
     def batch_for(step: int):
         picks = np.random.default_rng([cfg.seed, step]).integers(0, len(dataset), cfg.batch_size)
