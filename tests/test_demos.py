@@ -196,34 +196,53 @@ def test_corridor_top_sees_only_boxes_near_the_path():
     assert sg.corridor_top(boxes, np.array([0.0, 0.3]), np.array([0.0, -0.3]), 0.01) == pytest.approx(1.2)
 
 
-def test_controller_solves_a_kinematic_toy_world():
-    """A point gripper that moves by the commanded displacement and carries the object once closed at the grasp
-    point: the phase machine must end with the object released over the target."""
+def _toy_world(misses: int = 0):
+    """A point gripper that moves by part of the commanded displacement and carries the object once closed at the
+    rim; the first ``misses`` closes slip (the object stays where it is)."""
     goal = scripted.PickPlaceGoal("akita_black_bowl_1", "plate_1")
     obj, tgt, eef = np.array([-0.06, 0.2, 0.9]), np.array([0.05, 0.2, 0.9]), np.array([-0.2, 0.0, 1.17])
     ctl = scripted.PickPlaceController(goal)
-    held, closed_at, grasp_offset = False, None, None
-    for _ in range(300):
+    held, closed_at, grasp_offset, was_closed, closes = False, None, None, False, 0
+    for _ in range(400):
         obs = {"robot0_eef_pos": eef.copy(), "robot0_eef_quat": scripted.DOWN_QUAT,
                "akita_black_bowl_1_pos": obj.copy(), "akita_black_bowl_1_quat": np.array([0, 0, 0, 1.0]),
                "plate_1_pos": tgt}
         a = ctl.act(obs)
         assert a.shape == (7,) and np.all(np.abs(a) <= 1.0)
         np.testing.assert_allclose(a[3:6], 0.0, atol=1e-9)  # already pointing down
-        if a[6] > 0 and closed_at is None:  # first close: grasp if the fingers are at the bowl's rim
+        if a[6] > 0 and not was_closed:  # the fingers close: a grasp if they are at the bowl's rim
+            closes += 1
             closed_at, grasp_offset = eef.copy(), obj - eef
-            held = abs(np.linalg.norm(eef[:2] - obj[:2]) - abs(scripted.BOWL.radius)) < 0.015
+            at_rim = abs(np.linalg.norm(eef[:2] - obj[:2]) - scripted.BOWL.radius) < 0.015
+            held = at_rim and closes > misses
         if a[6] < 0:
             held = False
+        was_closed = a[6] > 0
         eef = eef + a[:3] * 0.4 * scripted.POS_LIMIT_M  # the OSC controller covers part of the commanded step
         if held:
             obj = eef + grasp_offset
-        if ctl.phase == "done":
+        if ctl.phase == "done" or ctl.failure:
             break
-    assert ctl.phase == "done" and not ctl.timed_out
-    assert closed_at is not None and abs(closed_at[2] - (0.9 + scripted.BOWL.grasp_dz)) < 0.015
+    return ctl, obj, tgt, closed_at, closes
+
+
+def test_controller_solves_a_kinematic_toy_world():
+    """The phase machine must end with the object released over the target."""
+    ctl, obj, tgt, closed_at, closes = _toy_world()
+    assert ctl.phase == "done" and not ctl.timed_out and closes == 1 and ctl.regrasps == 0
+    assert closed_at is not None and abs(closed_at[2] - (0.9 + scripted.BOWL.grasp_dz)) < 0.005
     assert np.linalg.norm(obj[:2] - tgt[:2]) < 0.015  # object centred over the target ...
     assert 0.0 < obj[2] - tgt[2] < 0.08  # ... and released just above it
+
+
+def test_controller_grasps_again_after_a_slip_once():
+    """A grasp that does not lift the object sends the controller back to the approach; a second slip ends it."""
+    ctl, obj, tgt, _, closes = _toy_world(misses=1)
+    assert ctl.phase == "done" and ctl.failure is None and closes == 2 and ctl.regrasps == 1
+    assert np.linalg.norm(obj[:2] - tgt[:2]) < 0.015
+    ctl, obj, _, _, closes = _toy_world(misses=2)
+    assert closes == 2 and ctl.failure is not None and ctl.failure.startswith("controller_lost_object")
+    np.testing.assert_allclose(obj, [-0.06, 0.2, 0.9])  # never moved
 
 
 # ---------------------------------------------------------------------------------------------- real LIBERO

@@ -123,8 +123,11 @@ class ControllerParams:
     stall_m: float = 0.004
     stall_slack_m: float = 0.01  # ... and counts as reached within this of its waypoint (a touch, not a miss) ...
     place_slack_m: float = 0.025  # ... or this when lowering the held object (it is dropped from a little higher)
+    descend_dz_m: float = 0.004  # the grasp height must be met this closely (pads on the wall, not above it)
     close_steps: int = 12
     open_steps: int = 8
+    lost_m: float = 0.04  # the held object has slipped when its offset from the grip changed by more than this
+    max_regrasps: int = 1  # after a slip, go back and grasp again this many times
     phase_timeout: int = 80  # give up on a waypoint after this many steps (the episode then fails)
 
 
@@ -144,7 +147,9 @@ class PickPlaceController:
         self.geometry = grasp_geometry(goal.obj)
         self.scene = scene
         self.phase = "rise"
-        self.timed_out = False
+        self.failure: str | None = None  # why the controller gave up (the episode then fails)
+        self.regrasps = 0
+        self._grip_offset: np.ndarray | None = None  # eef minus object position once lifting starts
         self.grasp: sg.GraspCandidate | None = None  # chosen grasp (re-chosen while the object moves)
         self._phase_steps = 0
         self._history: list[np.ndarray] = []  # eef positions in the current phase (stall detection)
@@ -276,6 +281,8 @@ class PickPlaceController:
                 # next phase goes straight down.
                 reached = np.linalg.norm(err[:2]) < p.tolerance_m and abs(err[2]) < 0.03
                 turned = rot_err < p.rot_tolerance_rad
+            elif self.phase == "descend":
+                reached, turned = np.linalg.norm(err[:2]) < p.tolerance_m and abs(err[2]) < p.descend_dz_m, True
             else:
                 reached, turned = dist < p.tolerance_m, True
             # Touching the object or its support just short of the waypoint counts as arriving.
@@ -284,8 +291,32 @@ class PickPlaceController:
         if finished:
             self._next(self.PHASES[self.PHASES.index(self.phase) + 1])
         elif self._phase_steps > p.phase_timeout:
-            self.timed_out = True
+            self.failure = f"controller_timeout: stuck in phase {self.phase}"
         return finished
+
+    @property
+    def timed_out(self) -> bool:
+        """The controller gave up (a waypoint not reached in time, or the object lost again after a regrasp)."""
+        return self.failure is not None
+
+    def _check_hold(self, obs: dict[str, Any]) -> None:
+        """While carrying: if the object no longer moves with the grip (a missed or slipped grasp), start over from
+        the approach with a fresh grasp choice, up to ``max_regrasps`` times."""
+        if self.phase not in ("lift", "above_target", "lower"):
+            return
+        offset = np.asarray(obs["robot0_eef_pos"], np.float64) - self._object_pose(obs)[0]
+        if self._grip_offset is None:
+            self._grip_offset = offset
+            return
+        if np.linalg.norm(offset - self._grip_offset) <= self.params.lost_m:
+            return
+        if self.regrasps >= self.params.max_regrasps:
+            self.failure = f"controller_lost_object: in phase {self.phase} after {self.regrasps} regrasp(s)"
+            return
+        self.regrasps += 1
+        self._next("rise")
+        self.grasp, self._grasp_pose, self._grip_offset = None, None, None
+        self._approach_z, self._carry_z = None, None
 
     def _stalled(self) -> bool:
         n = self.params.stall_steps
@@ -295,6 +326,7 @@ class PickPlaceController:
         """One 7-D action towards the current waypoint, after advancing past a finished phase."""
         p = self.params
         eef = np.asarray(obs["robot0_eef_pos"], np.float64)
+        self._check_hold(obs)
         self._history.append(eef)
         target, grip = self._waypoint(obs)
         rot = rotation_error(obs["robot0_eef_quat"], self._yaw_quat)
@@ -365,8 +397,8 @@ def _collect(env, init_state_index: int, max_steps: int, settle_steps: int, resi
         if done:
             reason = None
             break
-        if ctl.timed_out:
-            reason = f"controller_timeout: stuck in phase {ctl.phase}"
+        if ctl.failure is not None:
+            reason = ctl.failure
             break
         if ctl.phase == "done":
             idle += 1
