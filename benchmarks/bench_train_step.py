@@ -2,10 +2,11 @@
 image augmentation: what choosing a resolution costs before committing a long run to it.
 
     python benchmarks/bench_train_step.py                       # default variants, batch 8
-    python benchmarks/bench_train_step.py --variants 96/12 128/8 --steps 30
+    python benchmarks/bench_train_step.py --variants 96/12 96/8:2cam 96/8:2cam+aug --steps 30
 
 A variant is ``<image px>/<patch px>`` (``pi0_tiny_spatial`` is 96/12: an 8 x 8 grid per camera), optionally
-``:2cam`` for a model without the always-masked right-wrist slot. Every variant uses ``pi0_tiny_spatial``'s
+``:2cam`` for a model without the always-masked right-wrist slot (``tiny_spatial_config(..., cameras=2)``) and
+``+aug`` for image augmentation (``openpi.training.augment``) in the step. Every variant uses ``pi0_tiny_spatial``'s
 other settings (SigLIP mu, Gemma dummy experts, 32 prompt tokens, horizon 10) and the optimizer of
 ``openpi.training.train``, on synthetic batches (the data pipeline is not timed). Variants are timed in
 interleaved rounds so that load from other processes spreads over all of them; the per-variant figure is the
@@ -26,29 +27,30 @@ import numpy as np  # noqa: E402
 import tyro  # noqa: E402
 
 from openpi.models import pi0  # noqa: E402
-from openpi.models.config import IMAGE_KEYS, tiny_config  # noqa: E402
+from openpi.policies.policy_config import tiny_spatial_config  # noqa: E402
 from openpi.models.param_shapes import init_params, param_shapes  # noqa: E402
 from openpi.training import augment, train  # noqa: E402
 
 
 @dataclasses.dataclass
 class Args:
-    variants: tuple[str, ...] = ("96/12", "128/16", "96/8", "128/8", "128/8:2cam")
+    variants: tuple[str, ...] = ("96/12", "96/12+aug", "96/12:2cam", "96/8:2cam", "128/8:2cam")
     batch_size: int = 8
     steps: int = 10
     """Timed steps per variant per round."""
     rounds: int = 3
-    augment: bool = True
-    """Also time each variant with augmentation on."""
 
 
-def variant_config(spec: str):
+def variant_config(spec: str) -> tuple:
+    """'96/8:2cam+aug' -> (Pi0Config, augment on?)."""
+    spec, plus, aug_flag = spec.partition("+")
+    if plus and aug_flag != "aug":
+        raise ValueError(f"unknown variant suffix +{aug_flag!r} (known: +aug)")
     size_patch, _, flag = spec.partition(":")
-    size, patch = (int(x) for x in size_patch.split("/"))
-    keys = IMAGE_KEYS[:2] if flag == "2cam" else IMAGE_KEYS
     if flag not in ("", "2cam"):
         raise ValueError(f"unknown variant flag {flag!r} in {spec!r} (known: 2cam)")
-    return tiny_config(max_token_len=32, image_size=size, siglip_variant=f"mu/{patch}", image_keys=keys)
+    size, patch = (int(x) for x in size_patch.split("/"))
+    return tiny_spatial_config(size, patch, cameras=2 if flag == "2cam" else 3), bool(plus)
 
 
 def synthetic_batch(config, batch: int, seed: int = 0):
@@ -68,23 +70,21 @@ def main(args: Args) -> dict:
     tcfg = train.TrainConfig(demo_dirs=("unused",), out_dir="unused", batch_size=args.batch_size)
     optimizer, _ = train.make_optimizer(tcfg)
     runs = {}
-    for spec in args.variants:
-        config = variant_config(spec)
-        for aug_on in ((False, True) if args.augment else (False,)):
-            name = f"{spec}{'+aug' if aug_on else ''}"
-            step = train.make_train_step(config, optimizer, augment.AugmentConfig() if aug_on else None)
-            params = jax.tree.map(jnp.asarray, init_params(config, seed=0))
-            state = {"params": params, "opt": optimizer.init(params), "rng": jax.random.key(0)}
-            obs, targets = synthetic_batch(config, args.batch_size)
-            t0 = time.perf_counter()
-            state["params"], state["opt"], info = step(state["params"], state["opt"], obs, targets, state["rng"])
-            jax.block_until_ready(info["loss"])
-            tokens = len(config.image_keys) * config.tokens_per_image + config.max_token_len + config.suffix_len
-            runs[name] = {"config": config, "step": step, "state": state, "batch": (obs, targets),
-                          "compile_s": time.perf_counter() - t0, "rates": [], "tokens": tokens,
-                          "grid": config.grid,
-                          "params": int(sum(np.prod(s) for s in param_shapes(config).values()))}
-            print(f"{name}: compiled in {runs[name]['compile_s']:.1f} s, {tokens} tokens", flush=True)
+    for name in args.variants:
+        config, aug_on = variant_config(name)
+        step = train.make_train_step(config, optimizer, augment.AugmentConfig() if aug_on else None)
+        params = jax.tree.map(jnp.asarray, init_params(config, seed=0))
+        state = {"params": params, "opt": optimizer.init(params), "rng": jax.random.key(0)}
+        obs, targets = synthetic_batch(config, args.batch_size)
+        t0 = time.perf_counter()
+        state["params"], state["opt"], info = step(state["params"], state["opt"], obs, targets, state["rng"])
+        jax.block_until_ready(info["loss"])
+        tokens = len(config.image_keys) * config.tokens_per_image + config.max_token_len + config.suffix_len
+        runs[name] = {"config": config, "step": step, "state": state, "batch": (obs, targets),
+                      "compile_s": time.perf_counter() - t0, "rates": [], "tokens": tokens,
+                      "grid": config.grid,
+                      "params": int(sum(np.prod(s) for s in param_shapes(config).values()))}
+        print(f"{name}: compiled in {runs[name]['compile_s']:.1f} s, {tokens} tokens", flush=True)
     for r in range(args.rounds):
         for name, run in runs.items():
             st, (obs, targets) = run["state"], run["batch"]
