@@ -186,23 +186,16 @@ def test_strided_demos_sample_only_steps_with_frames(tmp_path):
 def test_resume_stays_exact_with_augmentation(runs, tmp_path):
     """Augmentation draws from the step's rng: a run stopped at step 2 and resumed ends bit-identical to one run
     straight through, and it really augments (it ends elsewhere than the same run without augmentation). A run
-    directory written before the option existed resumes with augmentation off and refuses it on."""
+    directory fingerprinted without it is refused when it is switched on (naming the setting)."""
     a, b = tmp_path / "aug_a", tmp_path / "aug_b"
     train.train(_cfg(runs["demos"], a, augment=True), progress=False, stop_at=2)
     train.train(_cfg(runs["demos"], a, augment=True), progress=False)
     train.train(_cfg(runs["demos"], b, augment=True), progress=False)
     cfg = train.model_config(_cfg(runs["demos"], a))
-    pa, pb = (checkpoint.load_params(d / str(STEPS), cfg) for d in (a, b))
+    pa, pb = (checkpoint.load_params(_step(d, STEPS), cfg) for d in (a, b))
     for x, y in zip(jax.tree.leaves(pa), jax.tree.leaves(pb)):
         np.testing.assert_array_equal(x, y)
-    plain = checkpoint.load_params(runs["b"] / str(STEPS), cfg)
+    plain = checkpoint.load_params(_step(runs["b"], STEPS), cfg)
     assert max(float(np.abs(x - y).max()) for x, y in zip(jax.tree.leaves(pa), jax.tree.leaves(plain))) > 1e-6
-    config_path = runs["b"] / "train_config.json"
-    old = json.loads(config_path.read_text())
-    old["fixed"].pop("augment")
-    legacy = tmp_path / "legacy"
-    legacy.mkdir()
-    (legacy / "train_config.json").write_text(json.dumps(old))
-    train._check_or_write_config(legacy, _cfg(runs["demos"], legacy))  # same settings: accepted
-    with pytest.raises(ValueError, match="augment: False on disk vs True now"):
-        train._check_or_write_config(legacy, _cfg(runs["demos"], legacy, augment=True))
+    with pytest.raises(RunSettingsError, match="augment: stored False vs now True"):
+        train.train(_cfg(runs["demos"], runs["b"], augment=True), progress=False)
