@@ -181,3 +181,21 @@ def test_strided_demos_sample_only_steps_with_frames(tmp_path):
     np.testing.assert_array_equal(item["observation/image"], full_agent[3])
     np.testing.assert_array_equal(item["observation/state"], ep.states[3])
     np.testing.assert_array_equal(item["actions"], ep.actions[[3, 4, 5, 6]])
+
+
+def test_resume_stays_exact_with_augmentation(runs, tmp_path):
+    """Augmentation draws from the step's rng: a run stopped at step 2 and resumed ends bit-identical to one run
+    straight through, and it really augments (it ends elsewhere than the same run without augmentation). A run
+    directory fingerprinted without it is refused when it is switched on (naming the setting)."""
+    a, b = tmp_path / "aug_a", tmp_path / "aug_b"
+    train.train(_cfg(runs["demos"], a, augment=True), progress=False, stop_at=2)
+    train.train(_cfg(runs["demos"], a, augment=True), progress=False)
+    train.train(_cfg(runs["demos"], b, augment=True), progress=False)
+    cfg = train.model_config(_cfg(runs["demos"], a))
+    pa, pb = (checkpoint.load_params(_step(d, STEPS), cfg) for d in (a, b))
+    for x, y in zip(jax.tree.leaves(pa), jax.tree.leaves(pb)):
+        np.testing.assert_array_equal(x, y)
+    plain = checkpoint.load_params(_step(runs["b"], STEPS), cfg)
+    assert max(float(np.abs(x - y).max()) for x, y in zip(jax.tree.leaves(pa), jax.tree.leaves(plain))) > 1e-6
+    with pytest.raises(RunSettingsError, match="augment: stored False vs now True"):
+        train.train(_cfg(runs["demos"], runs["b"], augment=True), progress=False)

@@ -38,7 +38,8 @@ def _as_uint8_image(value, key: str) -> np.ndarray:
 
 @dataclasses.dataclass
 class LiberoTransforms:
-    """Mapping: agent view -> base_0_rgb, wrist -> left_wrist_0_rgb, right wrist zeros (masked)."""
+    """Mapping: agent view -> base_0_rgb, wrist -> left_wrist_0_rgb, right wrist zeros (masked) when the model has
+    that slot (configs without it skip its always-masked tokens)."""
 
     config: Pi0Config
     tokenizer: PromptTokenizer
@@ -80,9 +81,12 @@ class LiberoTransforms:
         padded[:STATE_DIM] = state
         tok = self.tokenizer.tokenize(prompt, state=state if self.config.discrete_state_input else None)
         keys = self.config.image_keys
+        images, masks = {keys[0]: base, keys[1]: wrist}, {keys[0]: True, keys[1]: True}
+        for key in keys[2:]:  # slots LIBERO has no camera for (the right wrist): zeros, masked out
+            images[key], masks[key] = np.zeros_like(base), False
         return {
-            "images": {keys[0]: base, keys[1]: wrist, keys[2]: np.zeros_like(base)},
-            "image_masks": {keys[0]: True, keys[1]: True, keys[2]: False},
+            "images": images,
+            "image_masks": masks,
             "state": padded,
             "raw_state": np.asarray(obs[STATE_KEY], np.float32).reshape(-1),
             "tokenized_prompt": tok.ids,

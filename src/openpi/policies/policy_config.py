@@ -15,7 +15,7 @@ import pathlib
 
 from openpi.models.hooks import AttentionKnockout, Intervention, Record, parse_records
 from openpi.models import checkpoint
-from openpi.models.config import Pi0Config, tiny_config
+from openpi.models.config import IMAGE_KEYS, Pi0Config, tiny_config
 from openpi.models.model import Pi0Model
 from openpi.models.normalize import load_norm_stats
 from openpi.models.param_shapes import init_params
@@ -29,6 +29,16 @@ ASSETS = pathlib.Path(__file__).resolve().parents[1] / "assets"
 EMBEDDED_CHECKPOINT = ASSETS / "pi0_tiny_spatial"
 LIBERO_ASSET_ID = "physical-intelligence/libero"
 TOKENIZER_ENV = "OPENPI_TOKENIZER"
+
+
+def tiny_spatial_config(image_size: int, patch: int, cameras: int = 3) -> Pi0Config:
+    """``pi0_tiny_spatial``'s network for ``image_size`` px images cut into ``patch`` px patches (a grid of
+    image_size / patch per side). ``cameras=2`` drops the right-wrist slot, which LIBERO never fills: its tokens
+    are masked out of attention anyway, so dropping them changes no output but saves their compute."""
+    if cameras not in (2, 3):
+        raise ValueError(f"cameras must be 2 (agent view, wrist) or 3 (plus the masked right wrist), got {cameras}")
+    return tiny_config(max_token_len=32, image_size=image_size, siglip_variant=f"mu/{patch}",
+                       image_keys=IMAGE_KEYS[:cameras])
 
 
 @dataclasses.dataclass(frozen=True)
@@ -53,9 +63,13 @@ CONFIGS: dict[str, PolicyConfig] = {c.name: c for c in [
                  needs_checkpoint=False),
     # Trained on CPU (docs/training.md): 96 px images in 12 px patches (8x8 tokens per camera) keep the prefix at
     # 224 tokens; libero_spatial prompts are at most 28 tokens with the embedded tokenizer.
-    PolicyConfig("pi0_tiny_spatial", tiny_config(max_token_len=32, image_size=96, siglip_variant="mu/12"),
-                 quantile_norm=False, delta_actions=False, needs_checkpoint=False,
-                 default_checkpoint=EMBEDDED_CHECKPOINT),
+    PolicyConfig("pi0_tiny_spatial", tiny_spatial_config(96, 12), quantile_norm=False, delta_actions=False,
+                 needs_checkpoint=False, default_checkpoint=EMBEDDED_CHECKPOINT),
+    # The same network at other grids, for training a successor (docs/training.md, "Image resolution"): a grid of
+    # 12x12 per camera puts the bowl on ~2 patches instead of ~1; without the always-masked right-wrist slot.
+    *[PolicyConfig(f"pi0_tiny_spatial_{size}p{patch}_2cam", tiny_spatial_config(size, patch, cameras=2),
+                   quantile_norm=False, delta_actions=False, needs_checkpoint=False)
+      for size, patch in ((96, 12), (96, 8), (128, 8))],
 ]}
 DEFAULT_CONFIG = "pi0_tiny_spatial"
 

@@ -26,7 +26,7 @@ renamed into place, so a killed writer never leaves a directory that looks compl
 ``controller`` (name + parameters), ``created_at`` (ISO 8601 UTC).
 
 Attempt record (``schema: vla-interp/demo-attempt/1``): ``suite, task_id, episode, prompt, success, steps,
-failure_reason`` (null, ``max_steps``, ``controller_timeout`` or ``error: ...``), ``kept`` (a demo directory was
+failure_reason`` (null, ``max_steps``, ``controller_timeout``, ``controller_lost_object`` or ``error: ...``), ``kept`` (a demo directory was
 written), ``timing`` ({reset_s, steps_s, total_s}), ``finished_at``.
 """
 from __future__ import annotations

@@ -1,14 +1,18 @@
 """A privileged-state pick-and-place controller for LIBERO, used to generate demonstrations.
 
 Why privileged: we need demonstrations without human teleoperation. The controller reads what a policy never sees
-(object poses ``<name>_pos`` from the simulator, the BDDL goal) and emits ordinary 7-D LIBERO actions (OSC delta
-position / axis-angle rotation scaled by the controller's 0.05 m and 0.5 rad limits, gripper -1 open / +1 close),
-so the recorded (frame, state, action) triples are what a learned policy must imitate.
+(object poses ``<name>_pos`` / ``<name>_quat`` from the simulator, the BDDL goal, the scene's collision boxes) and
+emits ordinary 7-D LIBERO actions (OSC delta position / axis-angle rotation scaled by the controller's 0.05 m and
+0.5 rad limits, gripper -1 open / +1 close), so the recorded (frame, state, action) triples are what a learned
+policy must imitate.
 
 It solves goals of the form ``(On <object> <target>)`` / ``(In <object> <target>_..._region)`` with a fixed phase
-sequence: rise to a safe height, move above the grasp point, descend, close, lift, carry above the target, lower,
-open, retreat. Bowls are grasped at the rim (fingers straddle the wall); other objects at their centre.
-Pure numpy: the only simulator access is through the observation dict and the parsed goal.
+sequence: rise to a travel height, move above the grasp point, descend (slowly near the object), close, lift,
+carry above the target, lower, open, retreat. Bowls are grasped at the rim (fingers straddle the wall); other
+objects at their centre. The grasp (which rim point, hence which wrist yaw) is the one whose vertical descent
+keeps the gripper clear of every collision box of the scene (``scene_geometry``); travel heights clear the boxes
+along the way. Pure numpy: the simulator is read once per episode (``scene_geometry.scene_from_sim``), then only
+through the observation dict.
 """
 from __future__ import annotations
 
@@ -26,30 +30,29 @@ from openpi.envs import libero_env, rollout
 from openpi.shared.io import read_json
 from openpi.shared.rundir import RunDir, RunSettingsError, differences, run_option, settings_of
 from openpi.training import demos
+from openpi.training import scene_geometry as sg
 
 logger = logging.getLogger(__name__)
 
 POS_LIMIT_M = 0.05  # OSC output_max for position: action 1.0 = 5 cm
 ROT_LIMIT_RAD = 0.5
 OPEN, CLOSE = -1.0, 1.0
-# Gripper pointing straight down (x, y, z, w): 180 degrees about the world x axis.
+# Gripper pointing straight down (x, y, z, w): 180 degrees about the world x axis; fingers along world y.
 DOWN_QUAT = np.array([1.0, 0.0, 0.0, 0.0])
 
 
 @dataclasses.dataclass(frozen=True)
 class GraspGeometry:
-    """Where to hold an object, relative to its body position ``<name>_pos``."""
+    """Where to hold an object, in its own frame (origin ``<name>_pos``, axes from ``<name>_quat``)."""
 
-    offset_xy: tuple[float, float]  # grasp point minus body position (world x, y)
-    grasp_dz: float  # eef height above the body position when closing
-    carry_dz: float  # height of the body position below the eef while carried (for placing)
+    radius: float  # grasp points lie on this circle about the object's z axis (0: at the centre)
+    grasp_dz: float  # grip-site height above the object's origin when closing
 
 
-# Bowls in LIBERO: rim wall at ~4.7 cm from the centre, rim top ~5 cm above the body origin. The Panda's fingers
-# close along world y when pointing down, so the grasp point sits on the rim along +-y and the fingers straddle the
-# wall; the controller takes the side farther from other objects (``choose_grasp_side``).
-BOWL = GraspGeometry(offset_xy=(0.0, -0.047), grasp_dz=0.035, carry_dz=0.035)
-DEFAULT = GraspGeometry(offset_xy=(0.0, 0.0), grasp_dz=0.02, carry_dz=0.02)
+# Bowls in LIBERO: rim wall 4.7 cm from the centre, from 1.5 to 5.3 cm above the body origin (the bowl's bottom).
+# The Panda's fingers close along their axis: with the axis radial, the fingers straddle the wall.
+BOWL = GraspGeometry(radius=0.047, grasp_dz=0.035)
+DEFAULT = GraspGeometry(radius=0.0, grasp_dz=0.02)
 
 
 def grasp_geometry(name: str) -> GraspGeometry:
@@ -60,33 +63,6 @@ def grasp_geometry(name: str) -> GraspGeometry:
 class PickPlaceGoal:
     obj: str  # object to move (an observation has <obj>_pos)
     target: str  # object it goes on/in
-
-
-def other_object_positions(obs: dict[str, Any], exclude: tuple[str, ...]) -> dict[str, np.ndarray]:
-    """``<name>_pos`` of every object in the observation except the robot and ``exclude``."""
-    out = {}
-    for key, value in obs.items():
-        if key.endswith("_pos") and "_to_" not in key and not key.startswith("robot"):
-            name = key[: -len("_pos")]
-            if name not in exclude:
-                out[name] = np.asarray(value, np.float64)
-    return out
-
-
-def choose_grasp_side(obs: dict[str, Any], goal: PickPlaceGoal, geometry: GraspGeometry) -> float:
-    """+1 or -1: which mirror image of the grasp offset (in y) lies farther from every other object."""
-    if geometry.offset_xy == (0.0, 0.0):
-        return 1.0
-    obj = np.asarray(obs[f"{goal.obj}_pos"], np.float64)
-    others = list(other_object_positions(obs, (goal.obj, goal.target)).values())
-    if not others:
-        return 1.0
-
-    def clearance(side: float) -> float:
-        point = obj[:2] + np.array([geometry.offset_xy[0], geometry.offset_xy[1] * side])
-        return min(float(np.linalg.norm(point - o[:2])) for o in others)
-
-    return 1.0 if clearance(1.0) > clearance(-1.0) else -1.0
 
 
 def parse_goal(goal_state: list, object_names: list[str]) -> PickPlaceGoal:
@@ -127,95 +103,242 @@ def rotation_error(current_xyzw: np.ndarray, target_xyzw: np.ndarray) -> np.ndar
     return q[:3] / s * 2.0 * math.acos(min(1.0, q[3]))
 
 
+def quat_about_z(angle: float) -> np.ndarray:
+    """(x, y, z, w) rotation by ``angle`` radians about the world z axis."""
+    return np.array([0.0, 0.0, math.sin(angle / 2), math.cos(angle / 2)])
+
+
 @dataclasses.dataclass
 class ControllerParams:
     gain: float = 12.0  # action = gain * position error (m), clipped to [-1, 1]
     rot_gain: float = 1.0
     tolerance_m: float = 0.01  # a waypoint counts as reached within this distance
-    safe_dz: float = 0.12  # travel height above the higher of object and target
-    max_travel_z: float = 1.2  # ... but no higher (the arm cannot reach far out up there)
-    place_dz: float = 0.04  # release height of the carried object's body above the target's position
+    rot_tolerance_rad: float = 0.1  # ... and, before descending, the wrist yaw within this angle
+    clearance_m: float = 0.03  # travel heights clear the boxes along the way by this much
+    min_lift_m: float = 0.08  # lift at least this far above the grasp height (out of a drawer, off a support)
+    max_travel_z: float = 1.2  # travel no higher (the arm cannot reach far out up there)
+    place_dz: float = 0.04  # release height of the carried object's origin above the target's origin
+    slow_dz: float = 0.05  # within this height above the grasp point, descend slowly ...
+    slow_action: float = 0.35  # ... with actions clipped to this (about 1 cm per step)
+    stall_steps: int = 8  # a phase whose eef moved < stall_m over this many steps is stuck ...
+    stall_m: float = 0.004
+    stall_slack_m: float = 0.01  # ... and counts as reached within this of its waypoint (a touch, not a miss) ...
+    place_slack_m: float = 0.025  # ... or this when lowering the held object (it is dropped from a little higher)
+    descend_dz_m: float = 0.004  # the grasp height must be met this closely (pads on the wall, not above it)
     close_steps: int = 12
     open_steps: int = 8
+    lost_m: float = 0.04  # the held object has slipped when its offset from the grip changed by more than this
+    max_regrasps: int = 1  # after a slip, go back and grasp again this many times
     phase_timeout: int = 80  # give up on a waypoint after this many steps (the episode then fails)
 
 
 class PickPlaceController:
-    """Stateful phase machine: ``act(obs)`` once per env step; ``phase`` names where it is."""
+    """Stateful phase machine: ``act(obs)`` once per env step; ``phase`` names where it is.
+
+    ``scene`` (from ``scene_geometry.scene_from_sim``) supplies the collision boxes; without it the controller
+    assumes free space (unit tests on toy worlds).
+    """
 
     PHASES = ("rise", "above_object", "descend", "close", "lift", "above_target", "lower", "open", "retreat", "done")
 
-    def __init__(self, goal: PickPlaceGoal, params: ControllerParams | None = None) -> None:
+    def __init__(self, goal: PickPlaceGoal, params: ControllerParams | None = None,
+                 scene: sg.Scene | None = None) -> None:
         self.goal = goal
         self.params = params or ControllerParams()
         self.geometry = grasp_geometry(goal.obj)
+        self.scene = scene
         self.phase = "rise"
+        self.failure: str | None = None  # why the controller gave up (the episode then fails)
+        self.regrasps = 0
+        self._grip_offset: np.ndarray | None = None  # eef minus object position once lifting starts
+        self.grasp: sg.GraspCandidate | None = None  # chosen grasp (re-chosen while the object moves)
         self._phase_steps = 0
-        self._travel_z: float | None = None
-        self._side = 1.0
-        self.timed_out = False
+        self._history: list[np.ndarray] = []  # eef positions in the current phase (stall detection)
+        self._hold_at: np.ndarray | None = None  # where the eef waits while the fingers close or open
+        self._approach_z: float | None = None
+        self._carry_z: float | None = None
+        self._yaw_quat = DOWN_QUAT
+        self._grasp_pose: tuple[np.ndarray, np.ndarray] | None = None  # object pose the grasp was chosen at
 
+    # -- geometry --------------------------------------------------------------------------------------
+    def _obstacles(self, obs: dict[str, Any], exclude: tuple[str, ...]) -> sg.Boxes:
+        return self.scene.obstacles(obs, exclude) if self.scene is not None else sg.Boxes.empty()
+
+    def _object_pose(self, obs: dict[str, Any]) -> tuple[np.ndarray, np.ndarray]:
+        return (np.asarray(obs[f"{self.goal.obj}_pos"], np.float64),
+                sg.quat_xyzw_to_matrix(obs[f"{self.goal.obj}_quat"]))
+
+    def _plan_heights(self, obs: dict[str, Any]) -> None:
+        """Approach height: above every box near the path from the eef to the object (the hand is 21 cm wide)."""
+        p, g = self.params, self.geometry
+        eef = np.asarray(obs["robot0_eef_pos"], np.float64)
+        obj, _ = self._object_pose(obs)
+        top = sg.corridor_top(self._obstacles(obs, (self.goal.obj,)), eef[:2], obj[:2], sg.HAND_HALF_X)
+        grasp_z = obj[2] + g.grasp_dz
+        want = max(top - sg.FINGER_Z[0] + p.clearance_m, grasp_z + p.min_lift_m)
+        self._approach_z = min(want, p.max_travel_z)
+
+    def _select_grasp(self, obs: dict[str, Any]) -> None:
+        """(Re-)choose the grasp when the object has moved since the last choice (it may still be settling);
+        keep the current one unless another is clearly better (no dithering between equals)."""
+        pos, rot = self._object_pose(obs)
+        if self._grasp_pose is not None:
+            moved = np.linalg.norm(pos - self._grasp_pose[0])
+            turned = np.linalg.norm(rot - self._grasp_pose[1])
+            if moved < 0.003 and turned < 0.03:
+                return
+        g = self.geometry
+        ranked = sg.choose_grasp(obs, self.goal.obj, self._obstacles(obs, (self.goal.obj,)), radius=g.radius,
+                                 height=g.grasp_dz, top_z=self._approach_z,
+                                 place_xy=np.asarray(obs[f"{self.goal.target}_pos"])[:2])
+        best = ranked[0]
+        if self.grasp is not None:
+            same = [c for c in ranked if c.local_angle == self.grasp.local_angle]
+            if same and same[0].margin >= best.margin and same[0].cost <= best.cost + 0.1:
+                best = same[0]
+        self.grasp = best
+        self._grasp_pose = (pos, rot)
+        self._yaw_quat = _quat_mul(quat_about_z(sg.yaw_for_finger_axis(best.finger_axis)), DOWN_QUAT)
+
+    def _grip_point(self, obs: dict[str, Any]) -> np.ndarray:
+        """The chosen rim point where the object is now (it is tracked, not remembered)."""
+        pos, rot = self._object_pose(obs)
+        points, _, _ = sg.grasp_points(pos, rot, self.geometry.radius, self.geometry.grasp_dz,
+                                       np.array([self.grasp.local_angle]))
+        return points[0]
+
+    def _plan_carry(self, obs: dict[str, Any]) -> None:
+        """Carry height: the held object's underside clears every box near the path to the target."""
+        p = self.params
+        eef = np.asarray(obs["robot0_eef_pos"], np.float64)
+        obj, _ = self._object_pose(obs)
+        tgt = np.asarray(obs[f"{self.goal.target}_pos"], np.float64)
+        hang = eef[2] - obj[2]  # the object's origin (its bottom, for LIBERO objects) below the grip
+        top = sg.corridor_top(self._obstacles(obs, (self.goal.obj, self.goal.target)), obj[:2], tgt[:2],
+                              sg.HAND_HALF_X)
+        want = max(top + hang + p.clearance_m, eef[2] + p.min_lift_m, tgt[2] + p.place_dz + hang + p.min_lift_m)
+        self._carry_z = min(want, p.max_travel_z)
+
+    def _place_point(self, obs: dict[str, Any]) -> np.ndarray:
+        """Where the eef must be for the held object's origin to sit ``place_dz`` above the target's (closed loop:
+        the object's offset from the grip is measured every step)."""
+        eef = np.asarray(obs["robot0_eef_pos"], np.float64)
+        obj, _ = self._object_pose(obs)
+        tgt = np.asarray(obs[f"{self.goal.target}_pos"], np.float64)
+        return tgt + (eef - obj) + np.array([0.0, 0.0, self.params.place_dz])
+
+    # -- phases ----------------------------------------------------------------------------------------
     def _next(self, phase: str) -> None:
         self.phase = phase
         self._phase_steps = 0
+        self._history = []
+        self._hold_at = None
 
     def _waypoint(self, obs: dict[str, Any]) -> tuple[np.ndarray, float]:
         """(eef target position, gripper command) of the current phase."""
-        g, p = self.geometry, self.params
-        obj = np.asarray(obs[f"{self.goal.obj}_pos"], np.float64)
-        tgt = np.asarray(obs[f"{self.goal.target}_pos"], np.float64)
         eef = np.asarray(obs["robot0_eef_pos"], np.float64)
-        if self._travel_z is None:
-            high = max(obj[2] + g.grasp_dz, tgt[2] + p.place_dz + g.carry_dz)
-            self._travel_z = max(min(high + p.safe_dz, p.max_travel_z), high + 0.05)
-            self._side = choose_grasp_side(obs, self.goal, g)
-        offset = np.array([g.offset_xy[0], g.offset_xy[1] * self._side])
-        grasp = obj + np.array([*offset, g.grasp_dz])
-        # Where the eef must be for the carried object's body to sit over the target.
-        place = tgt + np.array([*offset, p.place_dz + g.carry_dz])
-        z = self._travel_z
-        return {
-            "rise": (np.array([eef[0], eef[1], z]), OPEN),
-            "above_object": (np.array([grasp[0], grasp[1], z]), OPEN),
-            "descend": (grasp, OPEN),
-            "close": (grasp, CLOSE),
-            "lift": (np.array([grasp[0], grasp[1], z]), CLOSE),
-            "above_target": (np.array([place[0], place[1], z]), CLOSE),
-            "lower": (place, CLOSE),
-            "open": (place, OPEN),
-            "retreat": (np.array([place[0], place[1], z]), OPEN),
-            "done": (np.array([place[0], place[1], z]), OPEN),
-        }[self.phase]
+        if self._approach_z is None:
+            self._plan_heights(obs)
+        if self.phase in ("rise", "above_object"):
+            self._select_grasp(obs)
+        z = self._approach_z
+        if self.phase == "rise":
+            return np.array([eef[0], eef[1], z]), OPEN
+        if self.phase == "above_object":
+            grip = self._grip_point(obs)
+            return np.array([grip[0], grip[1], z]), OPEN
+        if self.phase == "descend":
+            return self._grip_point(obs), OPEN
+        if self.phase in ("close", "open"):  # hold still where the fingers started to move
+            if self._hold_at is None:
+                self._hold_at = eef.copy()
+            return self._hold_at, (CLOSE if self.phase == "close" else OPEN)
+        if self._carry_z is None:
+            self._plan_carry(obs)
+        z = self._carry_z
+        if self.phase == "lift":
+            return np.array([eef[0], eef[1], z]), CLOSE
+        place = self._place_point(obs)
+        if self.phase == "above_target":
+            return np.array([place[0], place[1], z]), CLOSE
+        if self.phase == "lower":
+            return place, CLOSE
+        return np.array([eef[0], eef[1], z]), OPEN  # retreat, done
 
-    def _advance(self, err: np.ndarray) -> bool:
+    def _advance(self, err: np.ndarray, rot_err: float) -> bool:
         """Move to the next phase if the current one is finished; True when it moved."""
         p = self.params
-        hold = {"close": p.close_steps, "open": p.open_steps}
         if self.phase == "done":
             return False
+        hold = {"close": p.close_steps, "open": p.open_steps}
         if self.phase in hold:
             finished = self._phase_steps >= hold[self.phase]
         elif self.phase in ("rise", "lift", "retreat"):
             finished = abs(err[2]) < 0.02  # in the air only the height matters
         else:
-            finished = float(np.linalg.norm(err)) < p.tolerance_m
+            dist = float(np.linalg.norm(err))
+            if self.phase in ("above_object", "above_target"):
+                # Over the spot near travel height (the arm may not quite reach it far out), wrist turned: the
+                # next phase goes straight down.
+                reached = np.linalg.norm(err[:2]) < p.tolerance_m and abs(err[2]) < 0.03
+                turned = rot_err < p.rot_tolerance_rad
+            elif self.phase == "descend":
+                reached, turned = np.linalg.norm(err[:2]) < p.tolerance_m and abs(err[2]) < p.descend_dz_m, True
+            else:
+                reached, turned = dist < p.tolerance_m, True
+            # Touching the object or its support just short of the waypoint counts as arriving.
+            slack = p.place_slack_m if self.phase == "lower" else p.stall_slack_m
+            finished = turned and (reached or (self._stalled() and dist < slack))
         if finished:
             self._next(self.PHASES[self.PHASES.index(self.phase) + 1])
         elif self._phase_steps > p.phase_timeout:
-            self.timed_out = True
+            self.failure = f"controller_timeout: stuck in phase {self.phase}"
         return finished
+
+    @property
+    def timed_out(self) -> bool:
+        """The controller gave up (a waypoint not reached in time, or the object lost again after a regrasp)."""
+        return self.failure is not None
+
+    def _check_hold(self, obs: dict[str, Any]) -> None:
+        """While carrying: if the object no longer moves with the grip (a missed or slipped grasp), start over from
+        the approach with a fresh grasp choice, up to ``max_regrasps`` times."""
+        if self.phase not in ("lift", "above_target", "lower"):
+            return
+        offset = np.asarray(obs["robot0_eef_pos"], np.float64) - self._object_pose(obs)[0]
+        if self._grip_offset is None:
+            self._grip_offset = offset
+            return
+        if np.linalg.norm(offset - self._grip_offset) <= self.params.lost_m:
+            return
+        if self.regrasps >= self.params.max_regrasps:
+            self.failure = f"controller_lost_object: in phase {self.phase} after {self.regrasps} regrasp(s)"
+            return
+        self.regrasps += 1
+        self._next("rise")
+        self.grasp, self._grasp_pose, self._grip_offset = None, None, None
+        self._approach_z, self._carry_z = None, None
+
+    def _stalled(self) -> bool:
+        n = self.params.stall_steps
+        return len(self._history) > n and np.linalg.norm(self._history[-1] - self._history[-1 - n]) < self.params.stall_m
 
     def act(self, obs: dict[str, Any]) -> np.ndarray:
         """One 7-D action towards the current waypoint, after advancing past a finished phase."""
         p = self.params
         eef = np.asarray(obs["robot0_eef_pos"], np.float64)
+        self._check_hold(obs)
+        self._history.append(eef)
         target, grip = self._waypoint(obs)
-        if self._advance(target - eef):
+        rot = rotation_error(obs["robot0_eef_quat"], self._yaw_quat)
+        if self._advance(target - eef, float(np.linalg.norm(rot))):
             target, grip = self._waypoint(obs)
         self._phase_steps += 1
         action = np.zeros(7)
-        action[:3] = np.clip(p.gain * (target - eef), -1.0, 1.0)
-        rot = rotation_error(obs["robot0_eef_quat"], DOWN_QUAT)
+        limit = 1.0
+        if self.phase == "descend" and eef[2] - target[2] < p.slow_dz:
+            limit = p.slow_action  # near the object and its neighbours: creep
+        action[:3] = np.clip(p.gain * (target - eef), -limit, limit)
         action[3:6] = np.clip(p.rot_gain * rot / ROT_LIMIT_RAD, -1.0, 1.0)
         action[6] = grip
         return action
@@ -258,7 +381,7 @@ def _collect(env, init_state_index: int, max_steps: int, settle_steps: int, resi
     t1 = time.monotonic()
     inner = env.raw.env
     goal = parse_goal(inner.parsed_problem["goal_state"], list(inner.objects_dict))
-    ctl = PickPlaceController(goal, params)
+    ctl = PickPlaceController(goal, params, sg.scene_from_sim(inner.sim, list(inner.objects_dict)))
     rows: dict[str, list] = {"agentview": [], "wrist": [], "states": [], "actions": []}
     done, reason, idle = False, "max_steps", 0
     steps = 0
@@ -275,8 +398,8 @@ def _collect(env, init_state_index: int, max_steps: int, settle_steps: int, resi
         if done:
             reason = None
             break
-        if ctl.timed_out:
-            reason = f"controller_timeout: stuck in phase {ctl.phase}"
+        if ctl.failure is not None:
+            reason = ctl.failure
             break
         if ctl.phase == "done":
             idle += 1

@@ -56,6 +56,7 @@ from openpi.policies.libero_policy import (IMAGE_KEY, PROMPT_KEY, STATE_KEY, WRI
                                            batch_observation)
 from openpi.shared.io import atomic_path, jsonable, read_json, write_json_atomic, write_text_atomic
 from openpi.shared.rundir import CheckpointDir, RunDir, RunSettingsError, atomic_dir, run_option
+from openpi.training import augment as aug
 from openpi.training import demos as demo_io
 
 logger = logging.getLogger(__name__)
@@ -162,6 +163,7 @@ class TrainConfig:
     b1: float = 0.9
     b2: float = 0.95
     seed: int = 0
+    augment: bool = False  # image augmentation (openpi.training.augment, default AugmentConfig) in every step
     save_every: int = run_option(500)
     keep_last: int | None = run_option(3)  # delete older checkpoints (None: keep all)
     log_every: int = run_option(10)
@@ -206,16 +208,21 @@ def _optimizer(settings: tuple) -> tuple[optax.GradientTransformation, optax.Sch
 
 
 @functools.lru_cache(maxsize=8)
-def make_train_step(config: Pi0Config, optimizer: optax.GradientTransformation):
+def make_train_step(config: Pi0Config, optimizer: optax.GradientTransformation,
+                    augment: aug.AugmentConfig | None = None):
     """jit(params, opt_state, obs, targets, rng) -> (params, opt_state, {loss, grad_norm}).
 
-    Cached per (config, optimizer) so a resumed run in the same process reuses the compiled step (~30 s on CPU).
+    Cached per (config, optimizer, augment) so a resumed run in the same process reuses the compiled step (~30 s
+    on CPU).
     """
 
     def loss_fn(params, obs, targets, rng):
         return jnp.mean(pi0.compute_loss(config, params, obs, targets, rng=rng))
 
     def step(params, opt_state, obs, targets, rng):
+        if augment is not None:  # [augment] images only, from the step's rng: resume replays it exactly
+            aug_rng, rng = jax.random.split(rng)
+            obs = aug.augment_observation(obs, aug_rng, augment)
         loss, grads = jax.value_and_grad(loss_fn)(params, obs, targets, rng)
         updates, opt_state = optimizer.update(grads, opt_state, params)
         params = optax.apply_updates(params, updates)
@@ -410,7 +417,7 @@ def train(cfg: TrainConfig, progress: bool = True, stop_at: int | None = None) -
     num_params = count_params(mcfg)
     logger.info("%s: %d parameters, %d demo frames in %d episodes", cfg.policy_config, num_params, len(dataset),
                 len(dataset.episodes))
-    train_step = make_train_step(mcfg, optimizer)
+    train_step = make_train_step(mcfg, optimizer, aug.AugmentConfig() if cfg.augment else None)  # [augment]
 
     def batch_for(step: int):
         picks = np.random.default_rng([cfg.seed, step]).integers(0, len(dataset), cfg.batch_size)
