@@ -30,6 +30,7 @@ import tyro
 
 from openpi.interp import attention as A
 from openpi.interp import attention_plots as plots
+from openpi.interp.bridges import prompt_tokens
 from openpi.interp.recorded_run import EpisodeKey, JoinError, PolicyQuery, RecordedRun
 
 
@@ -89,22 +90,7 @@ def token_labels(q: PolicyQuery, args: Args) -> list[str]:
     table = q.table
     if args.tokens is not None:
         return A.align_tokens(A.load_tokens(args.tokens), table, source=str(args.tokens))
-    if args.tokenizer is not None and table.model == "pi0":
-        from openpi.models.tokenizer import PromptTokenizer
-
-        n_prompt = table.prompt_indices().size
-        tokenizer = PromptTokenizer(args.tokenizer, n_prompt, on_overflow="truncate")
-        tok = tokenizer.tokenize(q.prompt)
-        pieces = tokenizer.decode_ids(tok.ids[:tok.length])
-        if len(pieces) == n_prompt - table.length("pad"):
-            return A.align_tokens(pieces, table)
-    counters: dict[str, int] = {}
-    labels = []
-    for kind in A.token_kinds(table):
-        i = counters.get(kind, 0)
-        counters[kind] = i + 1
-        labels.append({"instruction": "i", "template": "t", "pad": "p"}[kind] + str(i))
-    return labels
+    return prompt_tokens(table, q.prompt, args.tokenizer)[0]  # positional labels without --tokenizer
 
 
 def main(args: Args) -> dict:

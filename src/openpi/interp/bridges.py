@@ -219,19 +219,22 @@ class _IouArrays:
         return gh
 
 
-def prompt_tokens(table: A.SpanTable, prompt: str) -> tuple[list[str], str]:
-    """One label per prompt position of ``table``: the embedded tokenizer's pieces when re-tokenizing the prompt
-    reproduces the recorded layout (Pi0), else positional labels (i0.., t0.., p0..); the second value says which."""
-    if table.model == "pi0":
+def prompt_tokens(table: A.SpanTable, prompt: str, tokenizer: str | pathlib.Path | None = "embedded"
+                  ) -> tuple[list[str], str]:
+    """One label per prompt position of ``table``: a tokenizer's pieces (default the embedded one; None: none) when
+    re-tokenizing the prompt reproduces the recorded layout (Pi0), else positional labels (i0.., t0.., p0..); the
+    second value says which."""
+    if table.model == "pi0" and tokenizer is not None:
         from openpi.models.tokenizer import EMBEDDED_TOKENIZER, PromptTokenizer
 
+        path = EMBEDDED_TOKENIZER if tokenizer == "embedded" else pathlib.Path(tokenizer)
         n_prompt = table.prompt_indices().size
-        tokenizer = PromptTokenizer(EMBEDDED_TOKENIZER, n_prompt, on_overflow="truncate")
-        tok = tokenizer.tokenize(prompt)
-        pieces = tokenizer.decode_ids(tok.ids[:tok.length])
+        tok_model = PromptTokenizer(path, n_prompt, on_overflow="truncate")
+        tok = tok_model.tokenize(prompt)
+        pieces = tok_model.decode_ids(tok.ids[:tok.length])
         if len(pieces) == n_prompt - table.length("pad") and (tok.instruction[1] - tok.instruction[0]
                                                                == table.length("instruction")):
-            return A.align_tokens(pieces, table), f"decoded with {EMBEDDED_TOKENIZER.name}"
+            return A.align_tokens(pieces, table), f"decoded with {path.name}"
     counters: dict[str, int] = {}
     labels = []
     for kind in A.token_kinds(table):
