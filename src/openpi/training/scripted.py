@@ -112,7 +112,7 @@ def quat_about_z(angle: float) -> np.ndarray:
 class ControllerParams:
     gain: float = 12.0  # action = gain * position error (m), clipped to [-1, 1]
     rot_gain: float = 1.0
-    tolerance_m: float = 0.01  # a waypoint counts as reached within this distance
+    tolerance_m: float = 0.01  # a waypoint counts as reached within this distance (above_* phases: horizontally)
     rot_tolerance_rad: float = 0.1  # ... and, before descending, the wrist yaw within this angle
     clearance_m: float = 0.03  # travel heights clear the boxes along the way by this much
     min_lift_m: float = 0.08  # lift at least this far above the grasp height (out of a drawer, off a support)
@@ -120,11 +120,13 @@ class ControllerParams:
     place_dz: float = 0.04  # release height of the carried object's origin above the target's origin
     slow_dz: float = 0.05  # within this height above the grasp point, descend slowly ...
     slow_action: float = 0.35  # ... with actions clipped to this (about 1 cm per step)
-    stall_steps: int = 8  # a phase whose eef moved < stall_m over this many steps is stuck ...
-    stall_m: float = 0.004
-    stall_slack_m: float = 0.01  # ... and counts as reached within this of its waypoint (a touch, not a miss) ...
-    place_slack_m: float = 0.025  # ... or this when lowering the held object (it is dropped from a little higher)
-    descend_dz_m: float = 0.004  # the grasp height must be met this closely (pads on the wall, not above it)
+    min_action: float = 0.1  # floor on the position action's size short of a waypoint (no slow exponential tail)
+    grasp_tol_m: float = 0.004  # the grasp point must be met this closely, along and across (pads on the wall)
+    stall_steps: int = 8  # a phase whose eef moved < stall_m over this many steps is stuck; it counts as arrived
+    stall_m: float = 0.004  # ... when within touch_tol_m of the grasp point (touching the object or its support)
+    touch_tol_m: float = 0.008
+    reach_slack_m: float = 0.025  # ... or, over the object / target and lowering, within this horizontally (the arm
+    reach_slack_dz_m: float = 0.04  # stretched out cannot quite reach; lowering then drops the object from higher)
     close_steps: int = 12
     open_steps: int = 8
     lost_m: float = 0.04  # the held object has slipped when its offset from the grip changed by more than this
@@ -276,19 +278,20 @@ class PickPlaceController:
         elif self.phase in ("rise", "lift", "retreat"):
             finished = abs(err[2]) < 0.02  # in the air only the height matters
         else:
-            dist = float(np.linalg.norm(err))
+            xy, dz = float(np.linalg.norm(err[:2])), abs(float(err[2]))
+            turned = True
             if self.phase in ("above_object", "above_target"):
-                # Over the spot near travel height (the arm may not quite reach it far out), wrist turned: the
-                # next phase goes straight down.
-                reached = np.linalg.norm(err[:2]) < p.tolerance_m and abs(err[2]) < 0.03
+                # Over the spot near travel height, wrist turned: the next phase goes straight down.
+                reached = xy < p.tolerance_m and dz < 0.03
+                stuck_ok = xy < p.reach_slack_m and dz < p.reach_slack_dz_m
                 turned = rot_err < p.rot_tolerance_rad
             elif self.phase == "descend":
-                reached, turned = np.linalg.norm(err[:2]) < p.tolerance_m and abs(err[2]) < p.descend_dz_m, True
-            else:
-                reached, turned = dist < p.tolerance_m, True
-            # Touching the object or its support just short of the waypoint counts as arriving.
-            slack = p.place_slack_m if self.phase == "lower" else p.stall_slack_m
-            finished = turned and (reached or (self._stalled() and dist < slack))
+                reached = xy < p.grasp_tol_m and dz < p.grasp_tol_m
+                stuck_ok = xy < p.touch_tol_m and dz < p.touch_tol_m
+            else:  # lower
+                reached = float(np.linalg.norm(err)) < p.tolerance_m
+                stuck_ok = xy < p.reach_slack_m and dz < p.reach_slack_dz_m
+            finished = turned and (reached or (self._stalled() and stuck_ok))
         if finished:
             self._next(self.PHASES[self.PHASES.index(self.phase) + 1])
         elif self._phase_steps > p.phase_timeout:
@@ -338,7 +341,11 @@ class PickPlaceController:
         limit = 1.0
         if self.phase == "descend" and eef[2] - target[2] < p.slow_dz:
             limit = p.slow_action  # near the object and its neighbours: creep
-        action[:3] = np.clip(p.gain * (target - eef), -limit, limit)
+        move = p.gain * (target - eef)
+        size = float(np.linalg.norm(move))
+        if 0.0 < size < p.min_action and np.linalg.norm(target - eef) > p.grasp_tol_m / 2:
+            move *= p.min_action / size
+        action[:3] = np.clip(move, -limit, limit)
         action[3:6] = np.clip(p.rot_gain * rot / ROT_LIMIT_RAD, -1.0, 1.0)
         action[6] = grip
         return action
