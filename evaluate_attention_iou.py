@@ -32,7 +32,8 @@ class Args:
     layers: tuple[int, ...] | None = None
     """layer indices (default: every recorded layer)."""
     steps: tuple[int, ...] | None = None
-    """denoising steps to average (as stored: 0 = first; default every recorded step)."""
+    """denoising steps to average (as stored: 0 = first; default every recorded step). Pi0-FAST recordings: decoding
+    steps, of which only those that generated an action token are scored."""
     camera: Literal["base_0_rgb", "left_wrist_0_rgb"] = "base_0_rgb"
     """camera whose attention is scored against its instance mask."""
     overlays: bool = False

@@ -29,6 +29,9 @@ class Args:
     random_weights: bool = False
     """Seeded random weights of the same architecture: the untrained baseline."""
     tokenizer: str | None = None
+    coefficient_count: str = "openpi"
+    """Pi0-FAST configs: decode a wrong DCT coefficient count to zeros ("openpi") or fit it ("fit"); see
+    docs/pi0_fast.md."""
     task_suite_name: str = "libero_spatial"
     task_ids: tuple[int, ...] | None = None
     """Subset of task ids (default: all tasks of the suite)."""
@@ -67,8 +70,9 @@ def main(args: Args, env_factory: rollout.EnvFactory | None = None) -> dict:
                                 save_video=args.save_video, render_every_step=args.render_every_step)
     plan = rollout.plan_suite_episodes(args.task_suite_name, args.task_ids, args.num_trials_per_task, args.first_trial)
     mine = rollout.shard_episodes(plan, args.shard_index, args.num_shards)
+    fast = {"coefficient_count": args.coefficient_count} if args.coefficient_count != "openpi" else {}
     policy = policy_config.create_policy(args.policy_config, args.policy_dir, tokenizer=args.tokenizer,
-                                         seed=args.policy_seed, random_weights=args.random_weights)
+                                         seed=args.policy_seed, random_weights=args.random_weights, **fast)
     extra = {"server_metadata": policy.metadata, "suite": args.task_suite_name}
     try:
         summary = rollout.evaluate(cfg, policy, mine, expected=plan, run_extra=extra, env_factory=env_factory,

@@ -6,6 +6,8 @@ Same command shape as openpi's ``scripts/serve_policy.py``:
     python scripts/serve_policy.py policy:checkpoint --policy.config pi0_tiny     # same shapes as openpi's fixtures, random
     python scripts/serve_policy.py --env LIBERO --port 8000 policy:default
     python scripts/serve_policy.py policy:checkpoint --policy.config pi0_libero --policy.dir /ckpt/pi0_libero
+    python scripts/serve_policy.py policy:checkpoint --policy.config pi0_fast_libero --policy.dir /ckpt/pi0_fast_libero \
+        --policy.fast-tokenizer /ckpt/fast                          # Pi0-FAST (autoregressive)
     python scripts/serve_policy.py --record-dir out/acts --record 'llm.expert1.layer.3.resid_post?tokens=actions' \
         'llm.layer.*.attn.probs?tokens=actions&reduce=heads'      # names: HOOKS.md
 
@@ -42,12 +44,20 @@ class Checkpoint:
     """Load a policy from a trained checkpoint."""
 
     config: str
-    """Named config, e.g. pi0_libero, pi05_libero, pi0_tiny_spatial, pi0_tiny."""
+    """Named config, e.g. pi0_libero, pi05_libero, pi0_fast_libero, pi0_tiny_spatial, pi0_tiny, pi0_fast_tiny."""
     dir: str | None = None
     """Checkpoint directory (holds params/ and assets/); default: the config's embedded checkpoint if it has one,
     else seeded random weights (tiny configs only)."""
     tokenizer: str | None = None
     """PaliGemma SentencePiece file (else $OPENPI_TOKENIZER or <dir>/paligemma_tokenizer.model)."""
+    fast_tokenizer: str | None = None
+    """Pi0-FAST configs: FAST action tokenizer folder (else $OPENPI_FAST_TOKENIZER, <dir>/fast_tokenizer, or the
+    config's embedded one)."""
+    temperature: float = 0.0
+    """Pi0-FAST configs: sampling temperature (0: greedy, openpi's default)."""
+    coefficient_count: str = "openpi"
+    """Pi0-FAST configs: a generated chunk with the wrong number of DCT coefficients decodes to zeros as in openpi
+    ("openpi") or is fitted ("fit": missing high frequencies 0, extra dropped); both are flagged in the reply."""
 
 
 @dataclasses.dataclass
@@ -89,6 +99,12 @@ def policy_kwargs(args: Args) -> dict[str, Any]:
         kwargs.update(config_name=args.policy.config, checkpoint_dir=args.policy.dir)
         if args.policy.tokenizer is not None:
             kwargs["tokenizer"] = args.policy.tokenizer
+        if args.policy.fast_tokenizer is not None:
+            kwargs["fast_tokenizer"] = args.policy.fast_tokenizer
+        if args.policy.temperature:
+            kwargs["temperature"] = args.policy.temperature
+        if args.policy.coefficient_count != "openpi":
+            kwargs["coefficient_count"] = args.policy.coefficient_count
     if args.record_dir is not None:
         kwargs.update(record_dir=args.record_dir, record_sites=tuple(args.record) or None)
         if args.writer_id is not None:

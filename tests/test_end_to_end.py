@@ -63,3 +63,36 @@ def test_tiny_policy_libero_episode_records_and_joins(tmp_path):
         np.testing.assert_array_equal(q.frames["agentview"] if "agentview" in q.frames else q.frames["base_0_rgb"],
                                       frames["agentview"][q.frame_row])
         assert q.object_ids  # objects of interest found in the segmentation
+
+
+@pytest.mark.libero
+def test_fast_policy_libero_episode_records_and_scores_attention(tmp_path):
+    """Pi0-FAST through the server in LIBERO: attention of every generated action token recorded per decoding
+    step, joined with the frames it saw and scored by the attention-IoU analysis as Pi0's rows are."""
+    from openpi.interp.recorded_iou import evaluate_run
+
+    store_dir, out = tmp_path / "store", tmp_path / "rollouts"
+    policy = create_policy("pi0_fast_tiny_spatial", record_sites=["llm.layer.*.attn.probs?reduce=heads"],
+                           record_dir=str(store_dir))
+    assert policy.metadata["trained"]
+    main = _load_main()
+    with BackgroundServer(policy, port=0) as srv:
+        args = main.Args(host="127.0.0.1", port=srv.port, task_ids=(0,), num_trials_per_task=1, max_steps=10,
+                         num_steps_wait=2, run_id="fast", out_dir=str(out), video_out_path=str(tmp_path / "videos"),
+                         save_frames=True, connect_timeout_s=60, first_trial=40)
+        summary = main.main(args)
+    policy.close()
+    assert summary["total"]["episodes"] == 1 and summary["total"]["errors"] == 0
+    store = ActivationStore(store_dir)
+    keys = store.keys("llm.layer.0.attn.probs")
+    p = policy.model.config.prefix_len
+    np.testing.assert_array_equal(keys["token_index"], p + keys["denoise_step"])  # step s's token sits at P + s
+    assert sorted(set(keys["env_step"].tolist())) == [0, 5]
+    queries = list(RecordedRun(store_dir, out).queries())
+    assert [q.env_step for q in queries] == [0, 5]  # the trained model's chunks decoded at both queries
+    for q in queries:
+        tab = q.table_dict
+        a, b = tab["spans"]["actions"]
+        assert q.steps == [s for s in range(tab["valid_steps"]) if a <= p + s < b]  # action-token steps only
+    result = evaluate_run(store_dir, out, tmp_path / "iou", camera="base_0_rgb", n_boot=50)
+    assert result["counts"]["queries"] == 2 and result["counts"]["episodes"] == 1

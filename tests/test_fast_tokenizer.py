@@ -73,6 +73,25 @@ def test_invalid_sequences_are_flagged_not_raised(tok):
         assert isinstance(result.ok, bool) and (result.ok or result.reason)
 
 
+def test_fit_length_decodes_a_miscounted_sequence_and_says_so(tok):
+    """Too many coefficients: the extras are dropped, giving exactly the full decode. Too few: the missing highest
+    frequencies are 0, far closer to the chunk than the reference's zero chunk. Both flagged ``fitted``."""
+    chunk = planted_chunks(1, seed=5)[0]
+    ids = tok.encode(chunk)
+    full = tok.decode(ids)
+    longer = tok.decode(ids + ids[-2:], fit_length=True)
+    assert not tok.decode(ids + ids[-2:]).ok and longer.ok and longer.fitted and "fitted" in longer.reason
+    np.testing.assert_array_equal(longer.coefficients, full.coefficients)
+    shorter = tok.decode(ids[:-1], fit_length=True)
+    assert not tok.decode(ids[:-1]).ok and shorter.ok and shorter.fitted
+    n_missing = T * D - len("".join(tok.bpe.decode(ids[:-1])))
+    np.testing.assert_array_equal(shorter.coefficients.reshape(-1)[:T * D - n_missing],
+                                  full.coefficients.reshape(-1)[:T * D - n_missing])
+    assert (shorter.coefficients.reshape(-1)[T * D - n_missing:] == 0).all()
+    assert np.abs(shorter.actions - chunk).mean() < 0.5 * np.abs(chunk).mean()  # zeros would be off by all of it
+    assert not full.fitted and full.reason == ""
+
+
 def test_out_of_range_chunk_is_an_error_unless_clamped(tok):
     chunk = planted_chunks(1, seed=4)[0] * 50
     with pytest.raises(ValueError, match="min_token"):

@@ -172,3 +172,32 @@ def test_official_openpi_client_against_our_server(client_python):
 
     # Byte-identical encoding: openpi-client (numpy 1) and our packb (numpy 2) produce the same bytes.
     assert bytes.fromhex(out["reference_hex"]) == msgpack_numpy.packb(reference_object())
+
+
+FAST_SNIPPET = COMMON + textwrap.dedent(
+    """
+    import json, sys
+    from openpi_client import websocket_client_policy
+
+    client = websocket_client_policy.WebsocketClientPolicy(host=sys.argv[1], port=int(sys.argv[2]))
+    meta = client.get_server_metadata()
+    reply = client.infer(make_obs())
+    print(json.dumps({"model": meta["model"], "config": meta["config"], "shape": list(reply["actions"].shape),
+                      "finite": bool(np.isfinite(reply["actions"]).all()), "fast_decode": reply["fast_decode"]}))
+    """
+)
+
+
+def test_official_openpi_client_against_a_served_pi0_fast(client_python):
+    """The real Pi0-FAST policy behind our server: the official client gets a (10, 7) chunk and the decode report."""
+    from openpi.policies.policy_config import create_policy
+
+    policy = create_policy("pi0_fast_tiny_spatial")
+    with BackgroundServer(policy) as srv:
+        proc = subprocess.run([str(client_python), "-c", FAST_SNIPPET, "127.0.0.1", str(srv.port)],
+                              capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, f"openpi-client snippet failed:\n{proc.stdout}\n{proc.stderr}"
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert out["model"] == "pi0_fast" and out["config"] == "pi0_fast_tiny_spatial"
+    assert out["shape"] == [HORIZON, 7] and out["finite"]
+    assert set(out["fast_decode"]) == {"ok", "reason", "action_tokens", "decoding_steps"}

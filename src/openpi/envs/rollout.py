@@ -25,7 +25,8 @@ Episode record (``<out>/episodes/<stem>.json``), schema ``vla-interp/libero-epis
     steps: executed policy steps T (settle steps not counted); max_steps, settle_steps, replan_steps, resize_size,
         render_every_step (false: cameras rendered only at query steps; the video holds one frame per query)
     actions: T x 7 executed actions (after any random-action perturbation); states: T x 8 policy state per step
-    chunks: list of {env_step, replan_index, actions: H x 7} -- every chunk the policy returned
+    chunks: list of {env_step, replan_index, actions: H x 7} -- every chunk the policy returned (Pi0-FAST
+        replies add ``fast_decode``: {ok, reason, action_tokens, decoding_steps, fitted})
     perturbations: {config, prompt, visual, random_actions, object_shift} (see openpi.envs.perturbations)
     objects_of_interest: BDDL names; object_matches: [{name, instance, instance_id, kind}]
     instance_names: {"<id>": name} of segmentation instances (0 = background); warnings: [str]
@@ -373,7 +374,10 @@ def _run_episode(env: libero_env.LiberoTaskEnv, policy: PolicyLike, spec: Episod
             if failure is not None:
                 logger.warning("%s: %s", key.stem, failure)
                 break
-            chunks.append({"env_step": env_step, "replan_index": replan_index, "actions": chunk})
+            entry = {"env_step": env_step, "replan_index": replan_index, "actions": chunk}
+            if isinstance(reply.get("fast_decode"), dict):  # Pi0-FAST: whether the chunk decoded (or was fitted)
+                entry["fast_decode"] = reply["fast_decode"]
+            chunks.append(entry)
             queue.extend(chunk[: cfg.replan_steps])
 
         action, _ = plan.random_actions(queue.popleft(), env_step)

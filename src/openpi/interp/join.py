@@ -13,6 +13,8 @@ about. Two rules, written once here:
   ended). :func:`row_labels` gives every row its predicted and executed action; rows that are not one action
   token (token-reduced rows, attention rows, the state token) get the query's chunk action 0.
   ``j = token_index - start of the actions span`` of the row's own span table, never a row position.
+  Pi0-FAST's generated tokens are DCT coefficients of the whole chunk, not one chunk row each: their span tables
+  say ``actions_are_chunk_rows: false`` and every such row gets chunk action 0 (the action executed at t).
 """
 from __future__ import annotations
 
@@ -157,7 +159,8 @@ def record_of(rollouts: RolloutDir, key: EpisodeKey, source: str):
 
 def action_index(token_index: np.ndarray, span_tables: Sequence[Mapping[str, Any]], source: str) -> np.ndarray:
     """Which chunk action each row's token predicts: ``token_index - start of the actions span`` of the row's span
-    table for rows inside that span, -1 for every other row (token-reduced rows have token_index -1)."""
+    table for rows inside that span, -1 for every other row (token-reduced rows have token_index -1). Tables with
+    ``actions_are_chunk_rows: false`` (Pi0-FAST: a token is a compressed piece of the whole chunk) give -1."""
     token_index = np.asarray(token_index, np.int64)
     if len(span_tables) != len(token_index):
         raise JoinError(f"{source}: {len(span_tables)} span tables for {len(token_index)} rows")
@@ -165,6 +168,8 @@ def action_index(token_index: np.ndarray, span_tables: Sequence[Mapping[str, Any
     spans: dict[int, tuple[int, int]] = {}
     for i in np.flatnonzero(token_index >= 0):
         table = span_tables[i]
+        if not table.get("actions_are_chunk_rows", True):
+            continue
         if id(table) not in spans:
             try:
                 a, b = table["spans"]["actions"]

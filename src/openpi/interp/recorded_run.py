@@ -12,7 +12,10 @@ A :class:`PolicyQuery` is one inference (one ``(episode, env_step)`` at which th
   ``steps`` the selected denoising steps, ``layers`` the selected ``llm.layer.<i>.attn.probs`` sites, ``heads``
   of length 1 when heads were averaged at recording time (``reduce=heads``), ``queries`` the **action** query
   tokens only (Pi0's state query is dropped using the span table's ``actions`` span; length 1 when queries were
-  averaged at recording time over action tokens). Axes listed in ``reduce`` are averaged away at load time
+  averaged at recording time over action tokens). For Pi0-FAST, ``steps`` are the decoding steps that generated
+  an action token (one query each; the row of step ``s`` is the query at joint index ``P + s`` and the span
+  table's ``actions`` span says which steps those are); an inference whose output did not decode has none and is
+  skipped with a warning. Axes listed in ``reduce`` are averaged away at load time
   (``axes`` names what is left), which keeps memory small when an analysis only needs means.
 - ``frames`` / ``masks``: ``{camera span name: (H, W, 3) uint8 / (H, W) int32}`` at that env step, taken from the
   frames npz row whose ``env_step`` equals the query's (``agentview`` -> ``base_0_rgb``, ``wrist`` ->
@@ -75,7 +78,8 @@ class RowLayout:
 
     site: str
     axes: tuple[str, ...]  # axes of one stored row, "key" last
-    token_index: np.ndarray  # joint-sequence index of each recorded query token
+    token_index: np.ndarray  # joint-sequence index of each recorded query token (at step 0 when it moves)
+    step_stride: int = 0  # Pi0-FAST decoding points: the query of step s is token_index + s
 
     @classmethod
     def of(cls, store: ActivationStore, site: str) -> RowLayout:
@@ -95,7 +99,7 @@ class RowLayout:
         if "query" in axes and shape[axes.index("query")] != tokens.size:
             raise JoinError(f"{site}: rows hold {shape[axes.index('query')]} queries but the store lists "
                             f"{tokens.size} recorded query tokens")
-        return cls(site, axes, tokens)
+        return cls(site, axes, tokens, int(info.get("token_step_stride", 0)))
 
     @property
     def has_heads(self) -> bool:
@@ -105,10 +109,14 @@ class RowLayout:
     def has_queries(self) -> bool:
         return "query" in self.axes
 
-    def action_rows(self, table: Mapping[str, Any]) -> np.ndarray:
-        """Positions along the stored query axis of the action tokens (empty when queries were averaged)."""
+    def action_rows(self, table: Mapping[str, Any], step: int = -1) -> np.ndarray | None:
+        """Positions along the stored query axis of the action tokens (empty when queries were averaged). For a
+        Pi0-FAST decoding step whose token is not an action token ("Action: ", "|", end of sequence): None."""
         a, b = (int(v) for v in table["spans"]["actions"])
-        is_action = (self.token_index >= a) & (self.token_index < b)
+        index = self.token_index + self.step_stride * max(int(step), 0)
+        is_action = (index >= a) & (index < b)
+        if self.step_stride and not is_action.any():
+            return None
         if not is_action.any():
             raise JoinError(f"{self.site}: recorded query tokens {self.token_index.tolist()} include no action token "
                             f"(actions span [{a}, {b}))")
@@ -120,15 +128,19 @@ class RowLayout:
                             "tokens=actions to analyse action queries")
         return np.zeros(0, np.int64)
 
-    def query_rows(self, row: np.ndarray, table: Mapping[str, Any]) -> np.ndarray:
-        """One stored row -> (heads, action queries, keys) float32."""
+    def query_rows(self, row: np.ndarray, table: Mapping[str, Any], step: int = -1) -> np.ndarray | None:
+        """One stored row -> (heads, action queries, keys) float32; None for a Pi0-FAST decoding step that did
+        not generate an action token."""
         if row.shape[-1] != int(table["seq_len"]):
             raise JoinError(f"{self.site}: rows have {row.shape[-1]} keys but the span table's seq_len is "
                             f"{table['seq_len']}")
+        rows = self.action_rows(table, step)
+        if rows is None:
+            return None
         row = np.asarray(row, np.float32)
         if not self.has_heads:
             row = row[None]
-        return row[..., self.action_rows(table), :] if self.has_queries else row[..., None, :]
+        return row[..., rows, :] if self.has_queries else row[..., None, :]
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -268,8 +280,16 @@ class RecordedRun:
                 if step in groups.setdefault(inf, {}):
                     raise JoinError(f"{site}: episode {key.stem} attempt {rec.attempt!r} has two rows for env_step "
                                     f"{inf[0]}, replan {inf[1]}, denoising step {step}")
-                groups[inf][step] = self.layouts[layer].query_rows(x[i], row_tables[i])
                 tables.setdefault(inf, row_tables[i])
+                rows = self.layouts[layer].query_rows(x[i], row_tables[i], step)
+                if rows is not None:  # Pi0-FAST: only the decoding steps that generated action tokens
+                    groups[inf][step] = rows
+            for inf in [inf for inf, rows in groups.items() if not rows]:
+                del groups[inf]
+                note = (f"episode {key.stem}: the inference at env_step {inf[0]} generated no action token (its "
+                        "Pi0-FAST output did not decode); not scored")
+                if layer == next(iter(self.layer_sites)) and note not in self.warnings:
+                    self.warnings.append(note)
             per_layer[layer] = groups
         first = next(iter(per_layer.values()))
         env_steps = [inf for inf in sorted(first) if self._answered(key, rec, inf[0])]

@@ -36,6 +36,8 @@ def site_info(record: Record, table: HookTable, name: str) -> dict:
     kept = record.kept_tokens(point, table)
     if kept is not None:
         info["token_index"] = [int(i) for i in kept]
+        if point.token_step_stride:  # Pi0-FAST decoding points: at step s the token sits at token_index + s
+            info["token_step_stride"] = point.token_step_stride
     return info
 
 
@@ -99,7 +101,8 @@ class StoreRecorder:
         info = site_info(rec, self.table, name)
         if point.per_step:
             steps = resolve_steps(rec.steps, self.num_steps)  # the recorded steps, in order
-            per_step = [(s, value[i, 0]) for i, s in enumerate(steps)]
+            valid = int(table.get("valid_steps", self.num_steps))  # Pi0-FAST: steps after its end of sequence
+            per_step = [(s, value[i, 0]) for i, s in enumerate(steps) if s < valid]
         else:
             per_step = [(-1, value[0])]
         one_row_per_token = "token" in point.axes and "tokens" not in rec.reduce
@@ -107,9 +110,13 @@ class StoreRecorder:
             keys = base | {"denoise_step": step}
             if not one_row_per_token:  # attention maps, token means, scalars: one row per step
                 span = rec.tokens if rec.tokens != "all" else ""
-                self.writer.add(name, arr[None], keys | {"token_index": -1, "span": span}, info=info)
+                index = -1
+                if point.token_step_stride and "tokens" not in rec.reduce:  # one query that moves with the step
+                    (index,) = point.joint_index_at(info["token_index"], step)
+                    span = span_name_of(table, int(index))
+                self.writer.add(name, arr[None], keys | {"token_index": int(index), "span": span}, info=info)
                 continue
-            tokens = np.asarray(info["token_index"])
+            tokens = point.joint_index_at(info["token_index"], step)
             self.writer.add(name, arr, keys | {"token_index": tokens,
                                                "span": np.array([span_name_of(table, t) for t in tokens])},
                             info=info)

@@ -25,7 +25,7 @@ from collections.abc import Callable, Sequence
 import numpy as np
 
 from openpi.models.fast_tokenizer import FASTTokenizer
-from openpi.models.tokenizer import discretize_state
+from openpi.models.tokenizer import common_prefix_length, discretize_state
 
 logger = logging.getLogger(__name__)
 
@@ -38,9 +38,12 @@ def clean_fast_prompt(text: str) -> str:
     return text.lower().strip().replace("_", " ")
 
 
+def state_bins_text(state: np.ndarray) -> str:
+    return " ".join(str(int(v)) for v in discretize_state(np.asarray(state)))
+
+
 def prefix_text(prompt: str, state: np.ndarray) -> str:
-    bins = " ".join(str(int(v)) for v in discretize_state(np.asarray(state)))
-    return f"Task: {clean_fast_prompt(prompt)}, State: {bins};\n"
+    return f"Task: {clean_fast_prompt(prompt)}, State: {state_bins_text(state)};\n"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -53,6 +56,8 @@ class FASTPrompt:
     loss_mask: np.ndarray  # bool: postfix tokens (predicted by the loss)
     prefix_len: int
     length: int
+    instruction: tuple[int, int] = (0, 0)  # [start, end) of the instruction words among the prompt positions
+    state: tuple[int, int] | None = None  # [start, end) of the discretised state bins among the prompt positions
 
 
 @dataclasses.dataclass(frozen=True)
@@ -63,6 +68,7 @@ class ParsedActions:
     actions: np.ndarray | None
     reason: str = ""
     fast_tokens: np.ndarray | None = None  # raw FAST tokens found between "Action: " and "|"
+    fitted: bool = False  # ok only because the coefficient count was fitted (FASTTokenizer.decode fit_length)
 
 
 def _find(seq: Sequence[int], sub: Sequence[int], start: int = 0) -> int:
@@ -146,40 +152,65 @@ class FASTPromptFormat:
     def postfix_ids(self, fast_tokens: Sequence[int]) -> list[int]:
         return self.action_marker + self.action_ids(fast_tokens).tolist() + self.end_marker + [self.eos_id]
 
-    def tokenize(self, prompt: str, state: np.ndarray, actions: np.ndarray | None = None) -> FASTPrompt:
-        """Training sequence when ``actions`` (horizon, action_dim) are given, else the inference prefix."""
+    def tokenize(self, prompt: str, state: np.ndarray, actions: np.ndarray | None = None, *,
+                 clamp: bool = False) -> FASTPrompt:
+        """Training sequence when ``actions`` (horizon, action_dim) are given, else the inference prefix.
+        ``clamp``: clamp DCT coefficients below the FAST tokenizer's range (training on normalised demos whose
+        tails fall just outside what the tokenizer was fitted on) instead of raising."""
         prefix = [self.bos_id] + list(self.encode_text(prefix_text(prompt, state)))
-        postfix = [] if actions is None else self.postfix_ids(self.fast.encode(actions))
-        return self.assemble(prefix, postfix)
+        postfix = [] if actions is None else self.postfix_ids(self.fast.encode(actions, clamp=clamp))
+        out = self.assemble(prefix, postfix)
+        # Where the instruction and the state bins sit: where the whole encoding agrees with the encoding of the
+        # text up to the end of each piece (SentencePiece may merge across a boundary; that token then counts as
+        # template).
+        text, bins = clean_fast_prompt(prompt), state_bins_text(state)
+        upto = [common_prefix_length(prefix, [self.bos_id] + list(self.encode_text(piece)))
+                for piece in ("Task: ", f"Task: {text}", f"Task: {text}, State: ", f"Task: {text}, State: {bins}")]
+        n = out.prefix_len
+        start, end = min(upto[0], n), min(upto[1], n)
+        s0 = min(max(upto[2], end), n)
+        return dataclasses.replace(out, instruction=(start, end), state=(s0, min(max(upto[3], s0), n)))
 
     # -------------------------------------------------------------------------------------------- parsing
 
-    def extract_fast_tokens(self, generated: Sequence[int] | np.ndarray) -> tuple[np.ndarray | None, str]:
-        """Raw FAST tokens of a generated sequence, or (None, reason)."""
+    def action_positions(self, generated: Sequence[int] | np.ndarray) -> tuple[int, int, str]:
+        """[start, end) of the action tokens among the generated ids (the decoding steps that produced them), or
+        (0, 0, reason) when the sequence holds no well-formed run of them."""
         ids = [int(i) for i in np.asarray(generated).reshape(-1)]
         if self.eos_id in ids:
             ids = ids[:ids.index(self.eos_id)]
         start = _find(ids, self.action_marker)
         if start < 0:
-            return None, f"no 'Action: ' marker {self.action_marker} in the generated ids"
+            return 0, 0, f"no 'Action: ' marker {self.action_marker} in the generated ids"
         body_start = start + len(self.action_marker)
         end = _find(ids, self.end_marker, body_start)
-        body = np.asarray(ids[body_start:] if end < 0 else ids[body_start:end], np.int64)
+        body_end = len(ids) if end < 0 else end
+        body = np.asarray(ids[body_start:body_end], np.int64)
         if body.size == 0:
-            return None, "no action tokens after 'Action: '"
+            return 0, 0, "no action tokens after 'Action: '"
         outside = np.flatnonzero(~self.is_action_id(body))
         if outside.size:
             k = int(outside[0])
-            return None, (f"id {int(body[k])} at generated position {body_start + k} is not an action token "
+            return 0, 0, (f"id {int(body[k])} at generated position {body_start + k} is not an action token "
                           f"(action ids are {self.action_id_range[0]}..{self.action_id_range[1]})")
-        return self.fast_tokens(body), ""
+        return body_start, body_end, ""
 
-    def parse(self, generated: Sequence[int] | np.ndarray, action_horizon: int, action_dim: int) -> ParsedActions:
-        """Generated ids -> (action_horizon, action_dim) normalised actions, or a flagged failure."""
+    def extract_fast_tokens(self, generated: Sequence[int] | np.ndarray) -> tuple[np.ndarray | None, str]:
+        """Raw FAST tokens of a generated sequence, or (None, reason)."""
+        start, end, reason = self.action_positions(generated)
+        if reason:
+            return None, reason
+        return self.fast_tokens(np.asarray(generated).reshape(-1)[start:end].astype(np.int64)), ""
+
+    def parse(self, generated: Sequence[int] | np.ndarray, action_horizon: int, action_dim: int, *,
+              fit_length: bool = False) -> ParsedActions:
+        """Generated ids -> (action_horizon, action_dim) normalised actions, or a flagged failure
+        (``fit_length``: see ``FASTTokenizer.decode``; ``reason`` then notes a fitted count)."""
         fast_tokens, reason = self.extract_fast_tokens(generated)
         if fast_tokens is None:
             return ParsedActions(False, None, reason)
-        decoded = self.fast.decode(fast_tokens, time_horizon=action_horizon, action_dim=action_dim)
+        decoded = self.fast.decode(fast_tokens, time_horizon=action_horizon, action_dim=action_dim,
+                                   fit_length=fit_length)
         if not decoded.ok:
             return ParsedActions(False, None, f"FAST decoding failed: {decoded.reason}", fast_tokens)
-        return ParsedActions(True, decoded.actions, "", fast_tokens)
+        return ParsedActions(True, decoded.actions, decoded.reason, fast_tokens, decoded.fitted)

@@ -42,6 +42,7 @@ class FASTDecodeResult:
     actions: np.ndarray | None
     reason: str = ""
     coefficients: np.ndarray | None = None  # (T, D) integer DCT coefficients when they could be read
+    fitted: bool = False  # decoded with fit_length after a coefficient count that did not fill the chunk
 
 
 def _failure(reason: str, coefficients: np.ndarray | None = None) -> FASTDecodeResult:
@@ -107,8 +108,14 @@ class FASTTokenizer:
     # -------------------------------------------------------------------------------------------- decoding
 
     def decode(self, ids: Sequence[int] | np.ndarray, *, time_horizon: int | None = None,
-               action_dim: int | None = None) -> FASTDecodeResult:
-        """Token ids -> (T, D) actions, or a flagged failure naming what is wrong with the sequence."""
+               action_dim: int | None = None, fit_length: bool = False) -> FASTDecodeResult:
+        """Token ids -> (T, D) actions, or a flagged failure naming what is wrong with the sequence.
+
+        A coefficient count other than T x D fails, as in the reference (which then returns zeros). With
+        ``fit_length`` such a sequence is decoded anyway: coefficients are frequency-major, so the missing ones are
+        the highest frequencies and are taken as 0, extra ones are dropped; ``fitted`` and ``reason`` say so. Why
+        offer it: a small model often misses the count by one or two tokens' worth, and zeros (the reference's
+        answer) throw away a chunk whose low frequencies, which carry almost all of the motion, are right."""
         t = time_horizon or self.time_horizon
         d = action_dim or self.action_dim
         if not t or not d:
@@ -124,11 +131,16 @@ class FASTTokenizer:
         if "\ufffd" in text:
             return _failure("tokens do not form a valid byte sequence (a multi-byte symbol was cut)")
         values = np.array([ord(c) for c in text], np.int64) + self.min_token
+        reason, fitted = "", False
         if values.size != t * d:
-            return _failure(f"decoded {values.size} DCT coefficients, expected {t} x {d} = {t * d}")
+            reason = f"decoded {values.size} DCT coefficients, expected {t} x {d} = {t * d}"
+            if not fit_length:
+                return _failure(reason)
+            values = np.concatenate([values[:t * d], np.zeros(max(t * d - values.size, 0), np.int64)])
+            reason, fitted = reason + " (fitted: missing high frequencies taken as 0, extra ones dropped)", True
         coefficients = values.reshape(t, d)
         actions = idct(coefficients.astype(np.float64) / self.scale, axis=0, norm="ortho")
-        return FASTDecodeResult(True, actions.astype(np.float32), "", coefficients)
+        return FASTDecodeResult(True, actions.astype(np.float32), reason, coefficients, fitted)
 
     # -------------------------------------------------------------------------------------------- files
 

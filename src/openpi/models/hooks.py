@@ -42,7 +42,8 @@ class HookPoint:
     (autoregressive) step; recordings then get a leading ``step`` axis. ``token_start`` / ``num_tokens``: joint-
     sequence index of element 0 of the ``token``/``query`` axis and its length (None when the value has no token
     axis). ``group``: a short phrase shared by the points of one family (HOOKS.md collapses each group into one
-    pattern row).
+    pattern row). ``token_step_stride``: how far the joint index of the token axis moves per step (Pi0-FAST's
+    decoding points: 1, step ``s``'s token sits at ``token_start + s``; 0 for points whose tokens stay put).
     """
 
     name: str
@@ -52,6 +53,11 @@ class HookPoint:
     num_tokens: int | None = None
     description: str = ""
     group: str = ""
+    token_step_stride: int = 0
+
+    def joint_index_at(self, kept: np.ndarray, step: int) -> np.ndarray:
+        """Joint-sequence indices of the kept tokens at one step (``step`` -1: a point called once)."""
+        return np.asarray(kept, np.int64) + self.token_step_stride * max(int(step), 0)
 
     @property
     def token_axis(self) -> int | None:

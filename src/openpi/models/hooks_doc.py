@@ -103,7 +103,11 @@ of a decoding-step point holds one token whose joint-sequence index depends on t
 (= `prefix_len`, the first generated slot) and **joint index = token_start + step**. Keys are in joint order
 (cameras, prompt, then the generated tokens, span `generated`), so camera spans key attention rows as for Pi0.
 Token selectors on decoding-step points must be `all`. Interventions and knockouts work during decoding with
-`steps=` as for Pi0, e.g. `Intervention("llm.decode.layer.2.resid_post", "add", value=v, steps="3")`."""
+`steps=` as for Pi0, e.g. `Intervention("llm.decode.layer.2.resid_post", "add", value=v, steps="3")`.
+Served (`pi0_fast_libero`, `pi0_fast_tiny`, `pi0_fast_tiny_spatial`), a recording stores one row per executed
+decoding step (none after the end of sequence) keyed `denoise_step` = step and `token_index` = P + step; the
+row's span table names the steps that generated action tokens `actions` (docs/pi0_fast.md), so the attention
+analyses score exactly those, e.g. `--record 'llm.layer.*.attn.probs?reduce=heads'`."""
 
 DP_NOTE = """\
 LeRobot's Diffusion Policy (ResNet-18 + spatial softmax per camera, FiLM-conditioned 1-D UNet), shown for a

@@ -117,13 +117,13 @@ def hook_points(config: Pi0FASTConfig, max_decoding_steps: int | None = None) ->
                             ("resid_post", "after layer i's MLP")):
             pts.append(HookPoint(f"llm.decode.layer.{i}.{where}", resid, True, p, 1,
                                  f"residual of the token generated at the step {what} (joint index P + step)",
-                                 "llm.decode.resid"))
+                                 "llm.decode.resid", token_step_stride=1))
         pts.append(HookPoint(f"llm.layer.{i}.attn.probs", pi0.ATTN_AXES, True, p, 1,
                              f"attention of the step's token (query joint index P + step) over all {seq} keys "
-                             "[prefix in input order, generated tokens]", "llm.attn.probs"))
+                             "[prefix in input order, generated tokens]", "llm.attn.probs", token_step_stride=1))
     pts.append(HookPoint("llm.decode.final", resid, True, p, 1,
                          "the step's token after `final_norm` (its logits are the next step's llm.logits)",
-                         "llm.decode.final"))
+                         "llm.decode.final", token_step_stride=1))
     return pts
 
 

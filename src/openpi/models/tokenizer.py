@@ -68,12 +68,12 @@ class PromptTokenizer:
             state_str = " ".join(str(int(v)) for v in discretize_state(np.asarray(state)))
             ids = bos + self._sp.encode(f"Task: {text}, State: {state_str};\nAction: ")
             # The instruction is where the full sequence agrees with "Task: {text}" but not with "Task: ".
-            start = _common_prefix(ids, bos + self._sp.encode("Task: "))
-            end = _common_prefix(ids, bos + self._sp.encode(f"Task: {text}"))
+            start = common_prefix_length(ids, bos + self._sp.encode("Task: "))
+            end = common_prefix_length(ids, bos + self._sp.encode(f"Task: {text}"))
             # The state bins likewise: after "..., State: " and up to where "..., State: {bins}" stops agreeing
             # (SentencePiece may merge the last digit with ";", which then counts as template).
-            s0 = _common_prefix(ids, bos + self._sp.encode(f"Task: {text}, State: "))
-            s1 = _common_prefix(ids, bos + self._sp.encode(f"Task: {text}, State: {state_str}"))
+            s0 = common_prefix_length(ids, bos + self._sp.encode(f"Task: {text}, State: "))
+            s1 = common_prefix_length(ids, bos + self._sp.encode(f"Task: {text}, State: {state_str}"))
             state_span = (max(s0, end), max(s1, s0, end))
         if len(ids) > self.max_len:
             shown = prompt if len(prompt) <= 120 else f"{prompt[:120]}... ({len(prompt)} characters)"
@@ -91,7 +91,8 @@ class PromptTokenizer:
         return TokenizedPrompt(out, mask, clip((start, end)), n, None if state_span is None else clip(state_span))
 
 
-def _common_prefix(a: list[int], b: list[int]) -> int:
+def common_prefix_length(a: list[int], b: list[int]) -> int:
+    """How many leading ids two sequences share (locates a piece of text inside a whole-string encoding)."""
     n = 0
     while n < min(len(a), len(b)) and a[n] == b[n]:
         n += 1

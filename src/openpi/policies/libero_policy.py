@@ -48,7 +48,9 @@ class LiberoTransforms:
     delta_actions: bool = False  # pi0_libero: model predicts deltas for the first 6 dims
     default_prompt: str | None = None
 
-    def inputs(self, obs: dict) -> dict:
+    def parse(self, obs: dict) -> tuple[str, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """Checked request -> (prompt, raw state (8,), normalised state (8,), agent view, wrist) with both images
+        resized with padding to the model's size."""
         if not isinstance(obs, dict):
             raise TypeError(f"observation must be a dict, got {type(obs).__name__}")
         missing = [k for k in (IMAGE_KEY, WRIST_KEY, STATE_KEY) if k not in obs]
@@ -77,18 +79,29 @@ class LiberoTransforms:
             if not np.isfinite(state).all():
                 raise ValueError(f"{STATE_KEY!r} is out of range: it normalises to a non-finite value (max |state| "
                                  f"{float(np.max(np.abs(obs[STATE_KEY]))):.3g})")
+        return prompt, np.asarray(obs[STATE_KEY], np.float32).reshape(-1), state, base, wrist
+
+    def camera_inputs(self, base: np.ndarray, wrist: np.ndarray, pad_slots_valid: bool = False
+                      ) -> tuple[dict[str, np.ndarray], dict[str, bool]]:
+        """Agent view and wrist in the first two camera slots; further slots (the right wrist) zeros, masked out
+        unless ``pad_slots_valid`` (openpi's Pi0-FAST LIBERO policy leaves them unmasked)."""
+        keys = self.config.image_keys
+        images, masks = {keys[0]: base, keys[1]: wrist}, {keys[0]: True, keys[1]: True}
+        for key in keys[2:]:
+            images[key], masks[key] = np.zeros_like(base), pad_slots_valid
+        return images, masks
+
+    def inputs(self, obs: dict) -> dict:
+        prompt, raw_state, state, base, wrist = self.parse(obs)
         padded = np.zeros(self.config.action_dim, np.float32)
         padded[:STATE_DIM] = state
         tok = self.tokenizer.tokenize(prompt, state=state if self.config.discrete_state_input else None)
-        keys = self.config.image_keys
-        images, masks = {keys[0]: base, keys[1]: wrist}, {keys[0]: True, keys[1]: True}
-        for key in keys[2:]:  # slots LIBERO has no camera for (the right wrist): zeros, masked out
-            images[key], masks[key] = np.zeros_like(base), False
+        images, masks = self.camera_inputs(base, wrist)
         return {
             "images": images,
             "image_masks": masks,
             "state": padded,
-            "raw_state": np.asarray(obs[STATE_KEY], np.float32).reshape(-1),
+            "raw_state": raw_state,
             "tokenized_prompt": tok.ids,
             "tokenized_prompt_mask": tok.mask,
             "prompt_length": tok.length,

@@ -26,7 +26,8 @@ import jax
 import numpy as np
 
 from openpi.interp.spans import span_table
-from openpi.models.hooks import AttentionKnockout, HookRequest, Intervention, Record, parse_records, split_requests
+from openpi.models.hooks import (AttentionKnockout, HookRequest, HookTable, Intervention, Record, parse_records,
+                                resolve_steps, split_requests)
 from openpi.models.model import Pi0Model
 from openpi.models.pi0 import hook_table
 from openpi.policies.libero_policy import LiberoTransforms, batch_observation
@@ -49,7 +50,8 @@ class PolicyOutputError(RuntimeError):
 @dataclasses.dataclass(frozen=True)
 class Activation:
     """One recorded hook point: the array, the names of its axes and, along its token/query axis, the
-    joint-sequence index of every kept token (None when the point has no token axis or tokens were averaged)."""
+    joint-sequence index of every kept token (None when the point has no token axis or tokens were averaged;
+    (steps, tokens) for Pi0-FAST's decoding points, whose token moves one slot per step)."""
 
     name: str
     value: np.ndarray
@@ -86,7 +88,7 @@ class ActivationCache(Mapping[str, Activation]):
         return f"ActivationCache({rows})"
 
 
-def _stable_seed(parts: Iterable[Any]) -> int:
+def stable_seed(parts: Iterable[Any]) -> int:
     """A 31-bit integer from values, identical across processes and platforms (Python's hash() is salted)."""
     text = "|".join(str(p) for p in parts)
     return int.from_bytes(hashlib.blake2b(text.encode(), digest_size=4).digest(), "little") & 0x7FFFFFFF
@@ -100,7 +102,7 @@ class Policy:
         self.model = model
         self.transforms = transforms
         self.metadata = dict(metadata or {})
-        self.table = hook_table(model.config)
+        self.table = self._hook_table(model.config, num_steps)
         self.records = parse_records(records)
         self.interventions = tuple(interventions)
         self.knockouts = tuple(knockouts)
@@ -110,6 +112,10 @@ class Policy:
         self.seed = seed
         self._rng = jax.random.key(seed)
 
+    @staticmethod
+    def _hook_table(config, num_steps: int) -> HookTable:
+        return hook_table(config)
+
     # ------------------------------------------------------------------------------------------ noise
 
     def noise_for(self, meta: Mapping[str, Any]) -> np.ndarray | None:
@@ -118,7 +124,7 @@ class Policy:
         if not all(f in meta for f in NOISE_KEY_FIELDS):
             return None
         cfg = self.model.config
-        seed = _stable_seed([self.seed, *(meta[f] for f in NOISE_KEY_FIELDS)])
+        seed = stable_seed([self.seed, *(meta[f] for f in NOISE_KEY_FIELDS)])
         rng = np.random.default_rng(seed)
         return rng.standard_normal((1, cfg.action_horizon, cfg.action_dim)).astype(np.float32)
 
@@ -208,6 +214,20 @@ class Policy:
             raise out
         return out
 
+    def _call_model(self, rows: list[dict], noises: list[np.ndarray], records: tuple[Record, ...]
+                    ) -> tuple[np.ndarray, dict[str, np.ndarray], list[dict]]:
+        """One batched model call: (B, H, action_dim) actions in model space, recordings and, per row, what the
+        span table and the reply need beyond the inputs (nothing for Pi0)."""
+        noise = np.concatenate(noises, axis=0)
+        actions, recorded = self.model.sample_actions(batch_observation(rows), noise, num_steps=self.num_steps,
+                                                      records=records, interventions=self.interventions,
+                                                      knockouts=self.knockouts)
+        return np.asarray(actions), {k: np.asarray(v) for k, v in recorded.items()}, [{} for _ in rows]
+
+    def _span_table(self, inputs: dict, info: dict) -> dict:
+        return span_table(self.model.config, inputs["image_masks"], inputs["prompt_length"], inputs["instruction"],
+                          inputs.get("state_in_prompt"))
+
     def _forward(self, inputs: list[dict], metas: list[dict], noises: list[np.ndarray], records: tuple[Record, ...],
                  want_cache: bool, use_recorder: bool, pad: bool = False) -> list[tuple[dict, ActivationCache | None]
                                                                                  | Exception]:
@@ -215,16 +235,14 @@ class Policy:
         start = time.monotonic()
         n = len(inputs)
         size = 1 << (n - 1).bit_length() if pad else n  # padded rows repeat the first request and are dropped
-        rows = inputs + [inputs[0]] * (size - n)
-        noise = np.concatenate(noises + [noises[0]] * (size - n), axis=0)
-        actions, recorded = self.model.sample_actions(batch_observation(rows), noise, num_steps=self.num_steps,
-                                                      records=records, interventions=self.interventions,
-                                                      knockouts=self.knockouts)
-        actions = np.asarray(actions)
-        recorded = {k: np.asarray(v) for k, v in recorded.items()}
+        actions, recorded, infos = self._call_model(inputs + [inputs[0]] * (size - n),
+                                                    noises + [noises[0]] * (size - n), records)
         infer_ms = (time.monotonic() - start) * 1000
         outs: list = []
         for b in range(n):
+            if isinstance(infos[b].get("error"), Exception):
+                outs.append(infos[b]["error"])
+                continue
             env_actions = self.transforms.outputs(actions[b], inputs[b])
             if not np.all(np.isfinite(env_actions)):
                 bad = np.argwhere(~np.isfinite(env_actions))[0]
@@ -235,11 +253,11 @@ class Policy:
                     + (f", interventions {[iv.site for iv in self.interventions]}" if self.interventions else "")))
                 continue
             out: dict[str, Any] = {"actions": env_actions, "policy_timing": {"infer_ms": infer_ms, "batch_size": n}}
+            out.update(infos[b].get("reply", {}))
             cache = None
             if recorded:
                 mine = {k: self._batch_row(k, v, b) for k, v in recorded.items()}
-                table = span_table(self.model.config, inputs[b]["image_masks"], inputs[b]["prompt_length"],
-                                   inputs[b]["instruction"], inputs[b].get("state_in_prompt"))
+                table = self._span_table(inputs[b], infos[b])
                 if use_recorder and self.recorder is not None:
                     self.recorder(mine, table, metas[b], env_actions)
                 if want_cache:
@@ -260,8 +278,11 @@ class Policy:
             rec = next(r for r in records if fnmatch.fnmatchcase(name, r.site))  # first match wins, as in Hooks
             point = self.table[name]
             averaged = "tokens" in rec.reduce
-            items[name] = Activation(name, value, rec.result_axes(point),
-                                     None if averaged else rec.kept_tokens(point, self.table), rec.to_text())
+            kept = None if averaged else rec.kept_tokens(point, self.table)
+            if kept is not None and point.token_step_stride:  # the token moves with the step: (steps, tokens)
+                steps = resolve_steps(rec.steps, self.num_steps)
+                kept = np.stack([point.joint_index_at(kept, s) for s in steps])
+            items[name] = Activation(name, value, rec.result_axes(point), kept, rec.to_text())
         return ActivationCache(items, table)
 
     def close(self) -> None:

@@ -1,7 +1,10 @@
 """Named policy configs and ``create_policy``: the one place that turns a config name + directory into a Policy.
 
-``pi0_libero`` / ``pi05_libero`` need a released checkpoint directory (``params/`` + ``assets/<asset_id>/
-norm_stats.json``) and PaliGemma's SentencePiece file. ``pi0_tiny_spatial`` (the default) is a tiny Pi0 trained on
+``pi0_libero`` / ``pi05_libero`` / ``pi0_fast_libero`` need a released checkpoint directory (``params/`` +
+``assets/<asset_id>/norm_stats.json``) and PaliGemma's SentencePiece file; ``pi0_fast_libero`` also needs the
+FAST action tokenizer folder (openpi's ``physical-intelligence/fast``). ``pi0_fast_tiny`` is the shape of openpi's
+tiny Pi0-FAST fixture (seeded random weights unless a checkpoint is given) with a FAST tokenizer fitted on our
+scripted demos (``assets/fast_tokenizer_spatial``). ``pi0_tiny_spatial`` (the default) is a tiny Pi0 trained on
 scripted LIBERO demonstrations whose checkpoint ships in the package (``assets/pi0_tiny_spatial``, card in its
 ``CARD.md``). ``pi0_tiny`` / ``pi05_tiny`` are the shapes of openpi's reference fixtures with seeded random weights
 (UNTRAINED: their actions are meaningless). All tiny configs use a small tokenizer shipped in the package.
@@ -15,12 +18,16 @@ import pathlib
 
 from openpi.models.hooks import AttentionKnockout, Intervention, Record, parse_records
 from openpi.models import checkpoint
-from openpi.models.config import IMAGE_KEYS, Pi0Config, tiny_config
-from openpi.models.model import Pi0Model
+from openpi.models.config import IMAGE_KEYS, AnyModelConfig, Pi0Config, Pi0FASTConfig, tiny_config, tiny_fast_config
+from openpi.models.model import Pi0FASTModel, Pi0Model
 from openpi.models.normalize import load_norm_stats
 from openpi.models.param_shapes import init_params
 from openpi.models.pi0 import hook_table
 from openpi.models.tokenizer import EMBEDDED_TOKENIZER, PromptTokenizer
+from openpi.models import pi0_fast
+from openpi.models.fast_prompt import FASTPromptFormat
+from openpi.models.fast_tokenizer import FASTTokenizer
+from openpi.policies.fast_policy import FastLiberoTransforms, FastPolicy
 from openpi.policies.libero_policy import LiberoTransforms
 from openpi.policies.policy import Policy
 
@@ -29,6 +36,8 @@ ASSETS = pathlib.Path(__file__).resolve().parents[1] / "assets"
 EMBEDDED_CHECKPOINT = ASSETS / "pi0_tiny_spatial"
 LIBERO_ASSET_ID = "physical-intelligence/libero"
 TOKENIZER_ENV = "OPENPI_TOKENIZER"
+FAST_TOKENIZER_ENV = "OPENPI_FAST_TOKENIZER"
+EMBEDDED_FAST_TOKENIZER = ASSETS / "fast_tokenizer_spatial"
 
 
 def tiny_spatial_config(image_size: int, patch: int, cameras: int = 3) -> Pi0Config:
@@ -44,12 +53,17 @@ def tiny_spatial_config(image_size: int, patch: int, cameras: int = 3) -> Pi0Con
 @dataclasses.dataclass(frozen=True)
 class PolicyConfig:
     name: str
-    model: Pi0Config
+    model: AnyModelConfig
     quantile_norm: bool
     delta_actions: bool
     needs_checkpoint: bool
     asset_id: str = LIBERO_ASSET_ID
     default_checkpoint: pathlib.Path | None = None  # loaded when no checkpoint directory is given
+    default_fast_tokenizer: pathlib.Path | None = None  # Pi0-FAST: used when none is given
+
+    @property
+    def is_fast(self) -> bool:
+        return isinstance(self.model, Pi0FASTConfig)
 
 
 CONFIGS: dict[str, PolicyConfig] = {c.name: c for c in [
@@ -70,6 +84,22 @@ CONFIGS: dict[str, PolicyConfig] = {c.name: c for c in [
     *[PolicyConfig(f"pi0_tiny_spatial_{size}p{patch}_2cam", tiny_spatial_config(size, patch, cameras=2),
                    quantile_norm=False, delta_actions=False, needs_checkpoint=False)
       for size, patch in ((96, 12), (96, 8), (128, 8))],
+    # openpi's pi0_fast_libero: action_dim 7, horizon 10, 180 prompt tokens, quantile norm, deltas for the first 6
+    # dims (extra_delta_transform), openpi's default of 256 decoding steps.
+    PolicyConfig("pi0_fast_libero", Pi0FASTConfig(action_dim=7, action_horizon=10, max_token_len=180),
+                 quantile_norm=True, delta_actions=True, needs_checkpoint=True),
+    # The tiny fixture's parameter shapes; 64 prompt tokens (LIBERO prompts + 8 state bins take up to ~50 with the
+    # embedded text tokenizer, more than the fixture's 48) and 64 decoding steps (chunks take 15 FAST tokens on
+    # average, at most 50, plus 6 for "Action: ", "|" and the end of sequence).
+    PolicyConfig("pi0_fast_tiny", tiny_fast_config(max_token_len=64, max_decoding_steps=64), quantile_norm=True,
+                 delta_actions=True, needs_checkpoint=False, default_fast_tokenizer=EMBEDDED_FAST_TOKENIZER),
+    # For training a tiny Pi0-FAST on our demos on CPU (docs/training.md): pi0_tiny_spatial's image grid (96 px in
+    # 12 px patches, agent view + wrist) and room for the prompt plus a chunk's FAST tokens in training.
+    PolicyConfig("pi0_fast_tiny_spatial", tiny_fast_config(image_size=96, siglip_variant="mu/12",
+                                                           image_keys=IMAGE_KEYS[:2], max_token_len=112,
+                                                           max_decoding_steps=64),
+                 quantile_norm=True, delta_actions=True, needs_checkpoint=False,
+                 default_fast_tokenizer=EMBEDDED_FAST_TOKENIZER),
 ]}
 DEFAULT_CONFIG = "pi0_tiny_spatial"
 
@@ -93,6 +123,41 @@ def find_tokenizer(checkpoint_dir: pathlib.Path | None, tokenizer: str | None) -
         f"${TOKENIZER_ENV}, or put it in the checkpoint directory (looked in: {[str(c) for c in candidates if c]})")
 
 
+def find_fast_tokenizer(cfg: PolicyConfig, checkpoint_dir: pathlib.Path | None, fast_tokenizer: str | None
+                        ) -> pathlib.Path:
+    """FAST tokenizer folder: explicit path, then $OPENPI_FAST_TOKENIZER, then <checkpoint>/fast_tokenizer, then
+    the config's embedded one."""
+    candidates = [fast_tokenizer, os.environ.get(FAST_TOKENIZER_ENV)]
+    if checkpoint_dir is not None:
+        candidates += [checkpoint_dir / "fast_tokenizer", checkpoint_dir / "assets" / "fast_tokenizer"]
+    candidates.append(cfg.default_fast_tokenizer)
+    for c in candidates:
+        if c and (pathlib.Path(c) / "tokenizer.json").is_file():
+            return pathlib.Path(c)
+    raise FileNotFoundError(
+        f"config {cfg.name!r} needs a FAST action tokenizer folder (tokenizer.json + processor_config.json, e.g. "
+        f"openpi's physical-intelligence/fast): pass fast_tokenizer=PATH (--policy.fast-tokenizer), set "
+        f"${FAST_TOKENIZER_ENV}, or put it in <checkpoint>/fast_tokenizer (looked in: "
+        f"{[str(c) for c in candidates if c]})")
+
+
+def make_transforms(cfg: PolicyConfig, model_cfg: AnyModelConfig, tokenizer_path: pathlib.Path,
+                    norm_stats: dict | None, fast_tokenizer_dir: pathlib.Path | None = None,
+                    default_prompt: str | None = None) -> LiberoTransforms:
+    """The request -> model-input glue of a config (serving and training build it here, so they agree)."""
+    if cfg.is_fast:
+        if fast_tokenizer_dir is None:
+            raise ValueError(f"config {cfg.name!r} is Pi0-FAST: a FAST tokenizer folder is needed")
+        prompt_format = FASTPromptFormat.from_sentencepiece(tokenizer_path, FASTTokenizer.load(fast_tokenizer_dir),
+                                                            vocab_size=model_cfg.vocab_size,
+                                                            max_len=model_cfg.max_token_len)
+        return FastLiberoTransforms(model_cfg, prompt_format, norm_stats, quantile_norm=cfg.quantile_norm,
+                                    delta_actions=cfg.delta_actions, default_prompt=default_prompt)
+    return LiberoTransforms(model_cfg, PromptTokenizer(tokenizer_path, model_cfg.max_token_len), norm_stats,
+                            quantile_norm=cfg.quantile_norm, delta_actions=cfg.delta_actions,
+                            default_prompt=default_prompt)
+
+
 def card_summary(path: pathlib.Path) -> str:
     """The first paragraph after the title of a checkpoint's CARD.md: what the policy is and how well it does."""
     paragraphs = [p.strip() for p in path.read_text().split("\n\n")]
@@ -104,19 +169,28 @@ def create_policy(config_name: str = DEFAULT_CONFIG, checkpoint_dir: str | None 
                   default_prompt: str | None = None, tokenizer: str | None = None,
                   record_sites: tuple[str, ...] | list[str] | None = (), record_dir: str | None = None,
                   writer_id: str | None = None, interventions: tuple[Intervention, ...] = (),
-                  knockouts: tuple[AttentionKnockout, ...] = (), num_steps: int = 10, seed: int = 0,
-                  dtype: str | None = None, random_weights: bool = False) -> Policy:
+                  knockouts: tuple[AttentionKnockout, ...] = (), num_steps: int | None = None, seed: int = 0,
+                  dtype: str | None = None, random_weights: bool = False, fast_tokenizer: str | None = None,
+                  temperature: float = 0.0, coefficient_count: str = "openpi") -> Policy:
     """Build a Policy from a named config; with ``record_dir`` every inference's recordings go to a store.
 
     Weights: ``checkpoint_dir``, else the config's embedded checkpoint, else (or with ``random_weights``, the
-    untrained baseline of the same architecture) seeded random weights.
+    untrained baseline of the same architecture) seeded random weights. ``num_steps``: flow-matching denoising
+    steps (default 10) or, for Pi0-FAST, decoding steps (default the config's ``max_decoding_steps``);
+    ``fast_tokenizer`` / ``temperature`` / ``coefficient_count`` (``"openpi"``: a generated chunk with the wrong
+    number of DCT coefficients decodes to zeros, flagged; ``"fit"``: fitted, flagged): Pi0-FAST only.
     """
     cfg = get_config(config_name)
     model_cfg = cfg.model if dtype is None else dataclasses.replace(cfg.model, dtype=dtype)
+    if not cfg.is_fast and (fast_tokenizer is not None or temperature or coefficient_count != "openpi"):
+        raise ValueError(f"fast_tokenizer, temperature and coefficient_count are Pi0-FAST options; {config_name!r} "
+                         f"is a {model_cfg.model_type} config")
+    if num_steps is None:
+        num_steps = model_cfg.max_decoding_steps if cfg.is_fast else 10
     records = parse_records(record_sites or ())
     # Requests are checked before any weights are loaded: a site that matches nothing is an error naming the
     # nearest valid names, never an empty store.
-    table = hook_table(model_cfg)
+    table = pi0_fast.hook_table(model_cfg, num_steps) if cfg.is_fast else hook_table(model_cfg)
     table.validate(records, interventions, knockouts, num_steps)
     if record_dir is not None and not records:
         raise ValueError("record_dir given but no sites to record (pass --record SITE ...)")
@@ -145,9 +219,8 @@ def create_policy(config_name: str = DEFAULT_CONFIG, checkpoint_dir: str | None 
         params, norm_stats, trained = init_params(model_cfg, seed=seed), None, False
         tok_path = pathlib.Path(tokenizer) if tokenizer else EMBEDDED_TOKENIZER
         logger.warning("serving %s with seeded RANDOM weights (untrained): actions are meaningless", config_name)
-    transforms = LiberoTransforms(model_cfg, PromptTokenizer(tok_path, model_cfg.max_token_len), norm_stats,
-                                  quantile_norm=cfg.quantile_norm, delta_actions=cfg.delta_actions,
-                                  default_prompt=default_prompt)
+    fast_dir = find_fast_tokenizer(cfg, ckpt, fast_tokenizer) if cfg.is_fast else None
+    transforms = make_transforms(cfg, model_cfg, tok_path, norm_stats, fast_dir, default_prompt)
     recorder = None
     if record_dir is not None:
         from openpi.interp.recorder import StoreRecorder
@@ -158,12 +231,19 @@ def create_policy(config_name: str = DEFAULT_CONFIG, checkpoint_dir: str | None 
     metadata = {"config": config_name, "model": model_cfg.model_type, "trained": trained,
                 "action_horizon": model_cfg.action_horizon, "checkpoint": str(ckpt) if ckpt else None,
                 "recording": [f"{r.site}" for r in records]}
+    if cfg.is_fast:
+        metadata.update(fast_tokenizer=str(fast_dir), temperature=temperature, max_decoding_steps=num_steps,
+                        coefficient_count=coefficient_count)
     if not trained:
         metadata["warning"] = "untrained: seeded random weights, actions are meaningless"
     elif ckpt is not None and (ckpt / "CARD.md").is_file():
         metadata["card"] = card_summary(ckpt / "CARD.md")
-    return Policy(Pi0Model(model_cfg, params), transforms, metadata=metadata, records=records,
-                  interventions=interventions, knockouts=knockouts, recorder=recorder, num_steps=num_steps, seed=seed)
+    common = dict(metadata=metadata, records=records, interventions=interventions, knockouts=knockouts,
+                  recorder=recorder, num_steps=num_steps, seed=seed)
+    if cfg.is_fast:
+        return FastPolicy(Pi0FASTModel(model_cfg, params), transforms, temperature=temperature,
+                          coefficient_count=coefficient_count, **common)
+    return Policy(Pi0Model(model_cfg, params), transforms, **common)
 
 
 __all__ = ["CONFIGS", "create_policy", "get_config", "parse_records"]

@@ -1,4 +1,5 @@
-"""Flow-matching training of a Pi0-family model on demonstration directories, with checkpoints that serve.
+"""Training of a Pi0-family model (flow matching; Pi0-FAST: next-token loss) on demonstration directories, with
+checkpoints that serve.
 
 Why here and not openpi's trainer: our model is the pure-JAX re-implementation in ``openpi.models``; training it
 with exactly the inputs ``create_policy`` builds at serving time (the same ``LiberoTransforms``) means a checkpoint
@@ -9,7 +10,9 @@ memory streams) -> ``LiberoTransforms.inputs`` (images, normalised state, tokeni
 -> target chunk = actions[t : t + horizon] (the last action repeated past the episode end), minus the state for
 the first 6 dims when the policy config predicts deltas, normalised with the demos' norm stats, zero-padded to
 ``action_dim`` -> ``pi0.compute_loss`` (noise ~ N(0, 1), t ~ Beta(1.5, 1)) -> AdamW (global-norm clipping,
-linear warmup then cosine decay).
+linear warmup then cosine decay). Pi0-FAST configs: the normalised target chunk becomes the FAST tokens of the
+training sequence (``FastLiberoTransforms.inputs(request, targets)``) and the loss is ``pi0_fast.compute_loss``
+(cross-entropy of the postfix tokens); checkpoints also hold the FAST tokenizer folder (``fast_tokenizer/``).
 
 Output layout (``out_dir``, one :class:`openpi.shared.rundir.RunDir`)::
 
@@ -46,12 +49,13 @@ import numpy as np
 import optax
 from tqdm import tqdm
 
-from openpi.models import checkpoint, pi0
-from openpi.models.config import Pi0Config
+from openpi.models import checkpoint, pi0, pi0_fast
+from openpi.models.config import AnyModelConfig, Pi0FASTConfig
 from openpi.models.normalize import NormStats, compute_norm_stats, load_norm_stats, normalize, save_norm_stats
 from openpi.models.param_shapes import init_params, param_shapes
-from openpi.models.tokenizer import EMBEDDED_TOKENIZER, PromptTokenizer
+from openpi.models.tokenizer import EMBEDDED_TOKENIZER
 from openpi.policies import policy_config as pc
+from openpi.policies.fast_policy import FastLiberoTransforms, batch_fast_observation
 from openpi.policies.libero_policy import (IMAGE_KEY, PROMPT_KEY, STATE_KEY, WRIST_KEY, LiberoTransforms,
                                            batch_observation)
 from openpi.shared.io import atomic_path, jsonable, read_json, write_json_atomic, write_text_atomic
@@ -129,12 +133,15 @@ def action_targets(chunk: np.ndarray, raw_state: np.ndarray, transforms: LiberoT
     return out
 
 
-def make_batch(items: list[dict[str, Any]], transforms: LiberoTransforms) -> tuple[pi0.Observation, np.ndarray]:
-    """Demo items -> (model Observation, target actions (B, H, action_dim)), preprocessed as at serving time."""
-    inputs = [transforms.inputs({k: v for k, v in it.items() if k != "actions"}) for it in items]
-    obs = batch_observation(inputs)
-    targets = np.stack([action_targets(it["actions"], x["raw_state"], transforms) for it, x in zip(items, inputs)])
-    return obs, targets
+def make_batch(items: list[dict[str, Any]], transforms: LiberoTransforms) -> tuple[Any, np.ndarray]:
+    """Demo items -> (model Observation, target actions (B, H, action_dim)), preprocessed as at serving time.
+    Pi0-FAST's targets enter the observation as the FAST tokens of its training sequence."""
+    requests = [{k: v for k, v in it.items() if k != "actions"} for it in items]
+    targets = np.stack([action_targets(it["actions"], np.asarray(it[STATE_KEY], np.float32).reshape(-1),
+                                       transforms) for it in items])
+    if isinstance(transforms, FastLiberoTransforms):
+        return batch_fast_observation([transforms.inputs(r, t) for r, t in zip(requests, targets)]), targets
+    return batch_observation([transforms.inputs(r) for r in requests]), targets
 
 
 # ------------------------------------------------------------------------------------------------ config
@@ -152,6 +159,7 @@ class TrainConfig:
     policy_config: str = "pi0_tiny_spatial"
     init_checkpoint: str | None = None  # openpi checkpoint to fine-tune from (else seeded random init)
     tokenizer: str | None = run_option(None)  # PaliGemma tokenizer for real configs; fingerprinted by content
+    fast_tokenizer: str | None = run_option(None)  # Pi0-FAST: FAST tokenizer folder (default: the config's)
     dtype: str | None = None  # override the config's compute dtype
     num_steps: int = 2000
     batch_size: int = 8
@@ -180,12 +188,12 @@ class TrainConfig:
             raise ValueError(f"keep_last must be >= 1 or None, got {self.keep_last}")
 
 
-def model_config(cfg: TrainConfig) -> Pi0Config:
+def model_config(cfg: TrainConfig) -> AnyModelConfig:
     base = pc.get_config(cfg.policy_config).model
     return base if cfg.dtype is None else dataclasses.replace(base, dtype=cfg.dtype)
 
 
-def count_params(config: Pi0Config) -> int:
+def count_params(config: AnyModelConfig) -> int:
     return int(sum(np.prod(s) for s in param_shapes(config).values()))
 
 
@@ -208,7 +216,7 @@ def _optimizer(settings: tuple) -> tuple[optax.GradientTransformation, optax.Sch
 
 
 @functools.lru_cache(maxsize=8)
-def make_train_step(config: Pi0Config, optimizer: optax.GradientTransformation,
+def make_train_step(config: AnyModelConfig, optimizer: optax.GradientTransformation,
                     augment: aug.AugmentConfig | None = None):
     """jit(params, opt_state, obs, targets, rng) -> (params, opt_state, {loss, grad_norm}).
 
@@ -217,6 +225,8 @@ def make_train_step(config: Pi0Config, optimizer: optax.GradientTransformation,
     """
 
     def loss_fn(params, obs, targets, rng):
+        if isinstance(config, Pi0FASTConfig):  # next-token loss on the FAST postfix (targets are in obs)
+            return jnp.mean(pi0_fast.compute_loss(config, params, obs))
         return jnp.mean(pi0.compute_loss(config, params, obs, targets, rng=rng))
 
     def step(params, opt_state, obs, targets, rng):
@@ -242,12 +252,16 @@ def _sha256(path: pathlib.Path) -> str:
     return h.hexdigest()[:16]
 
 
-def run_settings(cfg: TrainConfig, dataset: DemoDataset, tokenizer_path: pathlib.Path) -> dict[str, Any]:
-    """Everything the weights depend on: the config's settings, the demos by content and the tokenizer file."""
+def run_settings(cfg: TrainConfig, dataset: DemoDataset, tokenizer_path: pathlib.Path,
+                 fast_tokenizer_dir: pathlib.Path | None = None) -> dict[str, Any]:
+    """Everything the weights depend on: the config's settings, the demos by content and the tokenizer files."""
     demos = sorted((p.name, len(ep.actions), ep.frame_stride) for p, ep in zip(dataset.paths, dataset.episodes))
     digest = hashlib.sha256(json.dumps(demos).encode()).hexdigest()[:16]
-    return {"train": cfg, "demos": {"n_demos": len(demos), "n_frames": len(dataset), "sha256": digest},
-            "tokenizer_sha256": _sha256(tokenizer_path)}
+    out = {"train": cfg, "demos": {"n_demos": len(demos), "n_frames": len(dataset), "sha256": digest},
+           "tokenizer_sha256": _sha256(tokenizer_path)}
+    if fast_tokenizer_dir is not None:  # absent for Pi0 runs, so their fingerprints are unchanged
+        out["fast_tokenizer_sha256"] = _sha256(fast_tokenizer_dir / "tokenizer.json")
+    return out
 
 
 def open_run(cfg: TrainConfig, settings: dict[str, Any]) -> RunDir:
@@ -271,15 +285,18 @@ def checkpoints(out_dir: str | pathlib.Path, keep_last: int | None = None) -> Ch
     return CheckpointDir(pathlib.Path(out_dir).expanduser().resolve() / "checkpoints", keep_last=keep_last)
 
 
-def _servable(params, norm_stats: dict[str, NormStats], tokenizer_path: pathlib.Path | None):
+def _servable(params, norm_stats: dict[str, NormStats], tokenizer_path: pathlib.Path | None,
+              fast_tokenizer_dir: pathlib.Path | None = None):
     """``write_extra`` of a checkpoint: what ``create_policy(config, step_dir)`` loads (params, norm stats,
-    and for the real configs the tokenizer)."""
+    for the real configs the tokenizer, for Pi0-FAST its FAST tokenizer folder)."""
 
     def write(step_dir: pathlib.Path) -> None:
         checkpoint.save_params(step_dir, jax.device_get(params))
         save_norm_stats(step_dir / NORM_STATS_REL, norm_stats)
         if tokenizer_path is not None and tokenizer_path != EMBEDDED_TOKENIZER:
             shutil.copy(tokenizer_path, step_dir / "assets" / "paligemma_tokenizer.model")
+        if fast_tokenizer_dir is not None:
+            shutil.copytree(fast_tokenizer_dir, step_dir / "fast_tokenizer")
 
     return write
 
@@ -289,7 +306,7 @@ def train_state(opt_state, rng, step: int) -> dict[str, Any]:
     return {"opt_state": opt_state, "rng": np.asarray(jax.random.key_data(rng)), "step": np.asarray(step, np.int64)}
 
 
-def restore(ckpts: CheckpointDir, mcfg: Pi0Config, optimizer: optax.GradientTransformation):
+def restore(ckpts: CheckpointDir, mcfg: AnyModelConfig, optimizer: optax.GradientTransformation):
     """(params, opt_state, rng, step, step_dir) of the newest complete checkpoint."""
     step = ckpts.latest()
     step_dir = ckpts.step_dir(step)
@@ -304,9 +321,9 @@ def restore(ckpts: CheckpointDir, mcfg: Pi0Config, optimizer: optax.GradientTran
 
 
 def package_checkpoint(step_dir: str | pathlib.Path, dest: str | pathlib.Path) -> pathlib.Path:
-    """Copy what serving needs from a training checkpoint (params, assets and its metadata as train_meta.json;
-    not the optimizer state, which is twice the size of the params) to a new directory ``dest``, e.g. to ship it
-    in a package."""
+    """Copy what serving needs from a training checkpoint (params, assets, a Pi0-FAST checkpoint's
+    ``fast_tokenizer/`` and its metadata as train_meta.json; not the optimizer state, which is twice the size of
+    the params) to a new directory ``dest``, e.g. to ship it in a package."""
     step_dir, dest = pathlib.Path(step_dir), pathlib.Path(dest)
     if not (step_dir / "meta.json").is_file() or not (step_dir / "params").is_dir():
         raise FileNotFoundError(f"{step_dir} is not a complete training checkpoint (no meta.json or params/)")
@@ -314,7 +331,9 @@ def package_checkpoint(step_dir: str | pathlib.Path, dest: str | pathlib.Path) -
         raise FileExistsError(f"{dest} already exists; refusing to overwrite it")
     meta = read_json(step_dir / "meta.json", "checkpoint metadata")
     with atomic_dir(dest) as tmp:
-        for name in ("params", "assets"):
+        for name in ("params", "assets", "fast_tokenizer"):
+            if name == "fast_tokenizer" and not (step_dir / name).is_dir():
+                continue
             shutil.copytree(step_dir / name, tmp / name)
         write_json_atomic(tmp / "train_meta.json", {k: v for k, v in meta.items() if k != "num_leaves"})
     return dest
@@ -386,7 +405,8 @@ def train(cfg: TrainConfig, progress: bool = True, stop_at: int | None = None) -
     mcfg = model_config(cfg)
     dataset = DemoDataset(cfg.demo_dirs, mcfg.action_horizon)
     tok_path = _tokenizer_path(cfg, policy)
-    run = open_run(cfg, run_settings(cfg, dataset, tok_path))
+    fast_dir = pc.find_fast_tokenizer(policy, None, cfg.fast_tokenizer) if policy.is_fast else None
+    run = open_run(cfg, run_settings(cfg, dataset, tok_path, fast_dir))
     out_dir = run.root
     stats_path = out_dir / NORM_STATS_REL
     if stats_path.exists():
@@ -394,8 +414,7 @@ def train(cfg: TrainConfig, progress: bool = True, stop_at: int | None = None) -
     else:
         norm_stats = compute_demo_norm_stats(dataset, policy.delta_actions)
         save_norm_stats(stats_path, norm_stats)
-    transforms = LiberoTransforms(mcfg, PromptTokenizer(tok_path, mcfg.max_token_len), norm_stats,
-                                  quantile_norm=policy.quantile_norm, delta_actions=policy.delta_actions)
+    transforms = pc.make_transforms(policy, mcfg, tok_path, norm_stats, fast_dir)
     optimizer, schedule = make_optimizer(cfg)
     ckpts = checkpoints(out_dir, cfg.keep_last)
     metrics_path = out_dir / "metrics.jsonl"
@@ -454,7 +473,7 @@ def train(cfg: TrainConfig, progress: bool = True, stop_at: int | None = None) -
                 bar.set_postfix(loss=f"{loss:.4f}", lr=f"{row['lr']:.2e}")
             if done % cfg.save_every == 0 or done == end:
                 saved = ckpts.save(done, train_state(opt_state, rng, done), {**meta, "loss": last_loss},
-                                   write_extra=_servable(params, norm_stats, tok_path))
+                                   write_extra=_servable(params, norm_stats, tok_path, fast_dir))
                 plot_loss(read_metrics(metrics_path), out_dir / "loss.png")
     metrics = read_metrics(metrics_path)
     timed = [m["steps_per_s"] for m in metrics[1:]]  # the first entry includes compilation
