@@ -89,7 +89,9 @@ def test_fast_policy_libero_episode_records_and_scores_attention(tmp_path):
     np.testing.assert_array_equal(keys["token_index"], p + keys["denoise_step"])  # step s's token sits at P + s
     assert sorted(set(keys["env_step"].tolist())) == [0, 5]
     queries = list(RecordedRun(store_dir, out).queries())
-    assert [q.env_step for q in queries] == [0, 5]  # the trained model's chunks decoded at both queries
+    assert [q.env_step for q in queries] == [0, 5]  # the trained model wrote action tokens at both queries
+    rec = json.loads((out / "episodes" / "fast__libero_spatial__task0__ep40.json").read_text())
+    assert [c["fast_decode"]["action_tokens"] > 0 for c in rec["chunks"]] == [True, True]
     for q in queries:
         tab = q.table_dict
         a, b = tab["spans"]["actions"]

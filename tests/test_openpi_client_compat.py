@@ -200,4 +200,4 @@ def test_official_openpi_client_against_a_served_pi0_fast(client_python):
     out = json.loads(proc.stdout.strip().splitlines()[-1])
     assert out["model"] == "pi0_fast" and out["config"] == "pi0_fast_tiny_spatial"
     assert out["shape"] == [HORIZON, 7] and out["finite"]
-    assert set(out["fast_decode"]) == {"ok", "reason", "action_tokens", "decoding_steps"}
+    assert set(out["fast_decode"]) == {"ok", "reason", "action_tokens", "decoding_steps", "fitted"}

@@ -122,9 +122,11 @@ class FastPolicy(Policy):
             valid = int(eos[0]) + 1 if eos.size else executed  # steps that produced this sample's tokens
             parsed = fmt.parse(ids[:valid], cfg.action_horizon, cfg.action_dim,
                                fit_length=self.coefficient_count == "fit")
+            # The action-token steps are those that wrote well-formed action ids, whether or not their coefficient
+            # count then filled the chunk (ok says that).
             start, end, _ = fmt.action_positions(ids[:valid])
-            info: dict[str, Any] = {"valid_steps": valid, "action_steps": (start, end) if parsed.ok else (0, 0)}
-            report = {"ok": parsed.ok, "reason": parsed.reason, "action_tokens": end - start if parsed.ok else 0,
+            info: dict[str, Any] = {"valid_steps": valid, "action_steps": (start, end)}
+            report = {"ok": parsed.ok, "reason": parsed.reason, "action_tokens": end - start,
                       "decoding_steps": valid, "fitted": parsed.fitted}
             if parsed.ok:
                 actions[b] = parsed.actions

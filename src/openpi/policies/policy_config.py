@@ -99,7 +99,7 @@ CONFIGS: dict[str, PolicyConfig] = {c.name: c for c in [
                                                            image_keys=IMAGE_KEYS[:2], max_token_len=112,
                                                            max_decoding_steps=64),
                  quantile_norm=True, delta_actions=True, needs_checkpoint=False,
-                 default_fast_tokenizer=EMBEDDED_FAST_TOKENIZER),
+                 default_checkpoint=ASSETS / "pi0_fast_tiny_spatial", default_fast_tokenizer=EMBEDDED_FAST_TOKENIZER),
 ]}
 DEFAULT_CONFIG = "pi0_tiny_spatial"
 

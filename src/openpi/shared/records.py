@@ -112,6 +112,7 @@ class Chunk:
     env_step: int
     replan_index: int
     actions: np.ndarray
+    extra: dict[str, Any] = dataclasses.field(default_factory=dict)  # other fields, e.g. Pi0-FAST's fast_decode
 
 
 @dataclasses.dataclass
@@ -154,7 +155,8 @@ class EpisodeRecord:
         for i, c in enumerate(data.get("chunks") or []):
             try:
                 arr = np.asarray(c["actions"], np.float64)
-                chunks.append(Chunk(int(c["env_step"]), int(c["replan_index"]), arr))
+                extra = {k: v for k, v in c.items() if k not in ("env_step", "replan_index", "actions")}
+                chunks.append(Chunk(int(c["env_step"]), int(c["replan_index"]), arr, extra))
             except (KeyError, TypeError, ValueError) as exc:
                 raise RecordError(f"{source}: chunks[{i}] is malformed ({exc})") from None
             if arr.ndim != 2 or arr.shape[1] != ACTION_DIM:
@@ -181,8 +183,8 @@ class EpisodeRecord:
         out.update(schema=EPISODE_SCHEMA, **dataclasses.asdict(self.key), attempt=self.attempt, success=self.success,
                    status=self.status, steps=self.steps, prompt=self.prompt, original_prompt=self.original_prompt,
                    actions=self.actions.tolist(), states=self.states.tolist(),
-                   chunks=[{"env_step": c.env_step, "replan_index": c.replan_index, "actions": c.actions.tolist()}
-                           for c in self.chunks])
+                   chunks=[{"env_step": c.env_step, "replan_index": c.replan_index, "actions": c.actions.tolist(),
+                            **c.extra} for c in self.chunks])
         return out
 
     @functools.cached_property
