@@ -23,7 +23,8 @@ import numpy as np
 import tyro
 
 from openpi.models.fast_tokenizer import FASTTokenizer
-from openpi.models.normalize import NormStats, compute_norm_stats, load_norm_stats, normalize, save_norm_stats
+from openpi.models.normalize import save_norm_stats
+from openpi.training.train import fast_training_chunks
 
 
 @dataclasses.dataclass
@@ -45,22 +46,6 @@ class Args:
     """BPE vocabulary (>256); 384 leaves the tiny 1024-id model room for its 512 text pieces"""
 
 
-def demo_chunks(roots: tuple[pathlib.Path, ...], horizon: int, stride: int, delta_actions: bool,
-                norm_stats: pathlib.Path | None) -> tuple[np.ndarray, NormStats]:
-    """(N, horizon, 7) model-space chunks of every demo and the action stats used to normalise them."""
-    from openpi.training.train import DELTA_DIMS, DemoDataset, compute_demo_norm_stats
-    data = DemoDataset(roots, horizon)
-    chunks = []
-    for e, ep in enumerate(data.episodes):
-        for t in range(0, ep.steps, stride):
-            chunk = data.chunk(e, t).copy()
-            if delta_actions:
-                chunk[:, :DELTA_DIMS] -= np.asarray(ep.states[t, :DELTA_DIMS], np.float32)
-            chunks.append(chunk)
-    stats = (load_norm_stats(norm_stats) if norm_stats else compute_demo_norm_stats(data, delta_actions))["actions"]
-    return normalize(np.stack(chunks), stats, quantile=True), stats
-
-
 def main(args: Args) -> None:
     if (args.chunks is None) == (not args.demos):
         raise SystemExit("give exactly one of --demos or --chunks")
@@ -70,7 +55,7 @@ def main(args: Args) -> None:
         if chunks.ndim != 3:
             raise SystemExit(f"{args.chunks}: expected (N, horizon, action_dim), got shape {chunks.shape}")
     else:
-        chunks, stats = demo_chunks(args.demos, args.horizon, args.stride, args.delta_actions, args.norm_stats)
+        chunks, stats = fast_training_chunks(args.demos, args.horizon, args.stride, args.delta_actions, args.norm_stats)
     tokenizer = FASTTokenizer.train(chunks, scale=args.scale, vocab_size=args.vocab_size)
     tokenizer.save(args.out)
     if stats is not None:

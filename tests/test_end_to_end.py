@@ -72,7 +72,8 @@ def test_fast_policy_libero_episode_records_and_scores_attention(tmp_path):
     from openpi.interp.recorded_iou import evaluate_run
 
     store_dir, out = tmp_path / "store", tmp_path / "rollouts"
-    policy = create_policy("pi0_fast_tiny_spatial", record_sites=["llm.layer.*.attn.probs?reduce=heads"],
+    policy = create_policy("pi0_fast_tiny_spatial", record_sites=["llm.layer.*.attn.probs?reduce=heads",
+                                                                  "llm.decode.layer.2.resid_post"],
                            record_dir=str(store_dir))
     assert policy.metadata["trained"]
     main = _load_main()
@@ -98,3 +99,14 @@ def test_fast_policy_libero_episode_records_and_scores_attention(tmp_path):
         assert q.steps == [s for s in range(tab["valid_steps"]) if a <= p + s < b]  # action-token steps only
     result = evaluate_run(store_dir, out, tmp_path / "iou", camera="base_0_rgb", n_boot=50)
     assert result["counts"]["queries"] == 2 and result["counts"]["episodes"] == 1
+    # The residual of every executed decoding step exports for the SAE / probe scripts, each row labelled with the
+    # chunk's first action (a FAST token is not one chunk row).
+    from openpi.interp.export import export_site
+    exp = export_site(store_dir, "llm.decode.layer.2.resid_post", tmp_path / "export", rollouts=out)
+    ex_keys = np.load(tmp_path / "export" / "keys.npz")
+    assert exp["rows"] == len(ex_keys["env_step"]) == sum(c["fast_decode"]["decoding_steps"] for c in rec["chunks"])
+    assert (ex_keys["action_index"] == -1).all()
+    labels = np.load(tmp_path / "export" / "actions.npy")
+    for row, step in zip(labels, ex_keys["env_step"]):
+        np.testing.assert_allclose(row, next(c["actions"][0] for c in rec["chunks"] if c["env_step"] == step),
+                                   atol=1e-6)

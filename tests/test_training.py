@@ -199,3 +199,30 @@ def test_resume_stays_exact_with_augmentation(runs, tmp_path):
     assert max(float(np.abs(x - y).max()) for x, y in zip(jax.tree.leaves(pa), jax.tree.leaves(plain))) > 1e-6
     with pytest.raises(RunSettingsError, match="augment: stored False vs now True"):
         train.train(_cfg(runs["demos"], runs["b"], augment=True), progress=False)
+
+
+def test_pi0_fast_trains_resumes_exactly_and_serves(tmp_path):
+    """Pi0-FAST through the same trainer: the target chunk becomes FAST tokens, a killed run resumes bit-exactly,
+    and the checkpoint (with its FAST tokenizer folder) serves through create_policy."""
+    from openpi.models.fast_tokenizer import FASTTokenizer
+
+    demo_root = write_synthetic_demos(tmp_path / "demos", episodes=3, steps=12)
+    chunks, _ = train.fast_training_chunks([demo_root], 10)  # fitted on the demos, as for the embedded one
+    # scale 2: the synthetic chunks are noise-like, so at the default scale their token count overflows 112
+    FASTTokenizer.train(chunks, vocab_size=300, scale=2.0).save(tmp_path / "fast")
+    kw = dict(policy_config="pi0_fast_tiny_spatial", fast_tokenizer=str(tmp_path / "fast"))
+    train.train(_cfg(demo_root, tmp_path / "a", **kw), progress=False, stop_at=2)
+    resumed = train.train(_cfg(demo_root, tmp_path / "a", **kw), progress=False)
+    straight = train.train(_cfg(demo_root, tmp_path / "b", **kw), progress=False)
+    assert np.isfinite(resumed["final_loss"]) and resumed["final_loss"] == straight["final_loss"]
+    cfg = train.model_config(_cfg(demo_root, tmp_path / "a", **kw))
+    for x, y in zip(jax.tree.leaves(checkpoint.load_params(_step(tmp_path / "a", STEPS), cfg)),
+                    jax.tree.leaves(checkpoint.load_params(_step(tmp_path / "b", STEPS), cfg))):
+        np.testing.assert_array_equal(x, y)
+    ckpt = _step(tmp_path / "a", STEPS)
+    assert (ckpt / "fast_tokenizer" / "tokenizer.json").read_bytes() == (tmp_path / "fast" / "tokenizer.json").read_bytes()
+    policy = create_policy("pi0_fast_tiny_spatial", str(ckpt))
+    assert policy.metadata["fast_tokenizer"] == str(ckpt / "fast_tokenizer")
+    item = train.DemoDataset([demo_root], 10).item(3)
+    out = policy.infer({k: v for k, v in item.items() if k != "actions"})
+    assert out["actions"].shape == (10, 7) and set(out["fast_decode"]) >= {"ok", "reason", "fitted"}

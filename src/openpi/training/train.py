@@ -121,6 +121,24 @@ def compute_demo_norm_stats(dataset: DemoDataset, delta_actions: bool) -> dict[s
     return {"state": compute_norm_stats(states), "actions": compute_norm_stats(actions)}
 
 
+def fast_training_chunks(roots: Sequence[str | pathlib.Path], horizon: int, stride: int = 1,
+                         delta_actions: bool = True, norm_stats: str | pathlib.Path | None = None
+                         ) -> tuple[np.ndarray, NormStats]:
+    """(N, horizon, 7) chunks of every demo as a Pi0-FAST model sees its targets (first 6 dims minus the state
+    when ``delta_actions``, quantile-normalised), one every ``stride`` steps, and the action stats used (from
+    ``norm_stats``, else computed from the same demos): what a FAST tokenizer for these demos is fitted on."""
+    data = DemoDataset(roots, horizon)
+    chunks = []
+    for e, ep in enumerate(data.episodes):
+        for t in range(0, ep.steps, stride):
+            chunk = data.chunk(e, t).copy()
+            if delta_actions:
+                chunk[:, :DELTA_DIMS] -= np.asarray(ep.states[t, :DELTA_DIMS], np.float32)
+            chunks.append(chunk)
+    stats = (load_norm_stats(norm_stats) if norm_stats else compute_demo_norm_stats(data, delta_actions))["actions"]
+    return normalize(np.stack(chunks), stats, quantile=True), stats
+
+
 def action_targets(chunk: np.ndarray, raw_state: np.ndarray, transforms: LiberoTransforms) -> np.ndarray:
     """Env actions (H, 7) -> what the model must output (H, action_dim): the inverse of ``transforms.outputs``."""
     chunk = np.asarray(chunk, np.float32).copy()
