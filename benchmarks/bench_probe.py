@@ -7,7 +7,8 @@
 Measures (1) accumulation of per-fold sufficient statistics from a stream of batches (rows/s; batches are
 pre-generated and cycled so data generation is not timed), (2) the solve: one eigendecomposition per CV fold
 plus the refit, for the whole penalty path and all target sets, and (3) the time a 1e6-row run would take
-(accumulation scaled linearly + the solve, which does not depend on the row count). It also checks, on a
+(accumulation scaled linearly + the solve, which does not depend on the row count), and the peak resident memory
+of the process (``peak_rss_mb``). It also checks, on a
 small problem, that the streaming result equals the in-memory SVD reference and prints the speed ratio.
 The last printed line is one JSON object.
 """
@@ -96,6 +97,7 @@ def main(args: Args) -> dict:
 
 def run(args: Args) -> dict:
     import os
+    import resource
 
     import scipy.linalg  # noqa: F401  (load scipy's own BLAS before limiting, or it escapes the limit)
     import sklearn.linear_model  # noqa: F401
@@ -108,6 +110,8 @@ def run(args: Args) -> dict:
         out["blas_threads"] = [i["num_threads"] for i in threadpool_info() if i["user_api"] == "blas"]
         out["loadavg_1min_before_after"] = [round(load_before, 2), round(os.getloadavg()[0], 2)]
         out["cpu_count"] = os.cpu_count()
+        # Peak resident memory of the whole run: the stream never holds more than the batch pool, y and the stats.
+        out["peak_rss_mb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
         return out
     finally:
         if ctx is not None:
