@@ -150,3 +150,24 @@ def test_real_decoding_records_every_executed_step(tmp_path):
     np.testing.assert_array_equal(keys["token_index"], p + keys["denoise_step"])
     with pytest.raises(ValueError, match="matches no hook point"):
         create_policy("pi0_fast_tiny", record_sites=["llm.expert1.layer.0.resid_post"])
+
+
+def test_interventions_act_during_decoding():
+    """An edit of one decoding step's residual changes what is generated from that step on, and only then."""
+    from openpi.models.hooks import Intervention
+
+    policy = create_policy("pi0_fast_tiny_spatial")
+    obs = example_observation(image_size=96)
+    plain = policy.infer(obs)
+    _, cache = policy.run_with_cache(obs, ["llm.logits"])
+    base_logits = cache["llm.logits"].value
+    edit = Intervention("llm.decode.layer.1.resid_post", "scale", value=-3.0, steps="2")
+    with policy.hooks([edit]):
+        edited = policy.infer(obs)
+        _, edited_cache = policy.run_with_cache(obs, ["llm.logits"])
+    after = edited_cache["llm.logits"].value
+    # llm.logits of step s come from the token of step s - 1: steps 0..2 are untouched, step 3 differs.
+    np.testing.assert_allclose(after[:3], base_logits[:3], atol=1e-5)
+    assert np.abs(after[3] - base_logits[3]).max() > 1e-3
+    assert not np.allclose(plain["actions"], edited["actions"]) or plain["fast_decode"] != edited["fast_decode"]
+    assert np.allclose(policy.infer(obs)["actions"], plain["actions"])  # the edit ends with the block

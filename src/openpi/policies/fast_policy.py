@@ -15,8 +15,8 @@ What differs from Pi0, and why:
 - **Randomness**: greedy decoding (temperature 0, openpi's default) needs none; with a temperature the sampling key
   is keyed by the request's ``meta/*`` like Pi0's noise (one key per batched call: the first request's).
 - **Recordings**: decoding-step hook points are recorded per step; step ``s``'s token sits at joint index
-  ``P + s`` and rows are keyed by it. The span table marks the steps that produced action tokens as ``actions``
-  and the steps after the end of sequence as ``pad``, so recorded rows of those steps are not stored.
+  ``P + s`` and rows are keyed by it. The span table marks the steps that wrote action tokens as ``actions`` and
+  says how many steps ran (``valid_steps``, through the end of sequence); rows of later steps are not stored.
 """
 from __future__ import annotations
 
