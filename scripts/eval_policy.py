@@ -70,9 +70,9 @@ def main(args: Args, env_factory: rollout.EnvFactory | None = None) -> dict:
                                 save_video=args.save_video, render_every_step=args.render_every_step)
     plan = rollout.plan_suite_episodes(args.task_suite_name, args.task_ids, args.num_trials_per_task, args.first_trial)
     mine = rollout.shard_episodes(plan, args.shard_index, args.num_shards)
-    fast = {"coefficient_count": args.coefficient_count} if args.coefficient_count != "openpi" else {}
     policy = policy_config.create_policy(args.policy_config, args.policy_dir, tokenizer=args.tokenizer,
-                                         seed=args.policy_seed, random_weights=args.random_weights, **fast)
+                                         seed=args.policy_seed, random_weights=args.random_weights,
+                                         coefficient_count=args.coefficient_count)
     extra = {"server_metadata": policy.metadata, "suite": args.task_suite_name}
     try:
         summary = rollout.evaluate(cfg, policy, mine, expected=plan, run_extra=extra, env_factory=env_factory,

@@ -88,7 +88,7 @@ class FastPolicy(Policy):
         super().__init__(model, transforms, num_steps=num_steps or model.config.max_decoding_steps, **kwargs)
 
     @staticmethod
-    def _hook_table(config, num_steps: int) -> HookTable:
+    def hook_table_for(config, num_steps: int) -> HookTable:
         return pi0_fast.hook_table(config, num_steps)
 
     def noise_for(self, meta: Mapping[str, Any]) -> np.ndarray | None:

@@ -102,7 +102,7 @@ class Policy:
         self.model = model
         self.transforms = transforms
         self.metadata = dict(metadata or {})
-        self.table = self._hook_table(model.config, num_steps)
+        self.table = self.hook_table_for(model.config, num_steps)
         self.records = parse_records(records)
         self.interventions = tuple(interventions)
         self.knockouts = tuple(knockouts)
@@ -113,7 +113,8 @@ class Policy:
         self._rng = jax.random.key(seed)
 
     @staticmethod
-    def _hook_table(config, num_steps: int) -> HookTable:
+    def hook_table_for(config, num_steps: int) -> HookTable:
+        """The hook table requests are checked against (``create_policy`` checks them before loading weights)."""
         return hook_table(config)
 
     # ------------------------------------------------------------------------------------------ noise

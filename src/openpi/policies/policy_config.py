@@ -22,9 +22,7 @@ from openpi.models.config import IMAGE_KEYS, AnyModelConfig, Pi0Config, Pi0FASTC
 from openpi.models.model import Pi0FASTModel, Pi0Model
 from openpi.models.normalize import load_norm_stats
 from openpi.models.param_shapes import init_params
-from openpi.models.pi0 import hook_table
 from openpi.models.tokenizer import EMBEDDED_TOKENIZER, PromptTokenizer
-from openpi.models import pi0_fast
 from openpi.models.fast_prompt import FASTPromptFormat
 from openpi.models.fast_tokenizer import FASTTokenizer
 from openpi.policies.fast_policy import FastLiberoTransforms, FastPolicy
@@ -190,7 +188,7 @@ def create_policy(config_name: str = DEFAULT_CONFIG, checkpoint_dir: str | None 
     records = parse_records(record_sites or ())
     # Requests are checked before any weights are loaded: a site that matches nothing is an error naming the
     # nearest valid names, never an empty store.
-    table = pi0_fast.hook_table(model_cfg, num_steps) if cfg.is_fast else hook_table(model_cfg)
+    table = (FastPolicy if cfg.is_fast else Policy).hook_table_for(model_cfg, num_steps)
     table.validate(records, interventions, knockouts, num_steps)
     if record_dir is not None and not records:
         raise ValueError("record_dir given but no sites to record (pass --record SITE ...)")
