@@ -3,8 +3,14 @@
     python benchmarks/bench_model.py                      # tiny Pi0, Pi0.5 and Pi0-FAST on this machine
     python benchmarks/bench_model.py --full               # + bf16 pi05_libero / pi0_fast_libero-sized random weights
 
-Last printed line: one JSON object {config: {"median_ms", "p90_ms", "compile_s", "device"}, ...}; Pi0-FAST entries
-also give the decoding steps run ("steps") and "ms_per_step" (the whole call divided by the steps).
+Pi0 / Pi0.5 inputs are LIBERO-shaped: three 224 x 224 cameras with the right wrist masked and a 20-token prompt
+padded to max_token_len. Each is timed with the full prefix and with prefix compaction (``<name>_compact``:
+masked camera and padding dropped, ``Pi0Model(compact_prefix=True)``), alternating calls of the two in one run;
+``compaction_speedup`` is full / compact median.
+
+Last printed line: one JSON object {config: {"median_ms", "p90_ms", "compile_s", "device"}, ...,
+"compaction_speedup": {config: ratio}}; Pi0-FAST entries also give the decoding steps run ("steps") and
+"ms_per_step" (the whole call divided by the steps).
 """
 from __future__ import annotations
 
@@ -40,19 +46,29 @@ def _random_params(config: Pi0Config | Pi0FASTConfig, dtype) -> dict:
 
 def _time_calls(name: str, call, runs: int) -> dict:
     """Compile once, then time ``runs`` calls (each blocked until its outputs are ready)."""
-    start = time.perf_counter()
-    jax.block_until_ready(call())
-    compile_s = time.perf_counter() - start
-    times = []
-    for _ in range(runs):
+    return _time_alternating({name: call}, runs)[name]
+
+
+def _time_alternating(calls: dict, runs: int) -> dict:
+    """Compile each call, then time them in turns (so load on a shared machine hits all alike)."""
+    compile_s, times = {}, {name: [] for name in calls}
+    for name, call in calls.items():
         start = time.perf_counter()
         jax.block_until_ready(call())
-        times.append((time.perf_counter() - start) * 1000)
-    result = {"median_ms": float(np.median(times)), "p90_ms": float(np.percentile(times, 90)),
-              "compile_s": compile_s, "device": str(jax.devices()[0])}
-    print(f"{name}: median {result['median_ms']:.1f} ms, p90 {result['p90_ms']:.1f} ms, "
-          f"compile {compile_s:.1f} s on {result['device']}")
-    return result
+        compile_s[name] = time.perf_counter() - start
+    for _ in range(runs):
+        for name, call in calls.items():
+            start = time.perf_counter()
+            jax.block_until_ready(call())
+            times[name].append((time.perf_counter() - start) * 1000)
+    results = {}
+    for name, ts in times.items():
+        r = {"median_ms": float(np.median(ts)), "p90_ms": float(np.percentile(ts, 90)), "compile_s": compile_s[name],
+             "device": str(jax.devices()[0])}
+        print(f"{name}: median {r['median_ms']:.1f} ms, p90 {r['p90_ms']:.1f} ms, "
+              f"compile {r['compile_s']:.1f} s on {r['device']}")
+        results[name] = r
+    return results
 
 
 def _images(config, rng) -> dict:
@@ -60,13 +76,15 @@ def _images(config, rng) -> dict:
 
 
 def time_config(name: str, config: Pi0Config, params: dict, runs: int) -> dict:
+    """``name`` (full prefix) and ``name_compact`` (prefix compaction), timed alternately."""
     rng = np.random.default_rng(0)
     obs = make_observation(_images(config, rng), {k: np.array([k != "right_wrist_0_rgb"]) for k in config.image_keys},
                            np.zeros((1, config.action_dim), np.float32),
                            rng.integers(1, 100, (1, config.max_token_len)), np.arange(config.max_token_len)[None] < 20)
-    model = Pi0Model(config, params)
+    full, compact = Pi0Model(config, params), Pi0Model(config, params, compact_prefix=True)
     noise = jnp.asarray(rng.standard_normal((1, config.action_horizon, config.action_dim)), jnp.float32)
-    return _time_calls(name, lambda: model.sample_actions(obs, noise)[0], runs)
+    return _time_alternating({name: lambda: full.sample_actions(obs, noise)[0],
+                              f"{name}_compact": lambda: compact.sample_actions(obs, noise)[0]}, runs)
 
 
 def time_fast_config(name: str, config: Pi0FASTConfig, params: dict, runs: int) -> dict:
@@ -88,16 +106,18 @@ def main(args: Args) -> None:
     from openpi.models.param_shapes import init_params
     results = {}
     for name, cfg in (("pi0_tiny", tiny_config(max_token_len=48)), ("pi05_tiny", tiny_config(pi05=True, max_token_len=64))):
-        results[name] = time_config(name, cfg, init_params(cfg), args.runs)
+        results.update(time_config(name, cfg, init_params(cfg), args.runs))
     fast = tiny_fast_config(max_decoding_steps=args.fast_steps)
     results["pi0_fast_tiny"] = time_fast_config("pi0_fast_tiny", fast, init_params(fast), args.runs)
     if args.full:
         cfg = Pi0Config(pi05=True, action_horizon=10, max_token_len=200, dtype="bfloat16")
-        results["pi05_libero_bf16_random"] = time_config("pi05_libero (bf16, random)", cfg,
-                                                         _random_params(cfg, jnp.bfloat16), args.runs)
+        results.update(time_config("pi05_libero_bf16_random", cfg, _random_params(cfg, jnp.bfloat16), args.runs))
         fast = Pi0FASTConfig(action_dim=7, action_horizon=10, max_token_len=180, max_decoding_steps=args.fast_steps)
         results["pi0_fast_libero_bf16_random"] = time_fast_config("pi0_fast_libero (bf16, random)", fast,
                                                                   _random_params(fast, jnp.bfloat16), args.runs)
+    results["compaction_speedup"] = {name: results[name]["median_ms"] / results[f"{name}_compact"]["median_ms"]
+                                     for name in list(results) if f"{name}_compact" in results}
+    print(f"prefix compaction speedup (full / compact median): {results['compaction_speedup']}")
     print(json.dumps(results))
 
 

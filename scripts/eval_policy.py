@@ -32,6 +32,9 @@ class Args:
     coefficient_count: str = "openpi"
     """Pi0-FAST configs: decode a wrong DCT coefficient count to zeros ("openpi") or fit it ("fit"); see
     docs/pi0_fast.md."""
+    compact_prefix: bool = False
+    """Pi0/Pi0.5: drop masked cameras and prompt padding before the transformer (faster, same actions within float
+    rounding)."""
     task_suite_name: str = "libero_spatial"
     task_ids: tuple[int, ...] | None = None
     """Subset of task ids (default: all tasks of the suite)."""
@@ -72,7 +75,8 @@ def main(args: Args, env_factory: rollout.EnvFactory | None = None) -> dict:
     mine = rollout.shard_episodes(plan, args.shard_index, args.num_shards)
     policy = policy_config.create_policy(args.policy_config, args.policy_dir, tokenizer=args.tokenizer,
                                          seed=args.policy_seed, random_weights=args.random_weights,
-                                         coefficient_count=args.coefficient_count)
+                                         coefficient_count=args.coefficient_count,
+                                         compact_prefix=args.compact_prefix)
     extra = {"server_metadata": policy.metadata, "suite": args.task_suite_name}
     try:
         summary = rollout.evaluate(cfg, policy, mine, expected=plan, run_extra=extra, env_factory=env_factory,

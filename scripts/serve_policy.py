@@ -85,6 +85,9 @@ class Args:
     record: tuple[str, ...] = ()
     """Hook points to record, one-line form SITE?tokens=..&steps=..&reduce=.. (e.g. llm.expert1.layer.3.resid_post;
     names in HOOKS.md); needs --record-dir. A name matching no hook point is an error at start-up."""
+    compact_prefix: bool = False
+    """Pi0/Pi0.5 without recording: drop masked cameras and prompt padding before the transformer (faster; the same
+    actions within float rounding; docs/serving.md)."""
     writer_id: str | None = None
     """Name of this server's store shards (e.g. shard$SLURM_ARRAY_TASK_ID); default: a random id."""
     policy: Checkpoint | Default = dataclasses.field(default_factory=Default)
@@ -105,6 +108,8 @@ def policy_kwargs(args: Args) -> dict[str, Any]:
             kwargs["temperature"] = args.policy.temperature
         if args.policy.coefficient_count != "openpi":
             kwargs["coefficient_count"] = args.policy.coefficient_count
+    if args.compact_prefix:
+        kwargs["compact_prefix"] = True
     if args.record_dir is not None:
         kwargs.update(record_dir=args.record_dir, record_sites=tuple(args.record) or None)
         if args.writer_id is not None:

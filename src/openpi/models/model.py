@@ -51,24 +51,33 @@ def cast_params(config: AnyModelConfig, params: dict) -> dict:
 
 
 class Pi0Model:
-    """Holds parameters in the compute dtype (bfloat16 for released checkpoints) and compiled functions."""
+    """Holds parameters in the compute dtype (bfloat16 for released checkpoints) and compiled functions.
 
-    def __init__(self, config: Pi0Config, params: dict) -> None:
+    ``compact_prefix``: drop the prefix tokens no sample of a call uses (masked cameras, prompt padding) before the
+    transformer when the call records and edits nothing (:func:`pi0.compact_layout`). Outputs equal the full layout's
+    within float rounding (reductions over fewer keys), so it is off by default: with it on, a recorded call (full
+    layout) and an unrecorded one can differ in the last bits.
+    """
+
+    def __init__(self, config: Pi0Config, params: dict, *, compact_prefix: bool = False) -> None:
         self.config = config
         self.params = cast_params(config, params)
+        self.compact_prefix = compact_prefix
 
     @functools.cached_property
     def _sample(self):
-        def run(params, obs, noise, interventions, *, num_steps, records, knockouts):
+        def run(params, obs, noise, interventions, *, num_steps, records, knockouts, layout):
             return pi0.sample_actions(self.config, params, obs, noise, num_steps=num_steps, records=records,
-                                      interventions=interventions, knockouts=knockouts)
-        return jax.jit(run, static_argnames=("num_steps", "records", "knockouts"))
+                                      interventions=interventions, knockouts=knockouts, layout=layout)
+        return jax.jit(run, static_argnames=("num_steps", "records", "knockouts", "layout"))
 
     def sample_actions(self, obs: pi0.Observation, noise: jax.Array, *, num_steps: int = 10,
                        records: tuple[Record, ...] = (), interventions: tuple[Intervention, ...] = (),
                        knockouts: tuple[AttentionKnockout, ...] = ()) -> tuple[jax.Array, dict]:
+        plain = not (records or interventions or knockouts)
+        layout = pi0.compact_layout(self.config, obs) if self.compact_prefix and plain else None
         return self._sample(self.params, obs, noise, tuple(interventions), num_steps=num_steps,
-                            records=tuple(records), knockouts=tuple(knockouts))
+                            records=tuple(records), knockouts=tuple(knockouts), layout=layout)
 
     @functools.cached_property
     def _loss(self):

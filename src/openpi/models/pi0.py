@@ -7,8 +7,10 @@ the model calls is declared once in :func:`hook_points` (names, axes, token posi
 from __future__ import annotations
 
 import dataclasses
+
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from openpi.models.hooks import (NO_HOOKS, AttentionKnockout, HookPoint, Hooks, HookTable, Intervention, Record,
                                  resolve_steps)
@@ -123,9 +125,39 @@ def _dtype(config: Pi0Config):
     return jnp.dtype(config.dtype)
 
 
-def embed_prefix(config: Pi0Config | Pi0FASTConfig, params: dict, obs, hooks: Hooks = NO_HOOKS):
+@dataclasses.dataclass(frozen=True)
+class PrefixLayout:
+    """Which prefix tokens a batch actually uses: the camera slots valid for some sample and the first
+    ``prompt_len`` prompt slots. Everything else is masked for every sample, so nothing attends to it and it does
+    not advance the positions (``cumsum(mask) - 1``): dropping it before the transformer changes no valid token's
+    output, only the work (static, so each layout compiles once)."""
+
+    cameras: tuple[str, ...]
+    prompt_len: int
+
+    def num_tokens(self, config: Pi0Config | Pi0FASTConfig) -> int:
+        return len(self.cameras) * config.tokens_per_image + self.prompt_len
+
+
+def compact_layout(config: Pi0Config | Pi0FASTConfig, obs, prompt_bucket: int = 8) -> PrefixLayout | None:
+    """The smallest layout keeping every valid prefix token of ``obs`` (concrete arrays), or None when it would
+    drop nothing. The prompt length is rounded up to ``prompt_bucket`` so varying prompts share few compilations."""
+    cameras = tuple(k for k in config.image_keys if k in obs.image_masks and bool(np.any(obs.image_masks[k])))
+    valid = np.asarray(obs.tokenized_prompt_mask, bool)
+    used = int(np.max(np.nonzero(valid.any(axis=0))[0], initial=-1)) + 1
+    prompt_len = min(valid.shape[1], -(-used // prompt_bucket) * prompt_bucket)
+    if not cameras and prompt_len == 0:
+        return None  # an all-masked prefix: nothing to keep, run the full layout as openpi does
+    if cameras == tuple(config.image_keys) and prompt_len == valid.shape[1]:
+        return None
+    return PrefixLayout(cameras, prompt_len)
+
+
+def embed_prefix(config: Pi0Config | Pi0FASTConfig, params: dict, obs, hooks: Hooks = NO_HOOKS,
+                 layout: PrefixLayout | None = None):
     """Image tokens of every camera slot, then prompt tokens. Returns (tokens, input_mask, ar_mask).
 
+    With a ``layout`` only its cameras are encoded and the prompt is cut to its length (see :class:`PrefixLayout`).
     Shared with Pi0-FAST, whose observation has the same image and prompt fields."""
     dtype = _dtype(config)
     pg = params["PaliGemma"]
@@ -133,12 +165,17 @@ def embed_prefix(config: Pi0Config | Pi0FASTConfig, params: dict, obs, hooks: Ho
     for key in config.image_keys:
         if key not in obs.images:
             raise KeyError(f"observation has no image {key!r}; model expects cameras {list(config.image_keys)}")
+        if layout is not None and key not in layout.cameras:
+            continue
         img = siglip.encode(pg["img"], obs.images[key], config.siglip, dtype, camera=key, hooks=hooks)
         tokens.append(img)
         masks.append(jnp.repeat(obs.image_masks[key][:, None], img.shape[1], axis=1))
-    text = gemma.embed_tokens(pg["llm"], obs.tokenized_prompt, config.llm.width, dtype)
+    prompt, prompt_mask = obs.tokenized_prompt, obs.tokenized_prompt_mask
+    if layout is not None:
+        prompt, prompt_mask = prompt[:, :layout.prompt_len], prompt_mask[:, :layout.prompt_len]
+    text = gemma.embed_tokens(pg["llm"], prompt, config.llm.width, dtype)
     tokens.append(text)
-    masks.append(obs.tokenized_prompt_mask)
+    masks.append(prompt_mask)
     x = jnp.concatenate([t.astype(dtype) for t in tokens], axis=1)
     input_mask = jnp.concatenate(masks, axis=1)
     ar_mask = jnp.zeros(x.shape[1], dtype=bool)
@@ -220,20 +257,26 @@ def compute_loss(config: Pi0Config, params: dict, obs: Observation, actions: jax
 
 def sample_actions(config: Pi0Config, params: dict, obs: Observation, noise: jax.Array, *, num_steps: int = 10,
                    records: tuple[Record, ...] = (), interventions: tuple[Intervention, ...] = (),
-                   knockouts: tuple[AttentionKnockout, ...] = ()) -> tuple[jax.Array, dict[str, jax.Array]]:
+                   knockouts: tuple[AttentionKnockout, ...] = (), layout: PrefixLayout | None = None
+                   ) -> tuple[jax.Array, dict[str, jax.Array]]:
     """Euler integration of the flow from t = 1 (noise) to t = 0 with the prefix computed once into a KV cache.
 
     Returns (actions (B, horizon, action_dim), recordings). Denoising-step sites come back with a leading step axis
     holding only the requested steps; prefix-pass sites have none. With no request the graph is the plain one.
+    ``layout`` (from :func:`compact_layout`) drops prefix tokens no sample uses; hook positions are declared in the
+    full layout, so it cannot be combined with a request.
     """
     records, interventions, knockouts = tuple(records), tuple(interventions), tuple(knockouts)
     table = None
+    if layout is not None and (records or interventions or knockouts):
+        raise ValueError("a compacted prefix layout cannot be combined with records, interventions or knockouts: "
+                         "their token positions are those of the full layout")
     if records or interventions or knockouts:
         table = hook_table(config)
         table.validate(records, interventions, knockouts, num_steps)
     hooks = Hooks(records=records, interventions=interventions, knockouts=knockouts, table=table,
                   num_steps=num_steps)
-    prefix, prefix_mask, prefix_ar = embed_prefix(config, params, obs, hooks)
+    prefix, prefix_mask, prefix_ar = embed_prefix(config, params, obs, hooks, layout)
     prefix_attn = layers.make_attn_mask(prefix_mask, prefix_ar)
     positions = jnp.cumsum(prefix_mask, axis=1) - 1
     _, kv_cache = gemma.forward(params["PaliGemma"]["llm"], [prefix, None], positions, prefix_attn, _cfgs(config),
@@ -255,7 +298,7 @@ def sample_actions(config: Pi0Config, params: dict, obs: Observation, noise: jax
         pos = prefix_valid[:, None] + jnp.cumsum(suffix_mask, axis=-1) - 1
         (_, suffix_out), _ = gemma.forward(params["PaliGemma"]["llm"], [None, suffix], pos, mask, _cfgs(config),
                                            conds=(None, cond), kv_cache=kv_cache, hooks=step_hooks,
-                                           query_start=config.prefix_len)
+                                           query_start=prefix.shape[1])
         v_t = step_hooks("flow.v_t", _velocity(config, params, suffix_out))
         return (x_t + dt * v_t, time + dt), step_hooks.collected
 

@@ -169,7 +169,7 @@ def create_policy(config_name: str = DEFAULT_CONFIG, checkpoint_dir: str | None 
                   writer_id: str | None = None, interventions: tuple[Intervention, ...] = (),
                   knockouts: tuple[AttentionKnockout, ...] = (), num_steps: int | None = None, seed: int = 0,
                   dtype: str | None = None, random_weights: bool = False, fast_tokenizer: str | None = None,
-                  temperature: float = 0.0, coefficient_count: str = "openpi") -> Policy:
+                  temperature: float = 0.0, coefficient_count: str = "openpi", compact_prefix: bool = False) -> Policy:
     """Build a Policy from a named config; with ``record_dir`` every inference's recordings go to a store.
 
     Weights: ``checkpoint_dir``, else the config's embedded checkpoint, else (or with ``random_weights``, the
@@ -177,6 +177,8 @@ def create_policy(config_name: str = DEFAULT_CONFIG, checkpoint_dir: str | None 
     steps (default 10) or, for Pi0-FAST, decoding steps (default the config's ``max_decoding_steps``);
     ``fast_tokenizer`` / ``temperature`` / ``coefficient_count`` (``"openpi"``: a generated chunk with the wrong
     number of DCT coefficients decodes to zeros, flagged; ``"fit"``: fitted, flagged): Pi0-FAST only.
+    ``compact_prefix`` (Pi0/Pi0.5, no recording or edits): drop masked cameras and prompt padding before the
+    transformer (same actions within float rounding, see ``Pi0Model``).
     """
     cfg = get_config(config_name)
     model_cfg = cfg.model if dtype is None else dataclasses.replace(cfg.model, dtype=dtype)
@@ -186,6 +188,11 @@ def create_policy(config_name: str = DEFAULT_CONFIG, checkpoint_dir: str | None 
     if num_steps is None:
         num_steps = model_cfg.max_decoding_steps if cfg.is_fast else 10
     records = parse_records(record_sites or ())
+    if compact_prefix and cfg.is_fast:
+        raise ValueError(f"compact_prefix is a Pi0/Pi0.5 option; {config_name!r} is a Pi0-FAST config")
+    if compact_prefix and (records or interventions or knockouts):
+        raise ValueError("compact_prefix would never apply: this policy records or edits every call, and those calls "
+                         "run the full prefix layout (hook positions are declared in it); drop one of the two")
     # Requests are checked before any weights are loaded: a site that matches nothing is an error naming the
     # nearest valid names, never an empty store.
     table = (FastPolicy if cfg.is_fast else Policy).hook_table_for(model_cfg, num_steps)
@@ -228,7 +235,7 @@ def create_policy(config_name: str = DEFAULT_CONFIG, checkpoint_dir: str | None 
         recorder = StoreRecorder(writer, records, table, num_steps)
     metadata = {"config": config_name, "model": model_cfg.model_type, "trained": trained,
                 "action_horizon": model_cfg.action_horizon, "checkpoint": str(ckpt) if ckpt else None,
-                "recording": [f"{r.site}" for r in records]}
+                "recording": [f"{r.site}" for r in records], "compact_prefix": compact_prefix}
     if cfg.is_fast:
         metadata.update(fast_tokenizer=str(fast_dir), temperature=temperature, max_decoding_steps=num_steps,
                         coefficient_count=coefficient_count)
@@ -241,7 +248,7 @@ def create_policy(config_name: str = DEFAULT_CONFIG, checkpoint_dir: str | None 
     if cfg.is_fast:
         return FastPolicy(Pi0FASTModel(model_cfg, params), transforms, temperature=temperature,
                           coefficient_count=coefficient_count, **common)
-    return Policy(Pi0Model(model_cfg, params), transforms, **common)
+    return Policy(Pi0Model(model_cfg, params, compact_prefix=compact_prefix), transforms, **common)
 
 
 __all__ = ["CONFIGS", "create_policy", "get_config", "parse_records"]
