@@ -7,6 +7,7 @@ resume, shards and the analyses work unchanged; what differs is that the policy 
 
     python scripts/eval_policy.py --task-ids 0 1 2 3 --first-trial 40 --num-trials-per-task 10     # default policy
     python scripts/eval_policy.py --random-weights --run-id untrained ...                           # same net, untrained
+    python scripts/eval_policy.py --num-workers 2 ...                      # 2 env processes share this one policy
     python scripts/eval_policy.py --policy-config pi0_libero --policy-dir /ckpt/pi0_libero --tokenizer ...
 """
 from __future__ import annotations
@@ -58,10 +59,13 @@ class Args:
     """Default: <policy config>[-random]-<suite>."""
     shard_index: int = 0
     num_shards: int = 1
+    num_workers: int = 1
+    """Environment processes stepping episodes in parallel, all asking this process's one policy; same records."""
 
 
 def main(args: Args, env_factory: rollout.EnvFactory | None = None) -> dict:
-    """Run the evaluation; ``env_factory`` (tests) replaces the default one-env-per-task creation."""
+    """Run the evaluation; ``env_factory`` (tests) replaces the default one-env-per-task creation (with
+    ``--num-workers`` > 1 it must be a module-level function: workers build their own envs)."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     libero_env.configure_headless_gl()
     run_id = args.run_id or "-".join([args.policy_config.replace("_", "-")] + (["random"] if args.random_weights
@@ -80,7 +84,7 @@ def main(args: Args, env_factory: rollout.EnvFactory | None = None) -> dict:
     extra = {"server_metadata": policy.metadata, "suite": args.task_suite_name}
     try:
         summary = rollout.evaluate(cfg, policy, mine, expected=plan, run_extra=extra, env_factory=env_factory,
-                                   close_envs=env_factory is None)
+                                   close_envs=env_factory is None, num_workers=args.num_workers)
     finally:
         policy.close()
     print(rollout.format_summary(summary))

@@ -6,6 +6,7 @@ Output layout and record fields: ``openpi.envs.rollout`` module docstring and do
 
     python examples/libero/main.py --task-suite-name libero_spatial --run-id pi05-spatial
     python examples/libero/main.py --task-ids 0 3 --num-trials-per-task 5 --save-frames --perturb.prompt-mode empty
+    python examples/libero/main.py --num-workers 2 ...      # 2 env processes; requests still go over one connection
 """
 
 from __future__ import annotations
@@ -53,6 +54,9 @@ class Args:
     shard_index: int = 0
     num_shards: int = 1
     """Split the episodes round-robin over this many processes (e.g. a SLURM array)."""
+    num_workers: int = 1
+    """Environment processes stepping episodes in parallel (rendering is ~90% of a CPU step). They send their
+    requests to this process, which forwards them to the server over its one connection, one at a time."""
     save_frames: bool = False
     """Save per-step agent-view/wrist frames as sent to the policy, plus instance masks (slower: renders masks)."""
     save_video: bool = True
@@ -74,7 +78,8 @@ def _openpi_argv(argv: list[str]) -> list[str]:
 
 
 def main(args: Args, env_factory: rollout.EnvFactory | None = None) -> dict:
-    """Run the evaluation; ``env_factory`` (tests) replaces the default one-env-per-task creation."""
+    """Run the evaluation; ``env_factory`` (tests) replaces the default one-env-per-task creation (with
+    ``--num-workers`` > 1 it must be a module-level function: workers build their own envs)."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     run_id = args.run_id or f"{args.task_suite_name}-seed{args.seed}"
     cfg = rollout.RolloutConfig(
@@ -103,7 +108,8 @@ def main(args: Args, env_factory: rollout.EnvFactory | None = None) -> dict:
     extra = {"server_metadata": policy.get_server_metadata(), "suite": args.task_suite_name}
     try:
         summary = rollout.evaluate(
-            cfg, policy, mine, expected=plan, run_extra=extra, env_factory=env_factory, close_envs=env_factory is None
+            cfg, policy, mine, expected=plan, run_extra=extra, env_factory=env_factory, close_envs=env_factory is None,
+            num_workers=args.num_workers,
         )
     finally:
         policy.close()

@@ -46,6 +46,11 @@ or would have been sent at that step): ``agentview (T,S,S,3) uint8``, ``wrist (T
 ``instance_names`` (0-d str: JSON {"<id>": name}), ``objects_of_interest`` (0-d str: JSON [names]),
 ``object_instance_ids`` (0-d str: JSON {name: id}).
 
+Parallel evaluation (``evaluate(..., num_workers=N)``): N spawned worker processes each own their environments
+(rendering is ~90% of a CPU step) and run whole episodes, writing their records; the one policy stays in the calling
+process and answers each worker's requests over a pipe. Actions depend on a request's ``meta/*`` keys, not on call
+order, so the records equal a sequential run's (attempt ids and timings aside).
+
 Summary (``<out>/results/<run_id>.json``): {run_id, suites: {suite: {episodes, successes, errors, success_rate,
 tasks: {"<task_id>": {prompt, episodes, successes, errors, success_rate}}}}, total: {episodes, successes, errors,
 success_rate}, expected_episodes, missing_episodes}; ``errors`` counts policy_error episodes (also failures).
@@ -58,11 +63,17 @@ import dataclasses
 import datetime
 import json
 import logging
+import multiprocessing
 import os
 import pathlib
+import pickle
 import secrets
+import signal
 import time
+import traceback
 from collections.abc import Callable, Iterable, Sequence
+from multiprocessing.connection import Connection
+from multiprocessing.connection import wait as mp_wait
 from typing import Any, Protocol
 
 import numpy as np
@@ -522,6 +533,57 @@ def default_env_factory(suite: str, task_id: int, segmentation: bool, seed: int)
     return libero_env.LiberoTaskEnv(suite, task_id, segmentation=segmentation, seed=seed)
 
 
+class _TaskEnvs:
+    """Runs episodes in the environment of their task: one env at a time, reused by the task's following episodes
+    (plans are task-major and creating an env costs 8-13 s). Shared by the in-process loop and the workers."""
+
+    def __init__(self, factory: EnvFactory, cfg: RolloutConfig, close_envs: bool) -> None:
+        self.factory, self.cfg, self.close_envs = factory, cfg, close_envs
+        self.env: libero_env.LiberoTaskEnv | None = None
+        self.prompts: dict[str, list[str]] = {}
+
+    def run(self, policy: PolicyLike, spec: EpisodeSpec) -> dict[str, Any]:
+        """Run ``spec`` and write its record (archiving an earlier policy-error record first); return the record."""
+        cfg = self.cfg
+        if self.env is None or (self.env.info.suite, self.env.info.task_id) != (spec.suite, spec.task_id):
+            self.close()
+            self.env = self.factory(spec.suite, spec.task_id, cfg.save_frames, cfg.seed)
+        if cfg.perturb.prompt_mode == "other_task" and spec.suite not in self.prompts:
+            self.prompts[spec.suite] = libero_env.suite_task_prompts(spec.suite)
+        if cfg.episode_json(spec).exists():
+            _archive_error_record(cfg, spec)
+        result = run_episode(self.env, policy, spec, cfg, other_prompts=self.prompts.get(spec.suite, ()))
+        return write_episode(result, cfg)
+
+    def close(self) -> None:
+        if self.env is not None and self.close_envs:
+            self.env.close()
+        self.env = None
+
+
+class _Tally:
+    """Progress bar and consecutive policy errors over episodes in the order they finish."""
+
+    def __init__(self, cfg: RolloutConfig, total: int, skipped: int, progress: bool) -> None:
+        self.max_errors = cfg.max_consecutive_errors
+        self.bar = tqdm.tqdm(total=total, initial=skipped, desc=cfg.run_id, disable=not progress, unit="ep")
+        self.done = self.successes = self.consecutive_errors = 0
+
+    def add(self, spec: EpisodeSpec, rec: dict[str, Any]) -> str | None:
+        """Count a finished episode; returns why the run must stop when too many policy errors came in a row."""
+        self.done += 1
+        self.successes += int(rec["success"])
+        self.bar.set_postfix_str(f"task {spec.task_id} ep {spec.episode} success {self.successes}/{self.done}")
+        self.bar.update(1)
+        if rec["status"] != "policy_error":
+            self.consecutive_errors = 0
+            return None
+        self.consecutive_errors += 1
+        if self.consecutive_errors >= self.max_errors:
+            return f"aborting after {self.consecutive_errors} consecutive policy errors; last: {rec['failure_reason']}"
+        return None
+
+
 def evaluate(
     cfg: RolloutConfig,
     policy: PolicyLike,
@@ -532,14 +594,28 @@ def evaluate(
     close_envs: bool = True,
     run_extra: dict[str, Any] | None = None,
     progress: bool = True,
+    num_workers: int = 1,
 ) -> dict[str, Any]:
     """Run (this shard's) episodes, skipping finished ones; write records and the run's summary; return it.
 
     ``expected`` is the whole plan over all shards (for the summary's missing count); default ``episodes``.
     One environment per task is created (with segmentation when frames are saved) and reused across episodes.
+    ``num_workers`` > 1 steps the environments in that many worker processes while ``policy`` stays here and
+    answers their requests (:func:`_evaluate_in_workers`): the same records, faster when rendering dominates.
+    Workers build their own environments, so ``env_factory`` must then pickle (a module-level function).
     """
-    check_or_write_run_config(cfg, run_extra)
+    if num_workers < 1:
+        raise ValueError(f"num_workers must be >= 1, got {num_workers}")
     factory = env_factory or default_env_factory
+    if num_workers > 1:
+        try:
+            pickle.dumps(factory)
+        except (pickle.PicklingError, AttributeError, TypeError) as exc:
+            raise TypeError(
+                f"env_factory {factory!r} cannot be sent to worker processes (num_workers={num_workers}): {exc}. "
+                "Pass a module-level function (lambdas, closures and local functions do not pickle), or num_workers=1"
+            ) from exc
+    check_or_write_run_config(cfg, run_extra)
     pending: list[EpisodeSpec] = []
     for spec in episodes:
         status = episode_status(cfg.episode_json(spec))
@@ -549,42 +625,181 @@ def evaluate(
     if skipped:
         logger.info("resume: %d of %d episodes already have a record", skipped, len(episodes))
 
-    prompts_cache: dict[str, list[str]] = {}
-    consecutive_errors = 0
-    done = successes = 0
-    bar = tqdm.tqdm(total=len(episodes), initial=skipped, desc=f"{cfg.run_id}", disable=not progress, unit="ep")
-    env: libero_env.LiberoTaskEnv | None = None
+    tally = _Tally(cfg, len(episodes), skipped, progress)
     try:
-        for spec in pending:
-            if env is None or (env.info.suite, env.info.task_id) != (spec.suite, spec.task_id):
-                if env is not None and close_envs:
-                    env.close()
-                env = factory(spec.suite, spec.task_id, cfg.save_frames, cfg.seed)
-            if cfg.perturb.prompt_mode == "other_task" and spec.suite not in prompts_cache:
-                prompts_cache[spec.suite] = libero_env.suite_task_prompts(spec.suite)
-            if cfg.episode_json(spec).exists():
-                _archive_error_record(cfg, spec)
-            result = run_episode(env, policy, spec, cfg, other_prompts=prompts_cache.get(spec.suite, ()))
-            rec = write_episode(result, cfg)
-            done += 1
-            successes += int(rec["success"])
-            bar.set_postfix_str(f"task {spec.task_id} ep {spec.episode} success {successes}/{done}")
-            bar.update(1)
-            if rec["status"] == "policy_error":
-                consecutive_errors += 1
-                if consecutive_errors >= cfg.max_consecutive_errors:
-                    raise RuntimeError(
-                        f"aborting after {consecutive_errors} consecutive policy errors; last: {rec['failure_reason']}"
-                    )
-            else:
-                consecutive_errors = 0
+        if num_workers == 1:
+            envs = _TaskEnvs(factory, cfg, close_envs)
+            try:
+                for spec in pending:
+                    abort = tally.add(spec, envs.run(policy, spec))
+                    if abort is not None:
+                        raise RuntimeError(abort)
+            finally:
+                envs.close()
+        elif pending:
+            _evaluate_in_workers(cfg, policy, pending, factory, close_envs, min(num_workers, len(pending)), tally)
     finally:
-        bar.close()
-        if env is not None and close_envs:
-            env.close()
+        tally.bar.close()
         summary = summarize(cfg.out_dir, cfg.run_id, expected if expected is not None else episodes)
         write_json_atomic(cfg.rollouts.results_json(cfg.run_id), summary, indent=1)
     return summary
+
+
+# --------------------------------------------------------------------------------------------------
+# Worker processes: environments (and their rendering, ~90% of a CPU step) there, the one policy here
+# --------------------------------------------------------------------------------------------------
+# Parent -> worker: an EpisodeSpec to run, None to stop, or the answer to a request: ("reply", dict) | ("error",
+# exception). Worker -> parent: ("infer", observation), ("done", {success, status, failure_reason}) after the record
+# is written, or ("failed", traceback) when the episode raised (the worker then exits).
+
+_START_METHOD = "spawn"  # JAX, imported in the parent, does not survive fork
+_STOP_TIMEOUT_S = 30.0
+
+
+class _ParentPolicy:
+    """A worker's policy: each request is answered by the parent's policy over the worker's pipe."""
+
+    def __init__(self, conn: Connection) -> None:
+        self.conn = conn
+
+    def infer(self, obs: dict) -> dict:
+        try:
+            self.conn.send(("infer", obs))
+            kind, payload = self.conn.recv()
+        except (EOFError, OSError):
+            # The parent is gone: exit (SystemExit passes run_episode's handler) instead of recording policy errors.
+            raise SystemExit("evaluation worker: the parent process closed the connection") from None
+        if kind == "error":
+            raise payload
+        return payload
+
+
+def _worker_main(conn: Connection, cfg: RolloutConfig, factory: EnvFactory, close_envs: bool) -> None:
+    """Entry point of a worker process: run the episodes the parent sends, write their records, report each."""
+    libero_env.configure_headless_gl()  # before robosuite is imported, as in the parent
+    envs = _TaskEnvs(factory, cfg, close_envs)
+    policy = _ParentPolicy(conn)
+    try:
+        while (spec := conn.recv()) is not None:
+            try:
+                rec = envs.run(policy, spec)
+            except Exception:  # noqa: BLE001 -- the parent names the episode and stops the run
+                conn.send(("failed", traceback.format_exc()))
+                return
+            conn.send(("done", {k: rec[k] for k in ("success", "status", "failure_reason")}))
+    except EOFError:  # the parent is gone
+        return
+    finally:
+        envs.close()
+
+
+def _answer(policy: PolicyLike, obs: dict) -> tuple[str, Any]:
+    """The policy's reply to a worker's request, or the exception it raised (the worker records it as a policy
+    error, with the same text as a sequential run unless the exception does not survive pickling)."""
+    try:
+        return "reply", policy.infer(obs)
+    except Exception as exc:  # noqa: BLE001 -- belongs to the episode, recorded there
+        try:
+            return "error", pickle.loads(pickle.dumps(exc))
+        except Exception:  # noqa: BLE001 -- an exception that does not pickle travels as its text
+            return "error", RuntimeError(f"{type(exc).__name__}: {exc}")
+
+
+@dataclasses.dataclass
+class _Worker:
+    """The parent's handle on one worker process and the episode it was given (to name it in errors)."""
+
+    index: int
+    process: multiprocessing.process.BaseProcess
+    conn: Connection
+    spec: EpisodeSpec | None = None  # the episode it is running; None when idle
+
+    def assign(self, spec: EpisodeSpec) -> None:
+        self.spec = spec
+        self.send(spec)
+
+    def send(self, message: Any) -> None:
+        try:
+            self.conn.send(message)
+        except OSError:  # it died: the wait loop reports that, naming its episode
+            pass
+
+    def receive(self, run_id: str) -> tuple[str, Any]:
+        """Its next message, or a clear error naming its episode when the process is gone."""
+        if self.conn.poll():
+            try:
+                return self.conn.recv()
+            except EOFError:
+                pass
+        self.process.join(timeout=5)
+        code = self.process.exitcode
+        how = f"was killed by {signal.Signals(-code).name}" if code is not None and code < 0 else f"exited (code {code})"
+        raise RuntimeError(f"evaluation worker {self.index} (pid {self.process.pid}) {how} while running episode "
+                           f"{self.spec.key(run_id).stem}; its own error, if any, is on stderr")
+
+
+def _evaluate_in_workers(cfg: RolloutConfig, policy: PolicyLike, pending: Sequence[EpisodeSpec], factory: EnvFactory,
+                         close_envs: bool, num_workers: int, tally: _Tally) -> None:
+    """Run ``pending`` in ``num_workers`` processes, each owning its environments, handing out episodes in plan
+    order to whichever worker is free and answering each request with ``policy`` as it arrives.
+
+    Records equal the sequential run's: a request's noise is keyed by its ``meta/*``, not by call order, and each
+    is answered alone -- ``infer_batch`` would differ from single calls by float rounding. A worker that raises or
+    dies stops the run with an error naming its episode; after too many consecutive policy errors no episode is
+    handed out, the running ones finish, then the run stops as the sequential one does.
+    """
+    ctx = multiprocessing.get_context(_START_METHOD)
+    queue = collections.deque(pending)
+    workers: list[_Worker] = []
+    abort: str | None = None
+    try:
+        for index in range(num_workers):
+            conn, child_conn = ctx.Pipe()
+            process = ctx.Process(target=_worker_main, args=(child_conn, cfg, factory, close_envs),
+                                  name=f"libero-eval-{index}", daemon=True)
+            process.start()
+            child_conn.close()
+            workers.append(_Worker(index, process, conn))
+            workers[-1].assign(queue.popleft())
+        while busy := [w for w in workers if w.spec is not None]:
+            ready = set(mp_wait([h for w in busy for h in (w.conn, w.process.sentinel)]))
+            for w in busy:
+                if ready.isdisjoint((w.conn, w.process.sentinel)):
+                    continue
+                kind, payload = w.receive(cfg.run_id)
+                if kind == "infer":
+                    w.send(_answer(policy, payload))
+                elif kind == "done":
+                    reason = tally.add(w.spec, payload)
+                    abort = abort or reason
+                    w.spec = None
+                    if abort is None and queue:
+                        w.assign(queue.popleft())
+                else:
+                    raise RuntimeError(f"evaluation worker {w.index} failed on episode "
+                                       f"{w.spec.key(cfg.run_id).stem}:\n{payload}")
+        if abort is not None:
+            raise RuntimeError(abort)
+    finally:
+        _stop_workers(workers)
+
+
+def _stop_workers(workers: Sequence[_Worker]) -> None:
+    """Idle workers are told to stop (they close their environments); busy ones (the run failed) are terminated."""
+    for w in workers:
+        if w.spec is None:
+            try:
+                w.conn.send(None)
+            except OSError:  # already gone
+                pass
+        else:
+            w.process.terminate()
+    for w in workers:
+        w.process.join(timeout=_STOP_TIMEOUT_S)
+        if w.process.is_alive():
+            w.process.kill()
+            w.process.join()
+        w.conn.close()
 
 
 def _rate(successes: int, episodes: int) -> float | None:
