@@ -1,4 +1,4 @@
-"""The SAE benchmark fails with a clear message when its reference trainer is not installed."""
+"""The SAE benchmark runs our trainer everywhere and skips each missing reference with a one-line install hint."""
 
 import importlib.util
 import pathlib
@@ -17,19 +17,19 @@ def _load_bench():
     return mod
 
 
-def test_missing_reference_trainer_exits_with_install_hint(monkeypatch):
-    bench = _load_bench()
-    real = importlib.util.find_spec
-    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "dictionary_learning" else real(name, *a))
-    monkeypatch.delitem(sys.modules, "dictionary_learning", raising=False)
-    with pytest.raises(SystemExit) as exc:
-        bench.import_reference()
-    msg = str(exc.value)
-    assert "not installed" in msg and "pip install torch==2.13.0" in msg and "dictionary-learning" in msg
-
-
-def test_missing_torch_exits_with_install_hint(monkeypatch):
+def test_missing_references_are_skipped_with_install_hint(monkeypatch, capsys):
     bench = _load_bench()
     monkeypatch.setitem(sys.modules, "torch", None)  # makes `import torch` raise ModuleNotFoundError
-    with pytest.raises(SystemExit, match="needs torch, which is not installed"):
-        bench.import_reference()
+    out = bench.main(bench.Args(d=16, num_latents=64, k=4, batch_size=32, steps=12, rows=1500))
+    assert out["references"] == {}
+    assert set(out["skipped"]) == {"dictionary_learning", "sparsify", "sae_lens"}
+    assert all("setup_bench_env.sh" in why for why in out["skipped"].values())
+    assert out["ours"]["step_ms"] > 0 and 0 <= out["ours"]["fvu"] < 1.5 and out["floor_ms"] > 0
+    printed = capsys.readouterr().out
+    assert printed.count("skipped ") == 3
+
+
+def test_unknown_reference_names_the_choices():
+    bench = _load_bench()
+    with pytest.raises(SystemExit, match="unknown reference.*sae_lens"):
+        bench.main(bench.Args(references=("saelens",)))
