@@ -8,7 +8,10 @@ References (each optional; one missing is skipped with a one-line message saying
 dictionary_learning's TopKTrainer / BatchTopKTrainer (its own `update` loop), eai-sparsify's SparseCoder (TopK;
 its fused encoder and sparse decoder, driven by a loop written here as its Trainer's inner step: fvu loss,
 gradient parallel to decoder rows removed, Adam, decoder rows renormalised), sae-lens' TopK/BatchTopK TrainingSAE
-(`training_forward_pass` with `use_sparse_activations`, gradient clipping at 1, Adam: its trainer's step).
+(`training_forward_pass`, gradient clipping at 1, Adam: its trainer's step; its `use_sparse_activations` path has
+no CPU backward in torch 2.13, so it runs dense). sparsify's and sae-lens' decoder bias starts at the first batch's
+mean (sparsify's trainer does this; sae-lens 6 starts at zero, which leaves FVU far above the others after a few
+hundred steps on uncentred activations); dictionary_learning and ours start at the geometric median.
 
 All see the same training rows in the same batch order (our seeded batch source), scaled the same way
 (E||x||^2 = d), with the same k, dictionary size, batch size, steps and Adam learning-rate schedule (warm-up,
@@ -69,10 +72,10 @@ class RefTrainer:
 
 
 def _import_dictionary_learning():
-    spec = importlib.util.find_spec("dictionary_learning")
-    if spec is None:
-        raise ModuleNotFoundError("dictionary_learning")
     if "dictionary_learning" not in sys.modules:
+        spec = importlib.util.find_spec("dictionary_learning")
+        if spec is None:
+            raise ModuleNotFoundError("dictionary_learning")
         # Its package __init__ imports nnsight (LLM tracing) that the trainers do not need: register the package
         # without running __init__, then import the trainer modules normally.
         pkg = types.ModuleType("dictionary_learning")
@@ -118,7 +121,9 @@ def make_sparsify(torch, r, cfg, args) -> RefTrainer:
     opt = torch.optim.Adam(coder.parameters(), lr=r.lr)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(r))
 
-    def step(_, x):
+    def step(i, x):
+        if i == 0:  # its trainer centres the decoder bias on the first batch
+            coder.b_dec.data = x.mean(0)
         coder(x).fvu.backward()
         coder.remove_gradient_parallel_to_decoder_directions()
         opt.step()
@@ -141,11 +146,14 @@ def make_sae_lens(torch, r, cfg, args) -> RefTrainer:
     else:
         from sae_lens.saes.batchtopk_sae import BatchTopKTrainingSAE as cls, BatchTopKTrainingSAEConfig as conf
     torch.manual_seed(args.seed)
-    sae = cls(conf(d_in=r.d_in, d_sae=r.d_sae, k=r.k, use_sparse_activations=True, device="cpu"))
+    # use_sparse_activations: its sparse-tensor path has no CPU backward in torch 2.13 ('aten::view' on SparseCPU)
+    sae = cls(conf(d_in=r.d_in, d_sae=r.d_sae, k=r.k, use_sparse_activations=False, device="cpu"))
     opt = torch.optim.Adam(sae.parameters(), lr=r.lr)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(r))
 
     def step(i, x):
+        if i == 0:  # sae-lens 6 starts b_dec at zero; centre it as the other trainers do, or FVU says nothing
+            sae.b_dec.data = x.mean(0)
         out = sae.training_forward_pass(TrainStepInput(sae_in=x, coefficients={}, dead_neuron_mask=None,
                                                        n_training_steps=i, is_logging_step=False))
         out.loss.backward()
@@ -156,7 +164,7 @@ def make_sae_lens(torch, r, cfg, args) -> RefTrainer:
 
     def reconstruct(x):
         with torch.no_grad():
-            return sae.decode(sae.encode(x)).numpy()
+            return sae(x).numpy()
     return RefTrainer(step, reconstruct)
 
 
