@@ -9,6 +9,7 @@ resume, shards and the analyses work unchanged; what differs is that the policy 
     python scripts/eval_policy.py --random-weights --run-id untrained ...                           # same net, untrained
     python scripts/eval_policy.py --num-workers 2 ...                      # 2 env processes share this one policy
     python scripts/eval_policy.py --policy-config pi0_libero --policy-dir /ckpt/pi0_libero --tokenizer ...
+    python scripts/eval_policy.py --policy-config dp_lerobot --policy-dir /ckpt/lerobot_dp   # docs/diffusion_policy.md
 """
 from __future__ import annotations
 

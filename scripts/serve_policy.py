@@ -8,6 +8,8 @@ Same command shape as openpi's ``scripts/serve_policy.py``:
     python scripts/serve_policy.py policy:checkpoint --policy.config pi0_libero --policy.dir /ckpt/pi0_libero
     python scripts/serve_policy.py policy:checkpoint --policy.config pi0_fast_libero --policy.dir /ckpt/pi0_fast_libero \
         --policy.fast-tokenizer /ckpt/fast                          # Pi0-FAST (autoregressive)
+    python scripts/serve_policy.py policy:checkpoint --policy.config dp_lerobot --policy.dir /ckpt/lerobot_dp  # LeRobot
+                                                                    # Diffusion Policy (docs/diffusion_policy.md)
     python scripts/serve_policy.py --record-dir out/acts --record 'llm.expert1.layer.3.resid_post?tokens=actions' \
         'llm.layer.*.attn.probs?tokens=actions&reduce=heads'      # names: HOOKS.md
 
@@ -44,10 +46,11 @@ class Checkpoint:
     """Load a policy from a trained checkpoint."""
 
     config: str
-    """Named config, e.g. pi0_libero, pi05_libero, pi0_fast_libero, pi0_tiny_spatial, pi0_tiny, pi0_fast_tiny."""
+    """Named config, e.g. pi0_libero, pi05_libero, pi0_fast_libero, pi0_tiny_spatial, pi0_tiny, pi0_fast_tiny,
+    dp_lerobot (a LeRobot Diffusion Policy folder; observation history kept server-side per episode)."""
     dir: str | None = None
-    """Checkpoint directory (holds params/ and assets/); default: the config's embedded checkpoint if it has one,
-    else seeded random weights (tiny configs only)."""
+    """Checkpoint directory (holds params/ and assets/; for dp_lerobot the LeRobot folder, required); default: the
+    config's embedded checkpoint if it has one, else seeded random weights (tiny configs only)."""
     tokenizer: str | None = None
     """PaliGemma SentencePiece file (else $OPENPI_TOKENIZER or <dir>/paligemma_tokenizer.model)."""
     fast_tokenizer: str | None = None

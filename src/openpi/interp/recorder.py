@@ -45,8 +45,11 @@ class StoreRecorder:
     """Callable passed to ``Policy(recorder=...)``; thread-safe (the server runs inference off the event loop)."""
 
     def __init__(self, writer: StoreWriter, records: tuple[Record, ...], table: HookTable, num_steps: int,
-                 flush_every_s: float = 30.0) -> None:
+                 flush_every_s: float = 30.0, site_extras: dict[str, dict] | None = None) -> None:
+        """``site_extras``: JSON-able facts stored with a site's info beyond what its hook point declares (the
+        Diffusion Policy's feature-map grid of its spatial-softmax attention), by exact hook name."""
         self.writer = writer
+        self.site_extras = dict(site_extras or {})
         self.flush_every_s = flush_every_s  # bounds what a killed server loses, however slow the traffic
         self._last_flush = time.monotonic()
         self.num_steps = num_steps
@@ -98,7 +101,7 @@ class StoreRecorder:
     def _add_site(self, name: str, value: np.ndarray, table: dict, base: dict) -> None:
         rec = self._record_for(name)
         point = self.table[name]
-        info = site_info(rec, self.table, name)
+        info = site_info(rec, self.table, name) | self.site_extras.get(name, {})
         if point.per_step:
             steps = resolve_steps(rec.steps, self.num_steps)  # the recorded steps, in order
             valid = int(table.get("valid_steps", self.num_steps))  # Pi0-FAST: steps after its end of sequence

@@ -115,7 +115,11 @@ LIBERO-shaped config (cameras `image` and `wrist_image`, 96 px cropped to 84, 2 
 token sequence: `<cam>` is the LeRobot image key without `observation.images.` / `observation.`, `step` is the
 denoising step, `horizon` the action-chunk axis (halved at each UNet down stage). `enc.<cam>.attn` is the spatial
 softmax: attention of each keypoint over the feature-map locations (`location = h * W + w`, row-major), which
-`openpi.models.diffusion.model.attention_grid(config)` maps onto the cropped image."""
+`openpi.models.diffusion.model.attention_grid(config)` maps onto the cropped image.
+Served (`dp_lerobot`, docs/diffusion_policy.md), a recording stores one row per request for encoder points (the
+`obs_step` axis holds the server-side history, positions in the span table's `obs_positions`) and one per recorded
+denoising step for per-step points (`denoise_step` = step); `token_index` is -1 and `span` empty. The store keeps
+the grid of `enc.<cam>.attn` / `enc.<cam>.kp_logits` in their site info (`attention_grid`)."""
 
 
 def _dp_config():

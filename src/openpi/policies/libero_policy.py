@@ -48,6 +48,11 @@ class LiberoTransforms:
     delta_actions: bool = False  # pi0_libero: model predicts deltas for the first 6 dims
     default_prompt: str | None = None
 
+    def image_hw(self) -> tuple[int, int]:
+        """(height, width) both cameras are resized to, with padding (square for the Pi0 family; a Diffusion Policy
+        config may ask for another shape)."""
+        return self.config.image_size, self.config.image_size
+
     def parse(self, obs: dict) -> tuple[str, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
         """Checked request -> (prompt, raw state (8,), normalised state (8,), agent view, wrist) with both images
         resized with padding to the model's size."""
@@ -70,9 +75,9 @@ class LiberoTransforms:
             raise ValueError(f"{STATE_KEY!r} contains NaN or Inf")
         from openpi.shared.image_tools import resize_with_pad
 
-        size = self.config.image_size
-        base = resize_with_pad(_as_uint8_image(obs[IMAGE_KEY], IMAGE_KEY), size, size)
-        wrist = resize_with_pad(_as_uint8_image(obs[WRIST_KEY], WRIST_KEY), size, size)
+        height, width = self.image_hw()
+        base = resize_with_pad(_as_uint8_image(obs[IMAGE_KEY], IMAGE_KEY), height, width)
+        wrist = resize_with_pad(_as_uint8_image(obs[WRIST_KEY], WRIST_KEY), height, width)
         if self.norm_stats is not None:
             with np.errstate(over="ignore", invalid="ignore"):
                 state = normalize(state, self.norm_stats["state"], self.quantile_norm)

@@ -8,6 +8,8 @@ scripted demos (``assets/fast_tokenizer_spatial``). ``pi0_tiny_spatial`` (the de
 scripted LIBERO demonstrations whose checkpoint ships in the package (``assets/pi0_tiny_spatial``, card in its
 ``CARD.md``). ``pi0_tiny`` / ``pi05_tiny`` are the shapes of openpi's reference fixtures with seeded random weights
 (UNTRAINED: their actions are meaningless). All tiny configs use a small tokenizer shipped in the package.
+``dp_lerobot`` serves a LeRobot Diffusion Policy folder (``DIFFUSION_CONFIGS``; the network is read from the
+folder's config.json; ``openpi.policies.diffusion_policy``, docs/diffusion_policy.md).
 """
 from __future__ import annotations
 
@@ -100,11 +102,24 @@ CONFIGS: dict[str, PolicyConfig] = {c.name: c for c in [
                  default_checkpoint=ASSETS / "pi0_fast_tiny_spatial", default_fast_tokenizer=EMBEDDED_FAST_TOKENIZER),
 ]}
 DEFAULT_CONFIG = "pi0_tiny_spatial"
+# LeRobot Diffusion Policy configs: the network comes from the folder's config.json, so these name only the family
+# (openpi.policies.diffusion_policy); they have no PolicyConfig.
+DIFFUSION_CONFIGS: dict[str, str] = {
+    "dp_lerobot": "LeRobot Diffusion Policy folder (config.json + model.safetensors + processors) taking LIBERO's "
+                  "agent view, wrist camera and 8-D state; needs --policy.dir",
+}
+
+
+def available_configs() -> list[str]:
+    return sorted([*CONFIGS, *DIFFUSION_CONFIGS])
 
 
 def get_config(name: str) -> PolicyConfig:
+    if name in DIFFUSION_CONFIGS:
+        raise ValueError(f"{name!r} is a Diffusion Policy config, read from its LeRobot folder's config.json: it has "
+                         "no Pi0-family PolicyConfig (build it with create_policy)")
     if name not in CONFIGS:
-        raise ValueError(f"unknown policy config {name!r}; available: {sorted(CONFIGS)}")
+        raise ValueError(f"unknown policy config {name!r}; available: {available_configs()}")
     return CONFIGS[name]
 
 
@@ -178,8 +193,21 @@ def create_policy(config_name: str = DEFAULT_CONFIG, checkpoint_dir: str | None 
     ``fast_tokenizer`` / ``temperature`` / ``coefficient_count`` (``"openpi"``: a generated chunk with the wrong
     number of DCT coefficients decodes to zeros, flagged; ``"fit"``: fitted, flagged): Pi0-FAST only.
     ``compact_prefix`` (Pi0/Pi0.5, no recording or edits): drop masked cameras and prompt padding before the
-    transformer (same actions within float rounding, see ``Pi0Model``).
+    transformer (same actions within float rounding, see ``Pi0Model``). ``dp_lerobot`` takes only
+    ``checkpoint_dir`` (the LeRobot folder), ``num_steps``, ``seed``, recording and interventions (see
+    ``create_diffusion_policy``); its prompt is unused, so ``default_prompt`` has no effect.
     """
+    if config_name in DIFFUSION_CONFIGS:
+        pi0_only = {"tokenizer": tokenizer is not None, "dtype": dtype is not None,
+                    "fast_tokenizer": fast_tokenizer is not None, "temperature": bool(temperature),
+                    "knockouts": bool(knockouts), "compact_prefix": compact_prefix,
+                    "coefficient_count": coefficient_count != "openpi", "random_weights": random_weights}
+        given = sorted(k for k, v in pi0_only.items() if v)
+        if given:
+            raise ValueError(f"{given} do not apply to {config_name!r} (a LeRobot Diffusion Policy); drop them")
+        return create_diffusion_policy(config_name, checkpoint_dir, record_sites=record_sites, record_dir=record_dir,
+                                       writer_id=writer_id, interventions=interventions, num_steps=num_steps,
+                                       seed=seed)
     cfg = get_config(config_name)
     model_cfg = cfg.model if dtype is None else dataclasses.replace(cfg.model, dtype=dtype)
     if not cfg.is_fast and (fast_tokenizer is not None or temperature or coefficient_count != "openpi"):
@@ -251,4 +279,42 @@ def create_policy(config_name: str = DEFAULT_CONFIG, checkpoint_dir: str | None 
     return Policy(Pi0Model(model_cfg, params, compact_prefix=compact_prefix), transforms, **common)
 
 
-__all__ = ["CONFIGS", "create_policy", "get_config", "parse_records"]
+def create_diffusion_policy(config_name: str, checkpoint_dir: str | None, *,
+                            record_sites: tuple[str, ...] | list[str] | None = (), record_dir: str | None = None,
+                            writer_id: str | None = None, interventions: tuple[Intervention, ...] = (),
+                            num_steps: int | None = None, seed: int = 0) -> Policy:
+    """A LeRobot Diffusion Policy folder served for LIBERO (``openpi.policies.diffusion_policy``); ``num_steps``
+    overrides its ``num_inference_steps``, ``seed`` keys the sampling noise. Requests are checked against its hook
+    table before the store is opened."""
+    from openpi.policies import diffusion_policy as dpp
+
+    if not checkpoint_dir:
+        raise ValueError(f"config {config_name!r} needs --policy.dir pointing at a LeRobot Diffusion Policy folder "
+                         "(config.json, model.safetensors, policy_preprocessor.json, policy_postprocessor.json)")
+    model = dpp.load_libero_model(checkpoint_dir, num_steps)
+    records = parse_records(record_sites or ())
+    table = dpp.DiffusionPolicy.hook_table_for(model.config, model.config.inference_steps)
+    table.validate(records, interventions, (), model.config.inference_steps)
+    if record_dir is not None and not records:
+        raise ValueError("record_dir given but no sites to record (pass --record SITE ...)")
+    config_dict = dpp.dp_config_dict(model.config)
+    recorder = None
+    if record_dir is not None:
+        from openpi.interp.recorder import StoreRecorder
+        from openpi.interp.store import StoreWriter
+        writer = StoreWriter(record_dir, {"name": config_name, **config_dict}, writer_id=writer_id, shard_rows=4096)
+        recorder = StoreRecorder(writer, records, table, model.config.inference_steps,
+                                 site_extras=dpp.dp_site_info(model.config))
+    cfg = model.config
+    metadata = {"config": config_name, "model": "diffusion", "trained": True, "action_horizon": cfg.n_action_steps,
+                "checkpoint": str(pathlib.Path(checkpoint_dir).expanduser()),
+                "recording": [r.site for r in records], "n_obs_steps": cfg.n_obs_steps,
+                "num_inference_steps": cfg.inference_steps, "noise_scheduler_type": cfg.noise_scheduler_type,
+                "obs_history": "server-side per episode: the last n_obs_steps queried frames (one per request)"}
+    transforms = dpp.DiffusionLiberoTransforms(cfg, normalizer=model.normalizer)
+    return dpp.DiffusionPolicy(model, transforms, metadata=metadata, records=records, interventions=interventions,
+                               recorder=recorder, seed=seed)
+
+
+__all__ = ["CONFIGS", "DIFFUSION_CONFIGS", "available_configs", "create_diffusion_policy", "create_policy",
+           "get_config", "parse_records"]
