@@ -12,6 +12,7 @@ def test_the_default_config_is_unchanged_and_the_family_has_the_grids_it_names()
     assert pc.get_config("pi0_tiny_spatial").model == tiny_config(max_token_len=32, image_size=96,
                                                                  siglip_variant="mu/12")
     expect = {"pi0_tiny_spatial": (8, 3, 235), "pi0_tiny_spatial_96p12_2cam": (8, 2, 171),
+              "pi0_tiny_spatial10": (8, 2, 171),
               "pi0_tiny_spatial_96p8_2cam": (12, 2, 331), "pi0_tiny_spatial_128p8_2cam": (16, 2, 555)}
     for name, (grid, cams, tokens) in expect.items():
         m = pc.get_config(name).model
@@ -37,3 +38,16 @@ def test_dropping_the_masked_right_wrist_slot_changes_no_action():
     a, b = three.infer(obs, noise=noise)["actions"], two.infer(obs, noise=noise)["actions"]
     assert np.abs(a).max() > 0.1
     np.testing.assert_allclose(a, b, atol=1e-5)
+
+
+def test_the_ten_task_checkpoint_ships_with_its_card():
+    """pi0_tiny_spatial10 loads its embedded weights (trained, card summary in the metadata) and acts."""
+    policy = pc.create_policy("pi0_tiny_spatial10")
+    assert policy.metadata["trained"] and "34 of 100" in policy.metadata["card"]
+    rng = np.random.default_rng(1)
+    obs = {"observation/image": rng.integers(0, 255, (224, 224, 3), dtype=np.uint8),
+           "observation/wrist_image": rng.integers(0, 255, (224, 224, 3), dtype=np.uint8),
+           "observation/state": rng.normal(size=8).astype(np.float32),
+           "prompt": "pick up the black bowl on the stove and place it on the plate"}
+    actions = policy.infer(obs)["actions"]
+    assert actions.shape == (10, 7) and np.isfinite(actions).all() and np.abs(actions).max() > 0.1

@@ -79,6 +79,10 @@ CONFIGS: dict[str, PolicyConfig] = {c.name: c for c in [
     # 224 tokens; libero_spatial prompts are at most 28 tokens with the embedded tokenizer.
     PolicyConfig("pi0_tiny_spatial", tiny_spatial_config(96, 12), quantile_norm=False, delta_actions=False,
                  needs_checkpoint=False, default_checkpoint=EMBEDDED_CHECKPOINT),
+    # The same network without the always-masked right-wrist slot, trained with augmentation on 139 scripted demos of
+    # all ten libero_spatial tasks (card: assets/pi0_tiny_spatial10/CARD.md, 34/100 held-out successes).
+    PolicyConfig("pi0_tiny_spatial10", tiny_spatial_config(96, 12, cameras=2), quantile_norm=False,
+                 delta_actions=False, needs_checkpoint=False, default_checkpoint=ASSETS / "pi0_tiny_spatial10"),
     # The same network at other grids, for training a successor (docs/training.md, "Image resolution"): a grid of
     # 12x12 per camera puts the bowl on ~2 patches instead of ~1; without the always-masked right-wrist slot.
     *[PolicyConfig(f"pi0_tiny_spatial_{size}p{patch}_2cam", tiny_spatial_config(size, patch, cameras=2),
