@@ -193,21 +193,23 @@ def _sparse_decode_bwd(mode, res, g):
 sparse_decode.defvjp(_sparse_decode_fwd, _sparse_decode_bwd)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
-def sparse_pre(e: jax.Array, b_enc: jax.Array, xc: jax.Array, idx: jax.Array, mode: str) -> jax.Array:
-    """Pre-activations of latents idx (batch, k): e[idx] . xc + b_enc[idx], from gathered encoder rows."""
-    return _gather_dot(e, xc, idx) + b_enc[idx]
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
+def sparse_pre(e: jax.Array, b_enc: jax.Array, xc: jax.Array, idx: jax.Array, pre: jax.Array, mode: str) -> jax.Array:
+    """Pre-activations of latents idx (batch, k), e[idx] . xc + b_enc[idx], read from the dense pre-activations
+    ``pre`` the selection already computed (the forward costs a gather, not a second product); the gradient flows to
+    e, b_enc and xc through the selected rows only (``pre`` is a constant)."""
+    return jnp.take_along_axis(pre, idx, axis=1)
 
 
-def _sparse_pre_fwd(e, b_enc, xc, idx, mode):
-    return sparse_pre(e, b_enc, xc, idx, mode), (e, xc, idx)
+def _sparse_pre_fwd(e, b_enc, xc, idx, pre, mode):
+    return jnp.take_along_axis(pre, idx, axis=1), (e, xc, idx)
 
 
 def _sparse_pre_bwd(mode, res, g):
     e, xc, idx = res
     g_e = _row_grad(g, idx, xc, e.shape[0], mode)
     g_b = jnp.zeros((e.shape[0],), g.dtype).at[idx.reshape(-1)].add(g.reshape(-1))
-    return g_e, g_b, _gather_sum(e, g, idx), None
+    return g_e, g_b, _gather_sum(e, g, idx), None, jnp.zeros((g.shape[0], e.shape[0]), g.dtype)
 
 
 sparse_pre.defvjp(_sparse_pre_fwd, _sparse_pre_bwd)
@@ -260,14 +262,14 @@ def train_forward(tp: Params, x: jax.Array, arch: str, k: int, mode: str = "dens
     pre = select_pre(tp, xc)
     if arch == "topk":
         _, idx = jax.lax.top_k(pre, k)
-        vals = jax.nn.relu(sparse_pre(tp["E"], tp["b_enc"], xc, idx, mode))
+        vals = jax.nn.relu(sparse_pre(tp["E"], tp["b_enc"], xc, idx, pre, mode))
         return sparse_decode(tp["W_dec"], vals, idx, mode) + tp["b_dec"], vals, idx
     b, n = pre.shape
     width = min(n, width or 4 * k)
     mask, idx, overflow = batchtopk_select(pre, k, width)
 
     def sparse_path():
-        vals = jnp.where(mask, jax.nn.relu(sparse_pre(tp["E"], tp["b_enc"], xc, idx, mode)), 0.0)
+        vals = jnp.where(mask, jax.nn.relu(sparse_pre(tp["E"], tp["b_enc"], xc, idx, pre, mode)), 0.0)
         return sparse_decode(tp["W_dec"], vals, idx, mode) + tp["b_dec"], vals, idx
 
     def dense_path():

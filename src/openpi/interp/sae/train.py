@@ -30,6 +30,7 @@ rows of a memory-mapped `.npy` (only the current batch and a row permutation, 8 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import logging
 import math
@@ -487,7 +488,10 @@ def make_train_step(r: Resolved, arch: str, cfg: TrainConfig) -> Callable:
         l0 = jnp.sum(active) / b
         return mse + cfg.auxk_coef * aux, (mse, aux, fired, min_active, l0)
 
-    @jax.jit
+    # The state is donated: XLA updates parameters and Adam moments in place instead of allocating ~12 bytes per
+    # parameter anew each step (Adam alone: 93 -> 24 ms at d=1024 x 8192 latents on the 2-core CPU). Callers must
+    # use only the returned state.
+    @functools.partial(jax.jit, donate_argnums=(0,))
     def step_fn(state, x):
         params = state["params"]
         dead = state["rows_since_fired"] >= window
