@@ -8,6 +8,15 @@ import pytest  # noqa: E402
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
 SHARED = REPO_ROOT.parent / "shared"
+LEROBOT_FIXTURES = SHARED / "fixtures" / "lerobot_ref"
+LEROBOT_POLICY = LEROBOT_FIXTURES / "diffusion_tiny"  # a LeRobot Diffusion Policy folder (random weights, LIBERO-shaped)
+
+
+def require_lerobot_policy() -> pathlib.Path:
+    """The LeRobot fixture folder, or a clear error (never a skip: the parity tests must run)."""
+    if not LEROBOT_POLICY.is_dir():
+        raise FileNotFoundError(f"LeRobot reference fixtures not found at {LEROBOT_FIXTURES}")
+    return LEROBOT_POLICY
 FIXTURES = SHARED / "fixtures" / "openpi_ref"
 
 

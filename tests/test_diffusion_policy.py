@@ -11,19 +11,17 @@ import numpy as np
 import pytest
 from safetensors.numpy import load_file
 
-from conftest import REPO_ROOT, SHARED
+from conftest import LEROBOT_FIXTURES, LEROBOT_POLICY, REPO_ROOT, require_lerobot_policy
 from openpi.models.diffusion import checkpoint, config as dp_config, model as dp, parity
 from openpi.models.diffusion.policy import DiffusionPolicyModel
 from openpi.models.hooks import Intervention, Record
 
-FIXTURES = SHARED / "fixtures" / "lerobot_ref"
-POLICY = FIXTURES / "diffusion_tiny"
+FIXTURES, POLICY = LEROBOT_FIXTURES, LEROBOT_POLICY
 
 
 @pytest.fixture(scope="module")
 def fx():
-    if not POLICY.is_dir():
-        raise FileNotFoundError(f"LeRobot reference fixtures not found at {FIXTURES}")
+    require_lerobot_policy()
     model = DiffusionPolicyModel.load(POLICY)
     z = dict(np.load(FIXTURES / "diffusion_tiny_io.npz"))
     raw = {"observation.image": z["obs_image_uint8"], "observation.wrist_image": z["obs_wrist_image_uint8"],

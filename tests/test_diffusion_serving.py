@@ -7,7 +7,7 @@ import sys
 import numpy as np
 import pytest
 
-from conftest import REPO_ROOT, SHARED
+from conftest import LEROBOT_FIXTURES, LEROBOT_POLICY, REPO_ROOT, require_lerobot_policy
 from openpi.interp.store import ActivationStore
 from openpi.models.diffusion.config import ConfigError
 from openpi.models.hooks import AttentionKnockout, Intervention
@@ -16,14 +16,12 @@ from openpi.policies.policy_config import create_policy, get_config
 from openpi.serving.websocket_client import WebsocketClientPolicy
 from openpi.serving.websocket_server import LIBERO_REQUIRED_KEYS, BackgroundServer
 
-FIXTURES = SHARED / "fixtures" / "lerobot_ref"
-POLICY = FIXTURES / "diffusion_tiny"
+FIXTURES, POLICY = LEROBOT_FIXTURES, LEROBOT_POLICY
 
 
 @pytest.fixture(scope="module")
 def policy():
-    if not POLICY.is_dir():
-        raise FileNotFoundError(f"LeRobot reference fixtures not found at {FIXTURES}")
+    require_lerobot_policy()
     return create_policy("dp_lerobot", str(POLICY))
 
 
