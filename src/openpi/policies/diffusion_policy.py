@@ -56,7 +56,6 @@ import threading
 from collections.abc import Iterable, Iterator, Mapping
 from typing import Any
 
-import jax
 import numpy as np
 
 from openpi.models.diffusion import model as dp
@@ -66,7 +65,7 @@ from openpi.models.diffusion.normalize import Normalizer
 from openpi.models.diffusion.policy import DiffusionPolicyModel
 from openpi.models.hooks import AttentionKnockout, HookRequest, HookTable, Intervention, Record
 from openpi.policies.libero_policy import ACTION_DIM, STATE_DIM, LiberoTransforms
-from openpi.policies.policy import NOISE_KEY_FIELDS, Policy, stable_seed
+from openpi.policies.policy import Policy
 
 logger = logging.getLogger(__name__)
 
@@ -283,25 +282,8 @@ class DiffusionPolicy(Policy):
         cfg = self.model.config
         return 1 + (self.num_steps if schedulers.uses_step_noise(cfg) else 0), cfg.horizon, cfg.action_dim
 
-    def noise_for(self, meta: Mapping[str, Any]) -> np.ndarray | None:
-        if not all(f in meta for f in NOISE_KEY_FIELDS):
-            return None
-        rng = np.random.default_rng(stable_seed([self.seed, *(meta[f] for f in NOISE_KEY_FIELDS)]))
-        return rng.standard_normal((1, *self._noise_shape())).astype(np.float32)
-
-    def _noise(self, meta: Mapping[str, Any], noise: np.ndarray | None) -> np.ndarray:
-        shape = self._noise_shape()
-        if noise is not None:
-            noise = np.asarray(noise, np.float32)
-            if noise.size != np.prod(shape):
-                raise ValueError(f"noise has shape {noise.shape}, expected {shape}: x_T then the variance noise of "
-                                 f"each of the {shape[0] - 1} DDPM denoising steps")
-            return noise.reshape(1, *shape)
-        keyed = self.noise_for(meta)
-        if keyed is not None:
-            return keyed
-        self._rng, key = jax.random.split(self._rng)
-        return np.asarray(jax.random.normal(key, (1, *shape)), np.float32)
+    def _noise_layout(self) -> str:
+        return f": x_T then the variance noise of each of the {self._noise_shape()[0] - 1} DDPM denoising steps"
 
     # -------------------------------------------------------------------------------------- model
 

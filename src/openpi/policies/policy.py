@@ -119,28 +119,36 @@ class Policy:
 
     # ------------------------------------------------------------------------------------------ noise
 
+    def _noise_shape(self) -> tuple[int, ...]:
+        """One request's noise, without the batch axis: the flow-matching x_1 (horizon, action_dim)."""
+        cfg = self.model.config
+        return cfg.action_horizon, cfg.action_dim
+
+    def _noise_layout(self) -> str:
+        """Appended to the wrong-shape error when the axes need explaining (families with more than x_1)."""
+        return ""
+
     def noise_for(self, meta: Mapping[str, Any]) -> np.ndarray | None:
-        """Flow-matching noise keyed by the query's identity (suite, task, episode, env step) and the policy seed,
-        so the same query gets the same noise in any run, order or shard; None when a key is missing."""
+        """Noise keyed by the query's identity (suite, task, episode, env step) and the policy seed, so the same
+        query gets the same noise in any run, order or shard; None when a key is missing."""
         if not all(f in meta for f in NOISE_KEY_FIELDS):
             return None
-        cfg = self.model.config
         seed = stable_seed([self.seed, *(meta[f] for f in NOISE_KEY_FIELDS)])
         rng = np.random.default_rng(seed)
-        return rng.standard_normal((1, cfg.action_horizon, cfg.action_dim)).astype(np.float32)
+        return rng.standard_normal((1, *self._noise_shape())).astype(np.float32)
 
     def _noise(self, meta: Mapping[str, Any], noise: np.ndarray | None) -> np.ndarray:
-        cfg = self.model.config
+        shape = self._noise_shape()
         if noise is not None:
             noise = np.asarray(noise, np.float32)
-            if noise.size != cfg.action_horizon * cfg.action_dim:
-                raise ValueError(f"noise has shape {noise.shape}, expected ({cfg.action_horizon}, {cfg.action_dim})")
-            return noise.reshape(1, cfg.action_horizon, cfg.action_dim)
+            if noise.size != np.prod(shape):
+                raise ValueError(f"noise has shape {noise.shape}, expected {shape}{self._noise_layout()}")
+            return noise.reshape(1, *shape)
         keyed = self.noise_for(meta)
         if keyed is not None:
             return keyed
         self._rng, key = jax.random.split(self._rng)  # keyless requests: one stream per policy
-        return np.asarray(jax.random.normal(key, (1, cfg.action_horizon, cfg.action_dim)))
+        return np.asarray(jax.random.normal(key, (1, *shape)), np.float32)
 
     # ------------------------------------------------------------------------------------------ inference
 

@@ -18,7 +18,7 @@ import logging
 import os
 import pathlib
 
-from openpi.models.hooks import AttentionKnockout, Intervention, Record, parse_records
+from openpi.models.hooks import AttentionKnockout, HookTable, Intervention, Record, parse_records
 from openpi.models import checkpoint
 from openpi.models.config import IMAGE_KEYS, AnyModelConfig, Pi0Config, Pi0FASTConfig, tiny_config, tiny_fast_config
 from openpi.models.model import Pi0FASTModel, Pi0Model
@@ -182,6 +182,26 @@ def card_summary(path: pathlib.Path) -> str:
     return " ".join(text.split())
 
 
+def _check_requests(table: HookTable, records: tuple[Record, ...], interventions: tuple[Intervention, ...],
+                    knockouts: tuple[AttentionKnockout, ...], num_steps: int, record_dir: str | None) -> None:
+    """Requests against the family's hook table, before a store opens: a site that matches nothing is an error
+    naming the nearest valid names, never an empty store."""
+    table.validate(records, interventions, knockouts, num_steps)
+    if record_dir is not None and not records:
+        raise ValueError("record_dir given but no sites to record (pass --record SITE ...)")
+
+
+def _store_recorder(record_dir: str | None, writer_id: str | None, model_config: dict, records: tuple[Record, ...],
+                    table: HookTable, num_steps: int, site_extras: dict[str, dict] | None = None):
+    """The recorder writing every inference's recordings to ``record_dir`` (None without one)."""
+    if record_dir is None:
+        return None
+    from openpi.interp.recorder import StoreRecorder
+    from openpi.interp.store import StoreWriter
+    writer = StoreWriter(record_dir, model_config, writer_id=writer_id, shard_rows=4096)
+    return StoreRecorder(writer, records, table, num_steps, site_extras=site_extras)
+
+
 def create_policy(config_name: str = DEFAULT_CONFIG, checkpoint_dir: str | None = None, *,
                   default_prompt: str | None = None, tokenizer: str | None = None,
                   record_sites: tuple[str, ...] | list[str] | None = (), record_dir: str | None = None,
@@ -225,12 +245,9 @@ def create_policy(config_name: str = DEFAULT_CONFIG, checkpoint_dir: str | None 
     if compact_prefix and (records or interventions or knockouts):
         raise ValueError("compact_prefix would never apply: this policy records or edits every call, and those calls "
                          "run the full prefix layout (hook positions are declared in it); drop one of the two")
-    # Requests are checked before any weights are loaded: a site that matches nothing is an error naming the
-    # nearest valid names, never an empty store.
+    # Requests are checked before any weights are loaded (_check_requests).
     table = (FastPolicy if cfg.is_fast else Policy).hook_table_for(model_cfg, num_steps)
-    table.validate(records, interventions, knockouts, num_steps)
-    if record_dir is not None and not records:
-        raise ValueError("record_dir given but no sites to record (pass --record SITE ...)")
+    _check_requests(table, records, interventions, knockouts, num_steps, record_dir)
     if random_weights and checkpoint_dir:
         raise ValueError("pass either checkpoint_dir or random_weights, not both")
     ckpt = pathlib.Path(checkpoint_dir).expanduser() if checkpoint_dir else None
@@ -258,13 +275,8 @@ def create_policy(config_name: str = DEFAULT_CONFIG, checkpoint_dir: str | None 
         logger.warning("serving %s with seeded RANDOM weights (untrained): actions are meaningless", config_name)
     fast_dir = find_fast_tokenizer(cfg, ckpt, fast_tokenizer) if cfg.is_fast else None
     transforms = make_transforms(cfg, model_cfg, tok_path, norm_stats, fast_dir, default_prompt)
-    recorder = None
-    if record_dir is not None:
-        from openpi.interp.recorder import StoreRecorder
-        from openpi.interp.store import StoreWriter
-        writer = StoreWriter(record_dir, {"name": config_name, **model_cfg.to_dict()}, writer_id=writer_id,
-                             shard_rows=4096)
-        recorder = StoreRecorder(writer, records, table, num_steps)
+    recorder = _store_recorder(record_dir, writer_id, {"name": config_name, **model_cfg.to_dict()}, records, table,
+                               num_steps)
     metadata = {"config": config_name, "model": model_cfg.model_type, "trained": trained,
                 "action_horizon": model_cfg.action_horizon, "checkpoint": str(ckpt) if ckpt else None,
                 "recording": [f"{r.site}" for r in records], "compact_prefix": compact_prefix}
@@ -298,17 +310,9 @@ def create_diffusion_policy(config_name: str, checkpoint_dir: str | None, *,
     model = dpp.load_libero_model(checkpoint_dir, num_steps)
     records = parse_records(record_sites or ())
     table = dpp.DiffusionPolicy.hook_table_for(model.config, model.config.inference_steps)
-    table.validate(records, interventions, (), model.config.inference_steps)
-    if record_dir is not None and not records:
-        raise ValueError("record_dir given but no sites to record (pass --record SITE ...)")
-    config_dict = dpp.dp_config_dict(model.config)
-    recorder = None
-    if record_dir is not None:
-        from openpi.interp.recorder import StoreRecorder
-        from openpi.interp.store import StoreWriter
-        writer = StoreWriter(record_dir, {"name": config_name, **config_dict}, writer_id=writer_id, shard_rows=4096)
-        recorder = StoreRecorder(writer, records, table, model.config.inference_steps,
-                                 site_extras=dpp.dp_site_info(model.config))
+    _check_requests(table, records, interventions, (), model.config.inference_steps, record_dir)
+    recorder = _store_recorder(record_dir, writer_id, {"name": config_name, **dpp.dp_config_dict(model.config)},
+                               records, table, model.config.inference_steps, dpp.dp_site_info(model.config))
     cfg = model.config
     metadata = {"config": config_name, "model": "diffusion", "trained": True, "action_horizon": cfg.n_action_steps,
                 "checkpoint": str(pathlib.Path(checkpoint_dir).expanduser()),
