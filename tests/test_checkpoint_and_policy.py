@@ -149,16 +149,16 @@ def test_embedded_trained_checkpoint_is_the_default():
     from openpi.policies import policy_config as pc
     from openpi.training import train
 
-    assert pc.DEFAULT_CONFIG == "pi0_tiny_spatial"
+    assert pc.DEFAULT_CONFIG == "pi0_tiny_spatial10"
     policy = create_policy()
-    assert policy.metadata["trained"] is True and policy.metadata["config"] == "pi0_tiny_spatial"
+    assert policy.metadata["trained"] is True and policy.metadata["config"] == "pi0_tiny_spatial10"
     assert policy.metadata["checkpoint"] == str(pc.EMBEDDED_CHECKPOINT)
     out = policy.infer(_obs(prompt="pick up the black bowl on the cookie box and place it on the plate"))
     assert out["actions"].shape == (10, 7) and np.isfinite(out["actions"]).all()
     stats = policy.transforms.norm_stats
     assert stats["state"].mean.shape == (8,) and stats["actions"].mean.shape == (7,)
     meta = json.loads((pc.EMBEDDED_CHECKPOINT / "train_meta.json").read_text())
-    assert meta["num_params"] == train.count_params(pc.get_config("pi0_tiny_spatial").model)
+    assert meta["num_params"] == train.count_params(pc.get_config(pc.DEFAULT_CONFIG).model)
     card = (pc.EMBEDDED_CHECKPOINT / "CARD.md").read_text()
     assert f"{meta['num_params']:,}" in card and f"{meta['step']:,}" in card
     size = sum(p.stat().st_size for p in pc.EMBEDDED_CHECKPOINT.rglob("*") if p.is_file())

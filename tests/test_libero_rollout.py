@@ -289,17 +289,16 @@ def test_main_end_to_end_over_websocket(env, tmp_path, capsys):
 @pytest.mark.libero
 def test_rendering_only_at_queries_sends_the_same_observations(env, tmp_path):
     """render_every_step=False renders only the steps that query the policy: same states and actions, images that
-    differ from always-on rendering by sub-grey-level noise (end of step vs one substep before), one video frame
-    per query, and the env left rendering every step again."""
+    differ from always-on rendering by sub-grey-level noise (end of step vs one substep before), frames and masks
+    saved for exactly the query steps, and the env left rendering every step again."""
     plan = rollout.plan_episodes(SUITE, [TASK], 1)
     runs = {}
     for every in (True, False):
         policy = ScriptedPolicy()
-        cfg = _cfg(tmp_path / str(every), max_steps=6, save_frames=False, render_every_step=every,
-                   perturb=pert.PerturbationConfig())
+        cfg = _cfg(tmp_path / str(every), max_steps=6, render_every_step=every, perturb=pert.PerturbationConfig())
         rollout.evaluate(cfg, policy, plan, env_factory=lambda *a: env, close_envs=False, progress=False)
-        runs[every] = (policy.requests, _record(cfg, 0))
-    (full_req, full_rec), (lazy_req, lazy_rec) = runs[True], runs[False]
+        runs[every] = (policy.requests, _record(cfg, 0), dict(np.load(cfg.frames_npz(plan[0]))))
+    (full_req, full_rec, full_fr), (lazy_req, lazy_rec, lazy_fr) = runs[True], runs[False]
     assert lazy_rec["render_every_step"] is False and full_rec["render_every_step"] is True
     assert [r["meta/env_step"] for r in lazy_req] == [r["meta/env_step"] for r in full_req] == [0, 2, 4]
     np.testing.assert_array_equal(lazy_rec["states"], full_rec["states"])
@@ -308,12 +307,18 @@ def test_rendering_only_at_queries_sends_the_same_observations(env, tmp_path):
         for key in ("observation/image", "observation/wrist_image"):
             assert b[key].dtype == np.uint8 and b[key].shape == (224, 224, 3) and b[key].std() > 10
             assert np.abs(a[key].astype(float) - b[key]).mean() < 1.0, key
+    assert full_fr["env_step"].tolist() == list(range(6))
+    assert lazy_fr["env_step"].tolist() == [0, 2, 4] and lazy_fr["queried"].all()
+    for key, request_key in (("agentview", "observation/image"), ("wrist", "observation/wrist_image")):
+        np.testing.assert_array_equal(lazy_fr[key], np.stack([r[request_key] for r in lazy_req]))
+        seg_full, seg_lazy = full_fr[f"{key}_seg"][[0, 2, 4]], lazy_fr[f"{key}_seg"]
+        assert seg_lazy.max() > 0, f"{key}: no instance in the on-demand masks"
+        assert (seg_full == seg_lazy).mean() > 0.99, key  # the same instances, up to the substep's motion
     runs_cfg = json.loads((tmp_path / "False" / "runs" / "t1.json").read_text())
     assert runs_cfg["settings"]["render_every_step"] is False
-    with pytest.raises(ValueError, match="save_frames needs render_every_step"):
-        _cfg(tmp_path, render_every_step=False)
     obs, *_ = env.step(np.zeros(7))
     assert obs["agentview_image"].dtype == np.uint8 and obs["agentview_image"].std() > 10
+    assert obs["agentview_segmentation_element"].max() > 0
 
 
 @pytest.mark.libero
@@ -329,7 +334,7 @@ def test_eval_policy_script_runs_the_embedded_policy_in_process(env, tmp_path, c
     assert rec["init_state_index"] == 45 and rec["steps"] == 6 and rec["render_every_step"] is False
     assert [c["env_step"] for c in rec["chunks"]] == [0, 5] and np.isfinite(rec["actions"]).all()
     run = json.loads((tmp_path / "runs" / "ev.json").read_text())
-    assert run["server_metadata"]["config"] == "pi0_tiny_spatial" and run["server_metadata"]["trained"] is True
+    assert run["server_metadata"]["config"] == "pi0_tiny_spatial10" and run["server_metadata"]["trained"] is True
     with open(rec["video"] if pathlib.Path(rec["video"]).is_absolute() else tmp_path / rec["video"], "rb") as f:
         assert f.read(12)[4:8] == b"ftyp"  # an MP4 with one frame per query
     assert "libero_spatial" in capsys.readouterr().out

@@ -171,18 +171,50 @@ def test_batchtopk_training_selects_k_times_batch_and_falls_back_exactly():
     flat = np.sort(np.maximum(pre, 0).ravel())[::-1]
     tau = flat[k * b - 1]
     expected = np.where(pre >= tau, np.maximum(pre, 0), 0) @ np.asarray(tp["W_dec"]) + np.asarray(tp["b_dec"])
-    _, _, overflow = sae_model.batchtopk_select(jnp.asarray(pre), k, 4 * k)
-    assert bool(overflow)
+    assert bool(sae_model.batchtopk_select(jnp.asarray(pre), k, 4 * k).overflow)
     x_hat, vals, _ = sae_model.train_forward(tp, x, "batchtopk", k, "dense")
     np.testing.assert_allclose(np.asarray(x_hat), expected, atol=1e-4)
     # Without the outlier every row fits in its 4k slots: the sparse path, same selection rule.
     x2 = x.at[0].set(x[1])
     pre2 = np.asarray((x2 - tp["b_dec"]) @ tp["E"].T + tp["b_enc"])
-    assert not bool(sae_model.batchtopk_select(jnp.asarray(pre2), k, 4 * k)[2])
+    assert not bool(sae_model.batchtopk_select(jnp.asarray(pre2), k, 4 * k).overflow)
     tau2 = np.sort(np.maximum(pre2, 0).ravel())[::-1][k * b - 1]
     x_hat2, vals2, _ = sae_model.train_forward(tp, x2, "batchtopk", k, "dense")
     assert int((np.asarray(vals2) > 0).sum()) == k * b
     np.testing.assert_allclose(np.asarray(x_hat2), np.where(pre2 >= tau2, np.maximum(pre2, 0), 0) @ np.asarray(tp["W_dec"]) + np.asarray(tp["b_dec"]), atol=1e-4)
+
+
+@pytest.mark.parametrize("mode", ["slots", "dense", "scatter"])
+@pytest.mark.parametrize("outlier", [False, True])
+def test_batchtopk_packed_gradients_match_dense_formulation(mode, outlier):
+    """The packed BatchTopK selection (rows of varying L0 in k * batch slots) gives the dense rule's loss and
+    gradients, through the candidate path and (one huge row) the all-latent path."""
+    rng = np.random.default_rng(4)
+    d, n, k, b = 8, 48, 3, 12
+    tp = sae_model.train_params_from(sae_model.init_params(jax.random.PRNGKey(2), d, n, rng.normal(size=d)))
+    tp = {**tp, "b_enc": jnp.asarray(rng.normal(size=n), jnp.float32) * 0.1}
+    x = jnp.asarray(rng.normal(size=(b, d)), jnp.float32) * jnp.asarray(rng.uniform(0.2, 3.0, size=(b, 1)), jnp.float32)
+    if outlier:
+        x = x.at[0].mul(25.0)
+    pre = (x - tp["b_dec"]) @ tp["E"].T + tp["b_enc"]
+    assert bool(sae_model.batchtopk_select(pre, k, 4 * k).overflow) == outlier
+    l0 = np.asarray(((pre >= np.sort(np.maximum(np.asarray(pre), 0).ravel())[::-1][k * b - 1]) & (pre > 0)).sum(1))
+    assert l0.min() != l0.max()  # rows really hold different numbers of latents
+
+    def sparse_loss(p):
+        return jnp.sum((x - sae_model.train_forward(p, x, "batchtopk", k, mode)[0]) ** 2)
+
+    def dense_loss(p):
+        q = (x - p["b_dec"]) @ p["E"].T + p["b_enc"]
+        flat = jax.lax.stop_gradient(jax.nn.relu(q)).reshape(-1)
+        tau = jnp.sort(flat)[::-1][k * b - 1]
+        mask = jax.lax.stop_gradient((q >= tau) & (q > 0))
+        return jnp.sum((x - jnp.where(mask, jax.nn.relu(q), 0.0) @ p["W_dec"] - p["b_dec"]) ** 2)
+
+    assert float(sparse_loss(tp)) == pytest.approx(float(dense_loss(tp)), rel=1e-5)
+    gs, gd = jax.grad(sparse_loss)(tp), jax.grad(dense_loss)(tp)
+    for name in tp:
+        np.testing.assert_allclose(np.asarray(gs[name]), np.asarray(gd[name]), rtol=1e-4, atol=1e-4, err_msg=name)
 
 
 def test_kth_largest_by_bisection_is_exact():

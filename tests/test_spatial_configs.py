@@ -26,7 +26,7 @@ def test_dropping_the_masked_right_wrist_slot_changes_no_action():
     """The embedded checkpoint served by the two-camera config acts exactly as by its own: the dropped slot's
     tokens were masked out of attention, so the slot only cost compute."""
     three = pc.create_policy("pi0_tiny_spatial")
-    two = pc.create_policy("pi0_tiny_spatial_96p12_2cam", str(pc.EMBEDDED_CHECKPOINT))
+    two = pc.create_policy("pi0_tiny_spatial_96p12_2cam", str(pc.SPATIAL4_CHECKPOINT))
     rng = np.random.default_rng(0)
     obs = {"observation/image": rng.integers(0, 255, (224, 224, 3), dtype=np.uint8),
            "observation/wrist_image": rng.integers(0, 255, (224, 224, 3), dtype=np.uint8),

@@ -61,8 +61,8 @@ class Args:
     """Save per-step agent-view/wrist frames as sent to the policy, plus instance masks (slower: renders masks)."""
     save_video: bool = True
     render_every_step: bool = True
-    """--no-render-every-step: render cameras only when the policy is queried (~5x faster on CPU; video gets one
-    frame per query; incompatible with --save-frames)."""
+    """--no-render-every-step: render cameras only when the policy is queried (~5x faster on CPU; the video and
+    --save-frames get one frame per query, the frames every recorded activation joins to)."""
     retry_errors: bool = True
     """On resume, rerun episodes whose record says a policy request failed (the old record is kept in _errors/)."""
     max_consecutive_errors: int = 3

@@ -37,6 +37,7 @@ class Plan:
     trials: int
     max_steps: int
     layer: int  # action-expert layer index (already resolved, >= 0)
+    num_workers: int = 1  # LIBERO environment processes
     num_steps: int = 10  # flow-matching steps of the served policy (the server's default)
     sae_steps: int | None = None  # None: the trainer's data-derived default
     port: int | None = None  # the policy server's port, set while it runs
@@ -102,6 +103,8 @@ def _libero_eval(p: Plan) -> list[str]:
     return [p.python, "examples/libero/main.py", "--host", "127.0.0.1", "--port", str(p.port),
             "--task-suite-name", p.suite, "--task-ids", *map(str, p.task_ids), "--num-trials-per-task",
             str(p.trials), "--max-steps", str(p.max_steps), "--first-trial", str(p.first_trial), "--save-frames",
+            # cameras (and masks) are rendered only where the policy is queried: the frames every row joins to
+            "--no-render-every-step", "--num-workers", str(p.num_workers),
             "--out-dir", str(p.rollouts), "--video-out-path", str(p.out / "videos"), "--run-id", "quickstart"]
 
 
@@ -143,7 +146,8 @@ def _export_last(p: Plan) -> list[str]:
 def _probes(p: Plan) -> list[str]:
     e = p.export_last_step
     return [p.python, "linear_probe.py", "--features", str(e / "X.npy"), "--targets", str(e / "actions.npy"),
-            "--groups", str(e / "groups.npy"), "--n-folds", "2", "--out", str(p.out / "probes"), "--overwrite"]
+            "--groups", str(e / "groups.npy"), "--layer-names", f"expert1.layer{p.layer}", "--n-folds", "2", "--out",
+            str(p.out / "probes"), "--overwrite"]
 
 
 def _geometry_input(p: Plan) -> object:

@@ -706,7 +706,8 @@ def _probe_verdict(d: dict) -> Verdict:
     r2, lo, hi = test.get("r2_mean"), test.get("r2_mean_ci_low"), test.get("r2_mean_ci_high")
     shuffled, rand = (b.get("shuffled") or {}).get("r2_mean"), (b.get("random_features") or {}).get("r2_mean")
     bar = max((v for v in (shuffled, rand) if v is not None), default=None)
-    what = (f"layer {layer} (chosen by cross-validation) predicts the held-out episodes' targets with R^2 "
+    chosen = " (chosen by cross-validation)" if len(d.get("layers") or []) > 1 else ""
+    what = (f"layer {layer}{chosen} predicts the held-out episodes' targets with R^2 "
             f"{_num(r2)} [{_num(lo)}, {_num(hi)}], against {_num(shuffled)} with shuffled targets and {_num(rand)} "
             "with random features")
     if r2 is not None and shuffled is not None and r2 < shuffled:

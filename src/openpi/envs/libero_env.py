@@ -309,12 +309,19 @@ class LiberoTaskEnv:
         self._refresh_instance_tables()
         return obs
 
+    def _camera_observables(self) -> list[str]:
+        """The observables that render: both cameras' images, plus their segmentation when it is on."""
+        names = [f"{cam}_image" for cam in CAMERAS]
+        if self.segmentation:
+            names += [f"{cam}_segmentation_element" for cam in CAMERAS]
+        return names
+
     def set_camera_rendering(self, enabled: bool) -> None:
-        """Switch both cameras' rendering in ``step``/``reset`` on or off (off: ~35 ms per step instead of ~380 ms
-        on these CPUs). Observations taken while off lack the image keys: add them with ``render_cameras``."""
+        """Switch the cameras' rendering (images and segmentation) in ``step``/``reset`` on or off (off: ~35 ms
+        per step instead of ~380 ms on these CPUs). Observations taken while off lack those keys: add them with
+        ``render_cameras``."""
         inner = self._env.env
-        for cam in CAMERAS:
-            name = f"{cam}_image"
+        for name in self._camera_observables():
             inner.modify_observable(name, "enabled", enabled)
             if enabled:
                 # robosuite 1.4 resets an enabled observable's timer but not its "sampled this period" flag, so
@@ -322,14 +329,13 @@ class LiberoTaskEnv:
                 inner._observables[name]._sampled = False
 
     def render_cameras(self, raw_obs: dict[str, Any]) -> dict[str, Any]:
-        """``raw_obs`` plus both camera images rendered now, through the cameras' own observables (same
-        orientation and dtype as always-on rendering). Always-on rendering samples one physics substep before
-        the end of a step, this renders its end: measured mean |difference| 0.05-0.3 of 255 grey levels per pixel
-        while the arm moves."""
+        """``raw_obs`` plus the camera images (and segmentation, when on) rendered now, through the cameras' own
+        observables (same orientation and dtype as always-on rendering). Always-on rendering samples one physics
+        substep before the end of a step, this renders its end: measured mean |difference| 0.05-0.3 of 255 grey
+        levels per pixel while the arm moves."""
         inner = self._env.env
         out = dict(raw_obs)
-        for cam in CAMERAS:
-            name = f"{cam}_image"
+        for name in self._camera_observables():
             observable = inner._observables[name]
             was_enabled = observable.is_enabled()
             if not was_enabled:

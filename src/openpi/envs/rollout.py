@@ -39,8 +39,8 @@ meta/attempt, meta/env_step, meta/replan_index``.
 The schema itself (key, stem, typed reader and writer, folder layout) lives in ``openpi.shared.records``; this
 module only produces records.
 
-Frames (``<out>/frames/<stem>.npz``, with save_frames; one row per executed step, exactly what the policy was
-or would have been sent at that step): ``agentview (T,S,S,3) uint8``, ``wrist (T,S,S,3) uint8``,
+Frames (``<out>/frames/<stem>.npz``, with save_frames; one row per rendered step -- every executed step, or only
+the query steps without render_every_step -- exactly what the policy was or would have been sent at that step): ``agentview (T,S,S,3) uint8``, ``wrist (T,S,S,3) uint8``,
 ``agentview_seg (T,S,S) int32``, ``wrist_seg (T,S,S) int32``, ``env_step (T,) int32``, ``replan_index (T,) int32``
 (the chunk the executed action came from), ``queried (T,) bool`` (a request was sent at this step),
 ``instance_names`` (0-d str: JSON {"<id>": name}), ``objects_of_interest`` (0-d str: JSON [names]),
@@ -190,8 +190,8 @@ class RolloutConfig:
     save_frames: bool = run_option(False)
     save_video: bool = run_option(True)
     video_fps: int = run_option(10)
-    # False: render the cameras only on steps that query the policy (~5x faster on CPU); the video then holds
-    # one frame per query, and frames cannot be saved. Images show the end of the step instead of one physics
+    # False: render the cameras only on steps that query the policy (~5x faster on CPU); the video and the frames
+    # file then hold one row per query (the rows every activation joins to). Images show the end of the step instead of one physics
     # substep before it (LiberoTaskEnv.render_cameras): a mean difference of 0.05-0.3 grey levels per pixel.
     render_every_step: bool = True
     retry_errors: bool = run_option(True)
@@ -210,8 +210,6 @@ class RolloutConfig:
         if self.max_steps is not None and self.max_steps < 1:
             raise ValueError(f"max_steps must be >= 1, got {self.max_steps}")
         self.perturb.validate()
-        if self.save_frames and not self.render_every_step:
-            raise ValueError("save_frames needs render_every_step (frames are saved for every executed step)")
 
     def steps_for(self, suite: str) -> int:
         return self.max_steps if self.max_steps is not None else libero_env.max_steps_for_suite(suite)
@@ -396,7 +394,7 @@ def _run_episode(env: libero_env.LiberoTaskEnv, policy: PolicyLike, spec: Episod
         states.append(frame.state if frame is not None else libero_env.policy_state(obs))
         if cfg.save_video and frame is not None:
             video.append(np.concatenate([frame.image, frame.wrist_image], axis=1))
-        if cfg.save_frames:
+        if cfg.save_frames and frame is not None:
             frame_rows["agentview"].append(frame.image)
             frame_rows["wrist"].append(frame.wrist_image)
             frame_rows["agentview_seg"].append(frame.image_seg)

@@ -142,9 +142,10 @@ def _sections():
                           "Suffix = 10 action tokens (no state token); `llm.expert1.*` norms are adaptive "
                           "(conditioned on the time embedding). Its discretised state, when in the prompt, has "
                           "its own `state` span in the span table."), get_config("pi05_libero").model),
-            (ModelSection("Embedded default (`pi0_tiny_spatial`)", "pi0_tiny_spatial",
-                          "Tiny Pi0: 96 px images in 12 px patches (8x8 tokens per camera), 4 Gemma layers."),
-             get_config("pi0_tiny_spatial").model),
+            (ModelSection("Embedded default (`pi0_tiny_spatial10`)", "pi0_tiny_spatial10",
+                          "Tiny Pi0: 96 px images in 12 px patches (8x8 tokens per camera), two cameras (agent "
+                          "view, left wrist), 4 Gemma layers."),
+             get_config("pi0_tiny_spatial10").model),
             (ModelSection("Pi0-FAST (openpi's `Pi0FASTConfig()`: SigLIP So400m/14, Gemma 2B)", "pi0_fast",
                           FAST_NOTE), Pi0FASTConfig()),
             (ModelSection("Diffusion Policy (LeRobot)", "diffusion", DP_NOTE), _dp_config())]

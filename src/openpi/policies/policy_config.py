@@ -4,9 +4,10 @@
 ``assets/<asset_id>/norm_stats.json``) and PaliGemma's SentencePiece file; ``pi0_fast_libero`` also needs the
 FAST action tokenizer folder (openpi's ``physical-intelligence/fast``). ``pi0_fast_tiny`` is the shape of openpi's
 tiny Pi0-FAST fixture (seeded random weights unless a checkpoint is given) with a FAST tokenizer fitted on our
-scripted demos (``assets/fast_tokenizer_spatial``). ``pi0_tiny_spatial`` (the default) is a tiny Pi0 trained on
-scripted LIBERO demonstrations whose checkpoint ships in the package (``assets/pi0_tiny_spatial``, card in its
-``CARD.md``). ``pi0_tiny`` / ``pi05_tiny`` are the shapes of openpi's reference fixtures with seeded random weights
+scripted demos (``assets/fast_tokenizer_spatial``). ``pi0_tiny_spatial10`` (the default) is a tiny Pi0 trained on
+scripted demonstrations of all ten libero_spatial tasks whose checkpoint ships in the package
+(``assets/pi0_tiny_spatial10``, card in its ``CARD.md``); ``pi0_tiny_spatial`` is its predecessor (three camera
+slots, tasks 0-3). ``pi0_tiny`` / ``pi05_tiny`` are the shapes of openpi's reference fixtures with seeded random weights
 (UNTRAINED: their actions are meaningless). All tiny configs use a small tokenizer shipped in the package.
 ``dp_lerobot`` serves a LeRobot Diffusion Policy folder (``DIFFUSION_CONFIGS``; the network is read from the
 folder's config.json; ``openpi.policies.diffusion_policy``, docs/diffusion_policy.md).
@@ -33,7 +34,8 @@ from openpi.policies.policy import Policy
 
 logger = logging.getLogger(__name__)
 ASSETS = pathlib.Path(__file__).resolve().parents[1] / "assets"
-EMBEDDED_CHECKPOINT = ASSETS / "pi0_tiny_spatial"
+EMBEDDED_CHECKPOINT = ASSETS / "pi0_tiny_spatial10"  # the default config's weights
+SPATIAL4_CHECKPOINT = ASSETS / "pi0_tiny_spatial"
 LIBERO_ASSET_ID = "physical-intelligence/libero"
 TOKENIZER_ENV = "OPENPI_TOKENIZER"
 FAST_TOKENIZER_ENV = "OPENPI_FAST_TOKENIZER"
@@ -78,11 +80,11 @@ CONFIGS: dict[str, PolicyConfig] = {c.name: c for c in [
     # Trained on CPU (docs/training.md): 96 px images in 12 px patches (8x8 tokens per camera) keep the prefix at
     # 224 tokens; libero_spatial prompts are at most 28 tokens with the embedded tokenizer.
     PolicyConfig("pi0_tiny_spatial", tiny_spatial_config(96, 12), quantile_norm=False, delta_actions=False,
-                 needs_checkpoint=False, default_checkpoint=EMBEDDED_CHECKPOINT),
+                 needs_checkpoint=False, default_checkpoint=SPATIAL4_CHECKPOINT),
     # The same network without the always-masked right-wrist slot, trained with augmentation on 139 scripted demos of
     # all ten libero_spatial tasks (card: assets/pi0_tiny_spatial10/CARD.md, 34/100 held-out successes).
     PolicyConfig("pi0_tiny_spatial10", tiny_spatial_config(96, 12, cameras=2), quantile_norm=False,
-                 delta_actions=False, needs_checkpoint=False, default_checkpoint=ASSETS / "pi0_tiny_spatial10"),
+                 delta_actions=False, needs_checkpoint=False, default_checkpoint=EMBEDDED_CHECKPOINT),
     # The same network at other grids, for training a successor (docs/training.md, "Image resolution"): a grid of
     # 12x12 per camera puts the bowl on ~2 patches instead of ~1; without the always-masked right-wrist slot.
     *[PolicyConfig(f"pi0_tiny_spatial_{size}p{patch}_2cam", tiny_spatial_config(size, patch, cameras=2),
@@ -105,7 +107,7 @@ CONFIGS: dict[str, PolicyConfig] = {c.name: c for c in [
                  quantile_norm=True, delta_actions=True, needs_checkpoint=False,
                  default_checkpoint=ASSETS / "pi0_fast_tiny_spatial", default_fast_tokenizer=EMBEDDED_FAST_TOKENIZER),
 ]}
-DEFAULT_CONFIG = "pi0_tiny_spatial"
+DEFAULT_CONFIG = "pi0_tiny_spatial10"
 # LeRobot Diffusion Policy configs: the network comes from the folder's config.json, so these name only the family
 # (openpi.policies.diffusion_policy); they have no PolicyConfig.
 DIFFUSION_CONFIGS: dict[str, str] = {

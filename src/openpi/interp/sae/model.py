@@ -143,73 +143,94 @@ def params_from_train(tp: Params) -> Params:
     return {"W_enc": tp["E"].T, "b_enc": tp["b_enc"], "W_dec": tp["W_dec"], "b_dec": tp["b_dec"]}
 
 
-def _gather_sum(w: jax.Array, coef: jax.Array, idx: jax.Array) -> jax.Array:
-    """sum_j coef[b, j] * w[idx[b, j]] -> (batch, d), one slot j at a time."""
+# A selection is given as per-row slots: ``idx`` (batch, m) latent ids and ``coef`` (batch, m) values, slot j of row
+# b feeding output row b. BatchTopK's variable number of latents per row is packed into the same (batch, m) shape
+# with an explicit output row per entry, ``rows`` (batch, m): column j then holds entries j*batch .. (j+1)*batch - 1
+# of the flat selection, whichever rows they belong to (``rows=None``: slot j of row b feeds row b, TopK's case).
+
+
+def _rows_of(v: jax.Array, rows: jax.Array | None, j) -> jax.Array:
+    """The rows of ``v`` that column j of a selection reads (all rows in order when ``rows`` is None)."""
+    return v if rows is None else v[rows[:, j]]
+
+
+def _gather_sum(w: jax.Array, coef: jax.Array, idx: jax.Array, rows: jax.Array | None = None) -> jax.Array:
+    """out[rows[b, j]] += coef[b, j] * w[idx[b, j]] -> (batch, d), one column j at a time."""
 
     def body(acc, j):
-        return acc + coef[:, j, None] * w[idx[:, j]], None
+        contrib = coef[:, j, None] * w[idx[:, j]]
+        return (acc + contrib if rows is None else acc.at[rows[:, j]].add(contrib)), None
 
     return jax.lax.scan(body, jnp.zeros((coef.shape[0], w.shape[1]), w.dtype), jnp.arange(idx.shape[1]))[0]
 
 
-def _gather_dot(w: jax.Array, v: jax.Array, idx: jax.Array) -> jax.Array:
-    """w[idx[b, j]] . v[b] -> (batch, k), one slot j at a time."""
+def _gather_dot(w: jax.Array, v: jax.Array, idx: jax.Array, rows: jax.Array | None = None) -> jax.Array:
+    """w[idx[b, j]] . v[rows[b, j]] -> (batch, m), one column j at a time."""
 
     def body(carry, j):
-        return carry, jnp.sum(w[idx[:, j]] * v, axis=-1)
+        return carry, jnp.sum(w[idx[:, j]] * _rows_of(v, rows, j), axis=-1)
 
     return jax.lax.scan(body, 0, jnp.arange(idx.shape[1]))[1].T
 
 
-def _row_grad(coef: jax.Array, idx: jax.Array, v: jax.Array, n: int, mode: str) -> jax.Array:
-    """d/dw of sum_{b,j} coef[b, j] * (w[idx[b, j]] . v[b]) -> (n, d)."""
+def _row_grad(coef: jax.Array, idx: jax.Array, v: jax.Array, n: int, mode: str,
+              rows: jax.Array | None = None) -> jax.Array:
+    """d/dw of sum_{b,j} coef[b, j] * (w[idx[b, j]] . v[rows[b, j]]) -> (n, d)."""
     b, k = idx.shape
     if mode == "dense":
-        sparse = jnp.zeros((b, n), coef.dtype).at[jnp.arange(b)[:, None], idx].add(coef)
+        out_rows = jnp.arange(b)[:, None] if rows is None else rows
+        sparse = jnp.zeros((v.shape[0], n), coef.dtype).at[out_rows, idx].add(coef)
         return sparse.T @ v
     if mode == "slots":
         def add_slot(j, acc):
-            return acc.at[idx[:, j]].add(coef[:, j, None] * v)
+            return acc.at[idx[:, j]].add(coef[:, j, None] * _rows_of(v, rows, j))
 
         return jax.lax.fori_loop(0, k, add_slot, jnp.zeros((n, v.shape[1]), v.dtype))
-    return jnp.zeros((n, v.shape[1]), v.dtype).at[idx.reshape(-1)].add((coef[:, :, None] * v[:, None, :]).reshape(b * k, -1))
+    vr = v[:, None, :] if rows is None else v[rows]
+    return jnp.zeros((n, v.shape[1]), v.dtype).at[idx.reshape(-1)].add((coef[:, :, None] * vr).reshape(b * k, -1))
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
-def sparse_decode(w_dec: jax.Array, vals: jax.Array, idx: jax.Array, mode: str) -> jax.Array:
-    """sum_j vals[b, j] * w_dec[idx[b, j]] (no bias): the sparse decoder, O(batch * k * d_in) forward."""
-    return _gather_sum(w_dec, vals, idx)
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
+def sparse_decode(w_dec: jax.Array, vals: jax.Array, idx: jax.Array, rows: jax.Array | None, mode: str) -> jax.Array:
+    """out[rows[b, j]] += vals[b, j] * w_dec[idx[b, j]] (no bias): the sparse decoder, O(batch * m * d_in)."""
+    return _gather_sum(w_dec, vals, idx, rows)
 
 
-def _sparse_decode_fwd(w_dec, vals, idx, mode):
-    return _gather_sum(w_dec, vals, idx), (w_dec, vals, idx)
+def _sparse_decode_fwd(w_dec, vals, idx, rows, mode):
+    return _gather_sum(w_dec, vals, idx, rows), (w_dec, vals, idx, rows)
 
 
 def _sparse_decode_bwd(mode, res, g):
-    w_dec, vals, idx = res
-    return _row_grad(vals, idx, g, w_dec.shape[0], mode), _gather_dot(w_dec, g, idx), None
+    w_dec, vals, idx, rows = res
+    return _row_grad(vals, idx, g, w_dec.shape[0], mode, rows), _gather_dot(w_dec, g, idx, rows), None, None
 
 
 sparse_decode.defvjp(_sparse_decode_fwd, _sparse_decode_bwd)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
-def sparse_pre(e: jax.Array, b_enc: jax.Array, xc: jax.Array, idx: jax.Array, pre: jax.Array, mode: str) -> jax.Array:
-    """Pre-activations of latents idx (batch, k), e[idx] . xc + b_enc[idx], read from the dense pre-activations
-    ``pre`` the selection already computed (the forward costs a gather, not a second product); the gradient flows to
-    e, b_enc and xc through the selected rows only (``pre`` is a constant)."""
-    return jnp.take_along_axis(pre, idx, axis=1)
+@functools.partial(jax.custom_vjp, nondiff_argnums=(6,))
+def sparse_pre(e: jax.Array, b_enc: jax.Array, xc: jax.Array, idx: jax.Array, rows: jax.Array | None, pre: jax.Array,
+               mode: str) -> jax.Array:
+    """Pre-activations of the selected latents (batch, m), e[idx] . xc[rows] + b_enc[idx], read from the dense
+    pre-activations ``pre`` the selection already computed (the forward costs a gather, not a second product); the
+    gradient flows to e, b_enc and xc through the selected rows only (``pre`` is a constant)."""
+    return _selected(pre, idx, rows)
 
 
-def _sparse_pre_fwd(e, b_enc, xc, idx, pre, mode):
-    return jnp.take_along_axis(pre, idx, axis=1), (e, xc, idx)
+def _selected(pre: jax.Array, idx: jax.Array, rows: jax.Array | None) -> jax.Array:
+    return jnp.take_along_axis(pre, idx, axis=1) if rows is None else pre[rows, idx]
+
+
+def _sparse_pre_fwd(e, b_enc, xc, idx, rows, pre, mode):
+    return _selected(pre, idx, rows), (e, xc, idx, rows)
 
 
 def _sparse_pre_bwd(mode, res, g):
-    e, xc, idx = res
-    g_e = _row_grad(g, idx, xc, e.shape[0], mode)
+    e, xc, idx, rows = res
+    g_e = _row_grad(g, idx, xc, e.shape[0], mode, rows)
     g_b = jnp.zeros((e.shape[0],), g.dtype).at[idx.reshape(-1)].add(g.reshape(-1))
-    return g_e, g_b, _gather_sum(e, g, idx), None, jnp.zeros((g.shape[0], e.shape[0]), g.dtype)
+    g_xc = _gather_sum(e, g, idx, rows)
+    return g_e, g_b, g_xc, None, None, jnp.zeros((xc.shape[0], e.shape[0]), g.dtype)
 
 
 sparse_pre.defvjp(_sparse_pre_fwd, _sparse_pre_bwd)
@@ -220,19 +241,57 @@ def select_pre(tp: Params, xc: jax.Array) -> jax.Array:
     return jax.lax.stop_gradient(xc @ tp["E"].T + tp["b_enc"])
 
 
-def batchtopk_select(pre: jax.Array, k: int, width: int) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """BatchTopK selection as per-row slots: (mask (batch, width), latent idx (batch, width), overflow flag).
+@dataclasses.dataclass(frozen=True)
+class BatchTopKSelection:
+    """The k * batch largest relu(pre) of a batch as a packed selection (see ``_gather_sum``): entry (b, j) is
+    latent ``idx[b, j]`` of row ``rows[b, j]``, ``valid`` false for padding (fewer positive values than k * batch).
+    ``overflow``: some row held more of them than its candidates, so the selection was made over all latents."""
 
-    The k * batch largest relu(pre) of the batch are found among each row's `width` largest; `overflow` is
-    true when some row may hold more than `width` of them (then the caller must use the exact dense path).
+    rows: jax.Array
+    idx: jax.Array
+    valid: jax.Array
+    overflow: jax.Array
+
+
+jax.tree_util.register_dataclass(BatchTopKSelection, data_fields=["rows", "idx", "valid", "overflow"], meta_fields=[])
+
+
+def _pack(chosen: jax.Array, latents: jax.Array | None, k: int, overflow: jax.Array) -> BatchTopKSelection:
+    """Pack the true entries of ``chosen`` (batch, m) into k * batch slots (row-major; ties past k * batch are
+    dropped); ``latents`` maps a column of ``chosen`` to its latent id (None: the column is the id)."""
+    b = chosen.shape[0]
+    total = k * b
+    r, c = jnp.nonzero(chosen, size=total, fill_value=0)
+    valid = jnp.arange(total) < jnp.sum(chosen)
+    lat = c if latents is None else latents[r, c]
+
+    def packed(a: jax.Array) -> jax.Array:  # entry e = j * batch + i -> [i, j]
+        return a.reshape(k, b).T
+
+    return BatchTopKSelection(packed(r), packed(lat), packed(valid), overflow)
+
+
+def batchtopk_select(pre: jax.Array, k: int, width: int) -> BatchTopKSelection:
+    """BatchTopK selection: the k * batch largest relu(pre), found among each row's ``width`` largest.
+
+    The threshold (the (k * batch)-th largest candidate) comes from a bisection over the candidates' bits instead
+    of a top-k with a huge k, and the chosen entries are packed into exactly k * batch slots, so the sparse gathers
+    and scatters cost what TopK's do instead of ``width / k`` times more. When a row may hold more than ``width``
+    of them, the same rule runs over all latents (exact, slower).
     """
     b, n = pre.shape
-    vals, idx = jax.lax.top_k(pre, width)
+    vals, cand = jax.lax.top_k(pre, width)
     vals = jax.nn.relu(vals)
-    tau = jax.lax.top_k(vals.reshape(-1), k * b)[0][-1]
-    mask = (vals >= tau) & (vals > 0)
-    overflow = (width < n) & jnp.any((vals[:, -1] >= tau) & (vals[:, -1] > 0))
-    return mask, idx, overflow
+    tau = kth_largest_nonneg(vals.reshape(-1), k * b)
+    chosen = (vals >= tau) & (vals > 0)
+    overflow = (width < n) & jnp.any(chosen[:, -1])
+
+    def over_all_latents():
+        relu_pre = jax.nn.relu(pre)
+        tau_all = kth_largest_nonneg(relu_pre.reshape(-1), k * b)
+        return _pack((relu_pre >= tau_all) & (pre > 0), None, k, overflow)
+
+    return jax.lax.cond(overflow, over_all_latents, lambda: _pack(chosen, cand, k, overflow))
 
 
 def kth_largest_nonneg(v: jax.Array, kth: int) -> jax.Array:
@@ -253,33 +312,21 @@ def kth_largest_nonneg(v: jax.Array, kth: int) -> jax.Array:
 
 
 def train_forward(tp: Params, x: jax.Array, arch: str, k: int, mode: str = "dense", width: int | None = None):
-    """Training-mode forward: (x_hat, code values (batch, m), latent indices (batch, m)).
+    """Training-mode forward: (x_hat, code values (batch, k), latent indices (batch, k)).
 
-    TopK: m = k. BatchTopK: m = `width` slots per row (unused slots hold value 0); when a row would need more
-    slots the exact dense BatchTopK is used for that batch instead.
+    TopK: row b's k codes. BatchTopK: the batch's k * batch codes packed into (batch, k) (entry (b, j) need not
+    belong to row b; unused entries hold value 0), chosen among each row's ``width`` (default 4k) largest, or over
+    all latents when a row may need more (``batchtopk_select``).
     """
     xc = x - tp["b_dec"]
     pre = select_pre(tp, xc)
     if arch == "topk":
         _, idx = jax.lax.top_k(pre, k)
-        vals = jax.nn.relu(sparse_pre(tp["E"], tp["b_enc"], xc, idx, pre, mode))
-        return sparse_decode(tp["W_dec"], vals, idx, mode) + tp["b_dec"], vals, idx
-    b, n = pre.shape
-    width = min(n, width or 4 * k)
-    mask, idx, overflow = batchtopk_select(pre, k, width)
-
-    def sparse_path():
-        vals = jnp.where(mask, jax.nn.relu(sparse_pre(tp["E"], tp["b_enc"], xc, idx, pre, mode)), 0.0)
-        return sparse_decode(tp["W_dec"], vals, idx, mode) + tp["b_dec"], vals, idx
-
-    def dense_path():
-        full = xc @ tp["E"].T + tp["b_enc"]
-        tau = kth_largest_nonneg(jax.nn.relu(pre).reshape(-1), k * b)
-        codes = jnp.where((pre >= tau) & (pre > 0), jax.nn.relu(full), 0.0)
-        vals, idx2 = jax.lax.top_k(codes, width)  # report the largest slots (metrics only)
-        return codes @ tp["W_dec"] + tp["b_dec"], vals, idx2
-
-    return jax.lax.cond(overflow, dense_path, sparse_path)
+        vals = jax.nn.relu(sparse_pre(tp["E"], tp["b_enc"], xc, idx, None, pre, mode))
+        return sparse_decode(tp["W_dec"], vals, idx, None, mode) + tp["b_dec"], vals, idx
+    sel = batchtopk_select(pre, k, min(pre.shape[1], width or 4 * k))
+    vals = jnp.where(sel.valid, jax.nn.relu(sparse_pre(tp["E"], tp["b_enc"], xc, sel.idx, sel.rows, pre, mode)), 0.0)
+    return sparse_decode(tp["W_dec"], vals, sel.idx, sel.rows, mode) + tp["b_dec"], vals, sel.idx
 
 
 class SparseAutoencoder:
