@@ -131,6 +131,25 @@ def test_action_token_j_is_labelled_with_chunk_action_j(tmp_path, order_seed):
     assert rule["executed_valid_rows"] == int(valid.sum()) == 2 * (4 + 4 + 2) + 6
 
 
+def test_rows_are_exported_in_key_order_whatever_order_the_store_received_them(tmp_path):
+    """Two evaluation workers interleave their requests differently from run to run: the export must not carry
+    that arrival order into the analyses (which shuffle, split and bootstrap rows)."""
+    outs = []
+    for seed in (0, 1):
+        root = tmp_path / str(seed)
+        root.mkdir()
+        _token_run(root, order_seed=seed)
+        export_site(root / "store", "resid", root / "out", rollouts=root / "roll")
+        outs.append(root / "out")
+    for name in ("X.npy", "actions.npy", "executed_actions.npy", "groups.npy", "task_id.npy"):
+        np.testing.assert_array_equal(np.load(outs[0] / name), np.load(outs[1] / name), err_msg=name)
+    keys = [np.load(o / "keys.npz") for o in outs]
+    for col in keys[0].files:
+        np.testing.assert_array_equal(keys[0][col], keys[1][col], err_msg=col)
+    ep, step, tok = keys[0]["episode"], keys[0]["env_step"], keys[0]["token_index"]
+    assert np.all(np.diff(ep * 10**6 + step * 10**3 + tok) > 0)  # episode, then env step, then token
+
+
 def test_failed_export_leaves_the_previous_folder_untouched(tmp_path, monkeypatch):
     _token_run(tmp_path, 0)
     export_site(tmp_path / "store", "resid", tmp_path / "out", rollouts=tmp_path / "roll")

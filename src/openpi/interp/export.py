@@ -12,6 +12,10 @@ the previous OUT untouched, never a mix of new and old files.
 
 Outputs in OUT:
 
+Rows are written in key order (:data:`ROW_ORDER`), not in the order the store received them: two evaluation
+workers interleave their requests differently from run to run, and every analysis that shuffles, splits or
+bootstraps rows would otherwise give different numbers for the same episodes.
+
 * ``X.npy`` (rows, d) float32; ``keys.npz``: the store's key columns plus ``action_index`` (which chunk action
   the row's token predicts: token_index - start of its span table's ``actions`` span; -1 for rows that are not
   one action token: token-reduced rows, attention rows, the state token).
@@ -45,6 +49,8 @@ from openpi.shared.records import STATE_DIM, RolloutDir, episode_keys_of_rows
 from openpi.shared.rundir import atomic_dir
 
 SCHEMA = "vla-interp/export/1"
+# The key columns that order exported rows (most significant first); together they identify a row.
+ROW_ORDER = ("run_id", "suite", "task_id", "episode", "attempt", "env_step", "denoise_step", "token_index")
 TARGETS = ("actions", "executed_actions", "executed_valid", "states", "gripper_closed", "task_id", "success", "groups")
 
 
@@ -58,7 +64,8 @@ class ExportPlan:
     where: dict[str, Any] | None
     keys: dict[str, np.ndarray]  # every row matching ``where``, in stream order
     keep: np.ndarray  # (len(keys),) bool: rows written
-    action_index: np.ndarray  # per kept row
+    order: np.ndarray  # kept rows (in stream order) -> output order: output row i is kept row order[i]
+    action_index: np.ndarray  # per output row
     attempts: AttemptSelection
     rollouts: RolloutDir | None
     labels: RowLabels | None  # per kept row
@@ -66,7 +73,8 @@ class ExportPlan:
 
     @property
     def kept_keys(self) -> dict[str, np.ndarray]:
-        return {k: v[self.keep] for k, v in self.keys.items()}
+        """Key columns of the output rows, in output (key) order."""
+        return {k: v[self.keep][self.order] for k, v in self.keys.items()}
 
     @property
     def width(self) -> int:
@@ -99,8 +107,16 @@ def plan_export(store_dir: str | pathlib.Path, site: str, *, where: Mapping[str,
     if not keep.any():
         raise JoinError(f"{source}: no row is left to export after keeping the attempts that wrote the records "
                         f"({attempts.dropped} stale rows, {unanswered} rows of unanswered queries)")
-    return ExportPlan(store, site, store.sites[site], where, keys, keep, aidx, attempts, rollout_dir, labels,
-                      unanswered)
+    order = key_order({k: v[keep] for k, v in keys.items()})
+    return ExportPlan(store, site, store.sites[site], where, keys, keep, order, aidx[order], attempts, rollout_dir,
+                      None if labels is None else labels.subset(order), unanswered)
+
+
+def key_order(keys: Mapping[str, np.ndarray]) -> np.ndarray:
+    """Permutation sorting rows by :data:`ROW_ORDER` (columns a store lacks are skipped; ties keep their order)."""
+    cols = [np.asarray(keys[c]) for c in reversed(ROW_ORDER) if c in keys]
+    n = len(next(iter(keys.values()))) if keys else 0
+    return np.lexsort(cols) if cols else np.arange(n)
 
 
 def export_site(store_dir: str | pathlib.Path, site: str, out: str | pathlib.Path, *,
@@ -136,6 +152,8 @@ def _write_x(plan: ExportPlan, tmp: pathlib.Path, batch_size: int) -> None:
     """Stream the kept rows into X.npy, checking that the stream is the manifest the plan was made from."""
     n = int(plan.keep.sum())
     x = np.lib.format.open_memmap(tmp / "X.npy", mode="w+", dtype=np.float32, shape=(n, plan.width))
+    dest = np.empty_like(plan.order)
+    dest[plan.order] = np.arange(n)  # kept row (stream order) -> its output row
     pos = start = 0
     for batch, keys in tqdm(plan.store.iter_batches(plan.site, batch_size, where=plan.where),
                             desc=f"export {plan.site}", unit="batch"):
@@ -145,8 +163,9 @@ def _write_x(plan: ExportPlan, tmp: pathlib.Path, batch_size: int) -> None:
                 raise StoreError(f"{plan.store.root}: rows of {plan.site} changed while exporting (column {col!r} "
                                  f"differs at rows {pos}..{pos + b}); is a writer still appending?")
         keep = plan.keep[pos:pos + b]
-        x[start:start + int(keep.sum())] = batch[keep].reshape(int(keep.sum()), -1)
-        start += int(keep.sum())
+        m = int(keep.sum())
+        x[dest[start:start + m]] = batch[keep].reshape(m, -1)
+        start += m
         pos += b
     if pos != len(plan.keep):
         raise StoreError(f"{plan.store.root}: streamed {pos} rows of {plan.site}, the manifest has {len(plan.keep)}")
