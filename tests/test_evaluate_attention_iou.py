@@ -218,10 +218,41 @@ def test_soft_mass_lift_over_uniform_per_camera(evaluated):
     assert base["lift"]["mean"] == pytest.approx((0.75 + 0.75 - 0.25) / 3)
     assert base["lift"]["ci_low"] <= base["lift"]["mean"] <= base["lift"]["ci_high"]
     assert wrist["soft_mass"]["mean"] == pytest.approx(0.25, abs=1e-6) and wrist["lift"]["mean"] == pytest.approx(0.0, abs=1e-6)
+    # Other frames: each query's attention on the other two episodes' four quadrants hits one in four.
+    assert base["other_frames_soft_mass"]["mean"] == pytest.approx(0.25, abs=1e-5)
+    assert base["lift_over_other_frames"]["mean"] == pytest.approx((0.75 + 0.75 - 0.25) / 3, abs=1e-5)
+    ep = _episode(out, "orig__libero_spatial__task0__ep0")["queries"][1]["cameras"]["base_0_rgb"]
+    assert len(ep["attention_grid"]) == len(ep["object_cover"]) == 16
+    assert np.dot(ep["attention_grid"], ep["object_cover"]) == pytest.approx(ep["soft_mass"], abs=1e-5)
     rows = list(csv.DictReader(open(out / "summary_suites.csv")))
     r = next(r for r in rows if r["run_id"] == "orig" and r["layer"] == "mean")
     assert float(r["uniform_soft_mass"]) == pytest.approx(0.25) and float(r["soft_mass_lift"]) == pytest.approx(0.4167, abs=1e-4)
     assert json.loads((out / "run.json").read_text())["job"] == recorded_iou.RUN_JOB
+
+
+def _episode_with_grids(attention: list[list[float]], covers: list[list[float]]) -> dict:
+    queries = [{"cameras": {"cam": {"soft_mass": float(np.dot(a, c)), "uniform_soft_mass": float(np.mean(c)),
+                                    "attention_grid": a, "object_cover": c}}} for a, c in zip(attention, covers)]
+    return {"run_id": "r", "queries": queries}
+
+
+def test_other_frames_baseline_separates_a_spatial_habit_from_following_the_objects():
+    """Planted: objects sit in patch 0 at one query and patch 1 at the next, in every episode. A policy that always
+    looks at patch 0 beats uniform attention (lift 0.25) but not the other-frames baseline (lift 0); one whose
+    attention follows the object beats both (lift 0.75 over uniform, 0.5 over other frames)."""
+    covers = [[1.0, 0, 0, 0], [0, 1.0, 0, 0]]
+    habit = [_episode_with_grids([[1.0, 0, 0, 0]] * 2, covers) for _ in range(3)]
+    follow = [_episode_with_grids(covers, covers) for _ in range(3)]
+    got = {name: recorded_iou.soft_mass_by_camera(eps, n_boot=50, seed=0)["r"]["cam"]
+           for name, eps in (("habit", habit), ("follow", follow))}
+    assert got["habit"]["lift"]["mean"] == pytest.approx(0.25)
+    assert got["habit"]["other_frames_soft_mass"]["mean"] == pytest.approx(0.5)
+    assert got["habit"]["lift_over_other_frames"]["mean"] == pytest.approx(0.0)
+    assert got["follow"]["lift"]["mean"] == pytest.approx(0.75)
+    assert got["follow"]["lift_over_other_frames"]["mean"] == pytest.approx(0.5)
+    # one episode has no other episode to compare with: no other-frames numbers rather than invented ones
+    single = recorded_iou.soft_mass_by_camera(follow[:1], n_boot=50, seed=0)["r"]["cam"]
+    assert "lift_over_other_frames" not in single and single["lift"]["mean"] == pytest.approx(0.75)
 
 
 def test_per_layer_modality_fractions_are_each_layers_own(tmp_path):

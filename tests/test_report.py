@@ -313,9 +313,14 @@ def test_renders_in_headless_chromium(tmp_path):
 # ---------------------------------------------------------------------------------------------------- from data
 
 
-def _lift(soft: float, uniform: float, lo: float, hi: float, n: int = 8) -> dict:
-    return {"n_episodes": n, "soft_mass": _ci(soft), "uniform_soft_mass": _ci(uniform),
-            "lift": {"mean": soft - uniform, "ci_low": lo, "ci_high": hi, "n": n}}
+def _lift(soft: float, uniform: float, lo: float, hi: float, n: int = 8, other: tuple | None = None) -> dict:
+    """A soft_mass_by_camera entry; ``other`` = (other-frames soft mass, lift ci_low, ci_high)."""
+    entry = {"n_episodes": n, "soft_mass": _ci(soft), "uniform_soft_mass": _ci(uniform),
+             "lift": {"mean": soft - uniform, "ci_low": lo, "ci_high": hi, "n": n}}
+    if other is not None:
+        entry |= {"other_frames_soft_mass": _ci(other[0]),
+                  "lift_over_other_frames": {"mean": soft - other[0], "ci_low": other[1], "ci_high": other[2], "n": n}}
+    return entry
 
 
 def _with_attention(out: pathlib.Path, grid: list[int], lift: dict) -> None:
@@ -369,7 +374,7 @@ def test_findings_are_called_findings_only_when_the_interval_excludes_the_baseli
     pr["test"] |= {"r2_mean_ci_low": 0.12, "r2_mean_ci_high": 0.41}
     _json(out / "probes/probe_results.json", pr)
     v = _verdicts(out)
-    assert v["attention"]["status"] == "finding" and "more attention on the task objects" in v["attention"]["text"]
+    assert v["attention"]["status"] == "finding" and "beats uniform attention" in v["attention"]["text"]
     assert "0.250 [0.180, 0.320]" in v["attention"]["text"]
     assert v["sae"]["status"] == "finding" and "2 held-out episodes" in v["sae"]["text"]
     assert v["probes"]["status"] == "finding" and v["evaluation"]["status"] == "finding"
@@ -391,7 +396,7 @@ def test_findings_are_called_findings_only_when_the_interval_excludes_the_baseli
     _json(out / "geometry/geometry.json", geo)
     v = _verdicts(out)
     assert v["geometry"]["status"] == "finding" and "less than the 90 degrees" in v["geometry"]["text"]
-    assert v["attention"]["status"] == "no finding" and "not distinguishable from uniform" in v["attention"]["text"]
+    assert v["attention"]["status"] == "no finding" and "do not look at the task objects" in v["attention"]["text"]
     assert v["sae"]["status"] == "no finding"
     assert v["probes"]["status"] == "below baseline" and "worse than the shuffled baseline" in v["probes"]["text"]
     page = (out / "index.html").read_text()
@@ -405,3 +410,22 @@ def test_findings_are_called_findings_only_when_the_interval_excludes_the_baseli
     v = _verdicts(out)
     assert v["sae"]["status"] == "undetermined" and "--keys" in v["sae"]["text"]
     assert "blocks of 32 rows" in _section_html((out / "index.html").read_text(), "sae")
+
+
+def test_attention_verdict_names_the_baseline_each_lift_beats(tmp_path):
+    """A lift over uniform alone can be a fixed spatial habit; the verdict says which baseline was beaten, and a
+    lift that clears neither is no finding, with both intervals in the text."""
+    out = make_output(tmp_path)
+    _with_attention(out, [8, 8], _lift(0.10, 0.05, 0.02, 0.08, other=(0.09, -0.01, 0.03)))
+    v = _verdicts(out)["attention"]
+    assert v["status"] == "finding" and "beats uniform attention" in v["text"]
+    assert "other episodes' object positions" not in v["text"].split("Per camera")[0]
+    assert "no different from 0" in v["text"]  # the other-frames lift, reported beside it
+    _with_attention(out, [8, 8], _lift(0.10, 0.09, -0.01, 0.03, other=(0.05, 0.02, 0.08)))
+    v = _verdicts(out)["attention"]
+    assert v["status"] == "finding" and "beats the same attention scored on other episodes' object positions" in v["text"]
+    _with_attention(out, [8, 8], _lift(0.10, 0.09, -0.01, 0.03, other=(0.11, -0.03, 0.01)))
+    v = _verdicts(out)["attention"]
+    assert v["status"] == "no finding" and v["text"].count("no different from 0") == 2
+    att = _section_html((out / "index.html").read_text(), "attention")
+    assert "lift over other frames [95% CI]" in att

@@ -409,35 +409,45 @@ def _grid_of(summary: dict, episode: dict) -> tuple[int, int] | None:
     return None
 
 
+# The attention baselines, each a lift whose 95% interval is judged against 0: (summary key, what it beats).
+ATTENTION_BASELINES = (("lift", "uniform attention (the objects' share of the image)"),
+                       ("lift_over_other_frames", "the same attention scored on other episodes' object positions "
+                                                  "(a fixed spatial habit)"))
+
+
 def _attention_verdict(by_camera: dict) -> Verdict:
-    """Finding when, for some run and camera, the 95% interval of the soft-mass lift over uniform excludes 0."""
-    parts, found, undetermined, where = [], False, True, []
+    """Finding when, for some run and camera, the 95% interval of a soft-mass lift (over uniform attention, or over
+    the same attention on other episodes' object masks) lies above 0."""
+    parts, found, judged = [], [], False
     for run, cams in sorted(by_camera.items()):
         for cam, c in sorted((cams or {}).items()):
             if not c.get("n_episodes"):
                 continue
-            lift = c.get("lift") or {}
-            side = excludes(lift.get("ci_low"), lift.get("ci_high"), 0.0)
-            undetermined &= side is None
-            found |= side == "above"
-            if side == "above":
-                where.append(f"{run}/{cam}")
-            word = {"above": "more than", "below": "less than", "includes": "no different from",
-                    None: "(no interval) vs"}[side]
-            parts.append(f"{run}/{cam}: soft mass {_num((c.get('soft_mass') or {}).get('mean'))} on the objects, "
-                         f"{word} uniform attention's {_num((c.get('uniform_soft_mass') or {}).get('mean'))} (lift "
-                         f"{_ci(lift)} over {c['n_episodes']} episodes)")
+            said = []
+            for key, what in ATTENTION_BASELINES:
+                lift = c.get(key) or {}
+                if lift.get("mean") is None:
+                    continue
+                side = excludes(lift.get("ci_low"), lift.get("ci_high"), 0.0)
+                judged |= side is not None
+                if side == "above":
+                    found.append(f"{run}/{cam} beats {what}")
+                word = {"above": "above", "below": "below", "includes": "no different from", None: "(no interval)"}
+                said.append(f"lift over {what.split(' (')[0]} {_ci(lift)}, {word[side]} 0")
+            parts.append(f"{run}/{cam}: soft mass {_num((c.get('soft_mass') or {}).get('mean'))} on the objects "
+                         f"over {c['n_episodes']} episodes; " + ", ".join(said))
     if not parts:
         return Verdict("undetermined", "no camera had an object of interest in its masks, so attention on the "
                                        "objects could not be measured.")
     if found:
-        return Verdict("finding", "the action tokens put more attention on the task objects than uniform "
-                                  f"attention would in {', '.join(where)} (the 95% interval of the lift lies above "
-                                  "0); per camera: " + "; ".join(parts) + ".")
-    if undetermined:
+        return Verdict("finding", "the action tokens look at the task objects more than expected: "
+                                  + "; ".join(found) + " (95% interval of the lift above 0). Per camera: "
+                                  + "; ".join(parts) + ".")
+    if not judged:
         return Verdict("undetermined", "too few episodes for an interval: " + "; ".join(parts) + ".")
-    return Verdict("no finding", "attention on the task objects is not distinguishable from uniform attention "
-                                 "(or is below it): " + "; ".join(parts) + ".")
+    return Verdict("no finding", "the action tokens do not look at the task objects more than uniform attention "
+                                 "or a fixed spatial habit would (no lift's 95% interval lies above 0): "
+                                 + "; ".join(parts) + ".")
 
 
 def section_attention(ctx: _Ctx) -> Section:
@@ -485,7 +495,8 @@ def section_attention(ctx: _Ctx) -> Section:
                          "<code>evaluate_attention_iou.py</code> with <code>--overlays</code> to get them.</p>")
     by_cam = d.get("soft_mass_by_camera") or {}
     rows = [[_esc(run), _esc(c), v.get("n_episodes"), _ci(v.get("soft_mass")), _ci(v.get("uniform_soft_mass")),
-             f"<b>{_ci(v.get('lift'))}</b>"]
+             f"<b>{_ci(v.get('lift'))}</b>", _ci(v.get("other_frames_soft_mass")),
+             f"<b>{_ci(v.get('lift_over_other_frames'))}</b>"]
             for run, cams in sorted(by_cam.items()) for c, v in sorted((cams or {}).items()) if v.get("n_episodes")]
     if rows:
         sec.parts.append(
@@ -493,10 +504,14 @@ def section_attention(ctx: _Ctx) -> Section:
             "attention probability within the camera that falls on the objects (each patch weighted by how much of "
             "it the objects cover). <b>Uniform</b> = the soft mass of attention spread evenly "
             f"({_esc(uniform_txt)}), i.e. the objects' share of the image. <b>Lift</b> = soft mass - uniform "
-            "(0 = no preference for the objects). Means of per-episode means; [brackets] are 95% bootstrap "
-            "intervals resampling whole episodes.</p>" + _table(
-                ["run", "camera", "episodes", "soft mass [95% CI]", "uniform [95% CI]", "lift [95% CI]"], rows,
-                raw_cols=(0, 1, 3, 4, 5)))
+            "(0 = no preference for the objects). <b>Other frames</b> = the same attention scored on the object "
+            "masks of the other episodes' queries: a policy that always looks at the same patches (say, where "
+            "bowls usually are) scores as much there, so a lift over it means the attention moves with the "
+            "objects. Means of per-episode means; [brackets] are 95% bootstrap intervals resampling whole "
+            "episodes.</p>" + _table(
+                ["run", "camera", "episodes", "soft mass [95% CI]", "uniform [95% CI]", "lift [95% CI]",
+                 "other frames [95% CI]", "lift over other frames [95% CI]"], rows,
+                raw_cols=(0, 1, 3, 4, 5, 6, 7)))
     pct_txt = f"p{_num(pct, 0)}" if pct is not None else "percentile"
     top_txt = (f"top {_num(100 - pct, 0)} % of patches" if pct is not None else "the patches above the percentile")
     sigma_txt = f"sigma = {_num(sigma, 2)} x grid side" if sigma is not None else "sigma recorded in the settings"
@@ -553,9 +568,9 @@ def section_attention(ctx: _Ctx) -> Section:
             "episode (env_step / episode length). Visual/linguistic ratio = visual mass / instruction mass.</p>" + _table(
                 ["run", "phase", "queries", "visual fraction", "instruction fraction", "visual/linguistic"], rows,
                 raw_cols=(0, 1)))
-    figs = [ctx.figure(sec, att / "evolution.png", "Attention-object alignment (IoU top-k and soft mass) against "
-                       "normalised episode time (env step / episode length, binned), averaged over queries, separately for "
-                       "successful and failed episodes."),
+    figs = [ctx.figure(sec, att / "evolution.png", "Soft mass on the task objects minus uniform attention's (the "
+                       "lift; dashed line: no preference) against normalised episode time (env step / episode "
+                       "length, binned), averaged over queries, separately for successful and failed episodes."),
             ctx.figure(sec, att / "modality_evolution.png", "Visual and instruction attention fractions against "
                        "normalised episode time, one curve per prompt mode (original / perturbed prompts).")]
     if any(figs):

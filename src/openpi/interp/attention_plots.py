@@ -186,8 +186,9 @@ def plot_combined(frames: Mapping[str, np.ndarray], heatmaps: Mapping[str, np.nd
 
 def plot_evolution(x: np.ndarray, series: Mapping[str, np.ndarray], path: str | os.PathLike,
                    xlabel: str = "time", ylabel: str = "fraction of attention",
-                   title: str | None = None) -> pathlib.Path:
-    """Line plot of several named series over a shared x axis (time, denoising step or layer)."""
+                   title: str | None = None, reference: tuple[float, str] | None = None) -> pathlib.Path:
+    """Line plot of several named series over a shared x axis (time, denoising step or layer); ``reference``
+    (value, label) draws the baseline the series are read against as a grey horizontal line."""
     x = np.asarray(x)
     fig = Figure(figsize=(8, 4))
     ax = fig.add_subplot()
@@ -197,6 +198,8 @@ def plot_evolution(x: np.ndarray, series: Mapping[str, np.ndarray], path: str | 
             raise ValueError(f"series {name!r} has shape {y.shape}, x has {x.shape}")
         if np.isfinite(y).any():  # a legend entry only for a line that is drawn
             ax.plot(x, y, marker="o" if x.size <= 30 else None, ms=3, label=name)
+    if reference is not None:
+        ax.axhline(reference[0], color="grey", lw=1, ls="--", label=reference[1])
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
     if ax.get_legend_handles_labels()[0]:

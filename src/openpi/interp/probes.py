@@ -1274,7 +1274,8 @@ def plot_layer_sweep(layers: Sequence[Mapping[str, Any]], kind: str, out_dir: st
         per_dim = np.array([[val(v) for v in l["test"]["r2_per_dim"]] for l in layers])
         dim_names = layers[0].get("target_names") or [f"dim{j}" for j in range(per_dim.shape[1])]
         for j in range(per_dim.shape[1]):
-            ax.plot(x, per_dim[:, j], lw=0.8, alpha=0.4, label=dim_names[j] if per_dim.shape[1] <= 10 else None)
+            # markers as well as lines: a one-layer sweep has no line to draw, and a legend entry must show something
+            ax.plot(x, per_dim[:, j], ".-", lw=0.8, alpha=0.5, label=dim_names[j] if per_dim.shape[1] <= 10 else None)
         mean = np.array([val(l["test"]["r2_mean"]) for l in layers])
         lo = np.array([val(l["test"].get("r2_mean_ci_low")) for l in layers])
         hi = np.array([val(l["test"].get("r2_mean_ci_high")) for l in layers])
@@ -1283,21 +1284,24 @@ def plot_layer_sweep(layers: Sequence[Mapping[str, Any]], kind: str, out_dir: st
                         lw=2, capsize=3, label="test R^2 (mean over dims), 95% interval over test episodes")
         else:
             ax.plot(x, mean, "o-", color="k", lw=2, label="test R^2 (mean over dims)")
-        ax.plot(x, [base(l, "shuffled", "r2_mean") for l in layers], "--", color="tab:red", label="shuffled labels")
-        ax.plot(x, [base(l, "random_features", "r2_mean") for l in layers], ":", color="tab:purple", label="random features")
+        ax.plot(x, [base(l, "shuffled", "r2_mean") for l in layers], "x--", color="tab:red", label="shuffled labels")
+        ax.plot(x, [base(l, "random_features", "r2_mean") for l in layers], "+:", color="tab:purple",
+                label="random features")
         ax.set_ylabel("held-out R^2")
         fname = "r2_vs_layer.png"
     else:
         fig, ax = new((max(5, 0.4 * len(layers) + 3), 4))
         ax.plot(x, [val(l["test"]["accuracy"]) for l in layers], "o-", color="k", label="test accuracy")
         ax.plot(x, [val(l["test"]["auc"]) for l in layers], "s-", color="tab:blue", label="test AUC")
-        ax.plot(x, [base(l, "shuffled", "accuracy") for l in layers], "--", color="tab:red", label="shuffled labels (acc.)")
-        ax.plot(x, [base(l, "random_features", "accuracy") for l in layers], ":", color="tab:purple", label="random features (acc.)")
-        ax.plot(x, [base(l, "majority_class", "accuracy") for l in layers], "-.", color="grey", label="majority class")
+        ax.plot(x, [base(l, "shuffled", "accuracy") for l in layers], "x--", color="tab:red", label="shuffled labels (acc.)")
+        ax.plot(x, [base(l, "random_features", "accuracy") for l in layers], "+:", color="tab:purple", label="random features (acc.)")
+        ax.plot(x, [base(l, "majority_class", "accuracy") for l in layers], "d-.", color="grey", label="majority class")
         ax.set_ylabel("held-out score")
         fname = "accuracy_vs_layer.png"
     ax.set_xticks(x)
-    ax.set_xticklabels(names, rotation=45, ha="right", fontsize=7)
+    tilt = len(layers) > 6 or max(len(n) for n in names) > 6
+    ax.set_xticklabels(names, rotation=45 if tilt else 0, ha="right" if tilt else "center", fontsize=7)
+    ax.set_xlim(-0.5, len(layers) - 0.5)
     ax.set_xlabel("layer")
     ax.legend(fontsize=7)
     save(fig, fname)

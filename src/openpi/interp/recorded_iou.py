@@ -21,8 +21,10 @@ Outputs (OUT/):
     warnings      e.g. "no object of interest found in the segmentation" (then every metric is null)
     queries       [{env_step, replan_index, frame_row, time_frac (env_step / episode_steps), phase early|mid|late,
                     fraction {visual, instruction, template, state, actions, <camera>...} (layer mean),
-                    visual_linguistic_ratio, cameras {<valid camera with masks>: {soft_mass, uniform_soft_mass}}
-                    (layer mean; null when no object is in that camera), layer_mean {METRIC..., mask_area,
+                    visual_linguistic_ratio, cameras {<valid camera with masks>: {soft_mass, uniform_soft_mass,
+                    attention_grid, object_cover}} (layer mean; the last two: the camera's attention normalised
+                    over its patches and the objects' coverage of each patch, row-major, for the other-frames
+                    baseline; all null when no object is in that camera), layer_mean {METRIC..., mask_area,
                     camera_share, warning, baselines {uniform|center_bias: {soft_mass, iou_topk}}, objects {"<id>":
                     {soft_mass, iou_topk, pointing_accuracy} | null}}, per_layer [{layer, same as layer_mean,
                     fraction {...} and visual_linguistic_ratio of that layer alone}]}]
@@ -38,8 +40,10 @@ iou_percentile, uniform/centre-bias iou_topk, uniform_soft_mass, and the visual 
 row's layer (of the layer mean on ``mean`` rows).
 ``summary.json`` (schema ``vla-interp/recorded-attention-iou-summary/1``): {counts {episodes, expected_episodes,
 missing_episodes, queries}, grid, n_patches, bootstrap {n_boot, seed, unit, level}, warnings [str],
-soft_mass_by_camera {run_id: {camera: {n_episodes, soft_mass, uniform_soft_mass, lift: {mean, ci_low, ci_high,
-n}}}}, success_vs_failure {run_id: {success|failure: {n_episodes, n_queries,
+soft_mass_by_camera {run_id: {camera: {n_episodes, soft_mass, uniform_soft_mass, lift, other_frames_soft_mass,
+lift_over_other_frames: {mean, ci_low, ci_high, n}}}} (other frames: this attention scored against the object
+masks of the other episodes' queries, so a fixed spatial habit scores the same and the lift says whether attention
+moves with the objects), success_vs_failure {run_id: {success|failure: {n_episodes, n_queries,
 METRIC | uniform_iou_topk | center_bias_iou_topk | visual_fraction | instruction_fraction | success: {mean,
 ci_low, ci_high, n}}, difference {iou_topk, soft_mass, pointing_accuracy, visual_fraction: success - failure} |
 null}}, modality {run_id: {prompt_modes, visual, instruction, by_phase {early|mid|late: {n_queries, visual,
@@ -47,7 +51,8 @@ instruction, visual_linguistic_ratio}}}}, language_corruption (null unless sever
 {reference_runs, modes {prompt_mode: {run_ids, n_pairs, reference_success_rate, success_rate,
 delta_success_rate, visual_fraction {reference, corrupted, delta}, by_phase {phase: {reference, corrupted,
 delta}}}}}}. Episodes pair by (suite, task_id, episode) with the run whose prompt_mode is ``original``.
-Figures: ``evolution.png`` (IoU top-k and soft mass over normalised episode time, success vs failure),
+Figures: ``evolution.png`` (soft-mass lift over uniform attention over normalised episode time, successful vs failed
+episodes),
 ``modality_evolution.png`` (visual and instruction fractions over time per prompt mode), and with
 ``--overlays`` ``overlays/<stem>/s<env_step>.png``, with ``--video`` ``videos/<stem>.mp4``.
 """
@@ -158,8 +163,14 @@ def score_episode(queries: Sequence[PolicyQuery], camera: str, percentile: float
             continue
         got = camera_soft_mass(rows[:, 0], table, cam, np.stack([q.masks[cam] for q in queries]), ids)
         for i, entry in enumerate(per_query):
-            entry["cameras"][cam] = {"soft_mass": None if got is None else finite_float(got[0][i]),
-                                     "uniform_soft_mass": None if got is None else finite_float(got[1][i])}
+            if got is None:
+                entry["cameras"][cam] = dict.fromkeys(("soft_mass", "uniform_soft_mass", "attention_grid",
+                                                       "object_cover"))
+                continue
+            soft, unif, p, cover = got
+            entry["cameras"][cam] = {"soft_mass": finite_float(soft[i]), "uniform_soft_mass": finite_float(unif[i]),
+                                     "attention_grid": [round(float(v), 7) for v in p[i]],
+                                     "object_cover": [round(float(v), 5) for v in cover[i]]}
     mean = {m: _mean([e["layer_mean"][m] for e in per_query]) for m in METRICS}
     return {"object_ids": q0.object_ids, "objects_scored": present, "warnings": warnings, "grid": list(grid),
             "queries": per_query, "mean": mean,
@@ -172,8 +183,9 @@ def _fractions(summary: dict[str, np.ndarray], i: int) -> dict[str, float | None
 
 
 def camera_soft_mass(rows: np.ndarray, table: A.SpanTable, camera: str, masks: np.ndarray,
-                     ids: Sequence[int]) -> tuple[np.ndarray, np.ndarray] | None:
-    """(soft mass of each row's attention within ``camera`` on the objects, the same for uniform attention), or
+                     ids: Sequence[int]) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray] | None:
+    """(soft mass of each row's attention within ``camera`` on the objects, the same for uniform attention, the
+    attention normalised over the camera's patches (rows, patches), the objects' coverage of each patch), or
     None when none of ``ids`` appears in the camera's masks.
 
     Uniform attention's soft mass is the objects' mean patch coverage (their area fraction), so soft mass / it is
@@ -186,7 +198,28 @@ def camera_soft_mass(rows: np.ndarray, table: A.SpanTable, camera: str, masks: n
     probs = A.camera_probs(rows, table, camera)
     with np.errstate(divide="ignore", invalid="ignore"):
         p = probs / probs.sum(axis=1, keepdims=True)
-    return (p * cover).sum(axis=1), cover.mean(axis=1)
+    return (p * cover).sum(axis=1), cover.mean(axis=1), p, cover
+
+
+def other_frames_soft_mass(eps: Sequence[dict], cam: str) -> dict[int, np.ndarray]:
+    """Per episode (index into ``eps``): each query's attention scored against the object coverage of every
+    query of the *other* episodes, averaged -- what a fixed spatial habit (attending the same patches whatever
+    the scene) would score. Queries without a stored grid are left out."""
+    att, cov, owner = [], [], []
+    for i, e in enumerate(eps):
+        for q in e["queries"]:
+            c = q.get("cameras", {}).get(cam)
+            if c and c.get("attention_grid") is not None and c.get("object_cover") is not None:
+                att.append(c["attention_grid"])
+                cov.append(c["object_cover"])
+                owner.append(i)
+    owner_arr = np.asarray(owner)
+    if len(set(owner)) < 2:
+        return {}
+    scores = np.asarray(att, np.float64) @ np.asarray(cov, np.float64).T  # (queries, queries)
+    other = owner_arr[None, :] != owner_arr[:, None]
+    per_query = (scores * other).sum(axis=1) / other.sum(axis=1)
+    return {i: per_query[owner_arr == i] for i in sorted(set(owner))}
 
 
 def _mean(values: Sequence[float | None]) -> float | None:
@@ -347,8 +380,9 @@ def success_vs_failure(episodes: Sequence[dict], n_boot: int, seed: int) -> dict
 
 
 def soft_mass_by_camera(episodes: Sequence[dict], n_boot: int, seed: int) -> dict:
-    """Per run and camera: soft mass on the objects, uniform attention's soft mass, and the lift (their
-    difference), each a mean of per-episode means with a 95% bootstrap interval over episodes (layer mean)."""
+    """Per run and camera: soft mass on the objects, uniform attention's soft mass, the lift (their difference),
+    the soft mass of the same attention on the other episodes' object masks and the lift over that, each a mean of
+    per-episode means with a 95% bootstrap interval over episodes (layer mean)."""
     out: dict = {}
     for run_id in sorted({e["run_id"] for e in episodes}):
         eps = [e for e in episodes if e["run_id"] == run_id]
@@ -356,7 +390,9 @@ def soft_mass_by_camera(episodes: Sequence[dict], n_boot: int, seed: int) -> dic
         out[run_id] = {}
         for cam in cams:
             vals: dict[str, list[float]] = {"soft_mass": [], "uniform_soft_mass": [], "lift": []}
-            for e in eps:
+            other = other_frames_soft_mass(eps, cam)
+            others: dict[str, list[float]] = {"other_frames_soft_mass": [], "lift_over_other_frames": []}
+            for i, e in enumerate(eps):
                 pairs = [(c["soft_mass"], c["uniform_soft_mass"]) for q in e["queries"]
                          for c in [q.get("cameras", {}).get(cam)] if c and c["soft_mass"] is not None]
                 if pairs:
@@ -364,9 +400,14 @@ def soft_mass_by_camera(episodes: Sequence[dict], n_boot: int, seed: int) -> dic
                     vals["soft_mass"].append(soft.mean())
                     vals["uniform_soft_mass"].append(unif.mean())
                     vals["lift"].append((soft - unif).mean())
+                    if i in other and len(other[i]) == len(soft):
+                        others["other_frames_soft_mass"].append(other[i].mean())
+                        others["lift_over_other_frames"].append((soft - other[i]).mean())
             if not vals["lift"]:
                 out[run_id][cam] = {"n_episodes": 0}
                 continue
+            if len(others["lift_over_other_frames"]) == len(vals["lift"]):
+                vals.update(others)
             boot = iou.bootstrap_means({k: np.asarray(v) for k, v in vals.items()}, None, n_boot, seed)
             out[run_id][cam] = {"n_episodes": len(vals["lift"]), **boot}
     return out
@@ -457,10 +498,10 @@ def plot_summaries(episodes: Sequence[dict], out: pathlib.Path, bins: int = 10) 
     for label, flag in (("success", True), ("failure", False)):
         eps = [e for e in episodes if e["success"] == flag]
         if eps:
-            series[f"IoU top-k ({label})"] = _binned(eps, lambda q: q["layer_mean"]["iou_topk"], bins)
-            series[f"soft mass ({label})"] = _binned(eps, lambda q: q["layer_mean"]["soft_mass"], bins)
+            series[f"{label}ful episodes" if flag else "failed episodes"] = _binned(eps, _lift_of_query, bins)
     plots.plot_evolution(x, series, out / "evolution.png", xlabel="episode time (fraction of steps)",
-                         ylabel="attention-object alignment", title="alignment over the episode")
+                         ylabel="soft mass - uniform attention's", reference=(0.0, "uniform attention"),
+                         title="attention on the task objects over the episode (scored camera, layer mean)")
     series = {}
     for mode in sorted({e["prompt_mode"] for e in episodes}):
         eps = [e for e in episodes if e["prompt_mode"] == mode]
@@ -468,6 +509,13 @@ def plot_summaries(episodes: Sequence[dict], out: pathlib.Path, bins: int = 10) 
         series[f"instruction ({mode})"] = _binned(eps, lambda q: q["fraction"].get("instruction"), bins)
     plots.plot_evolution(x, series, out / "modality_evolution.png", xlabel="episode time (fraction of steps)",
                          title="modality fractions over the episode")
+
+
+def _lift_of_query(q: dict) -> float | None:
+    m = q["layer_mean"]
+    if m["soft_mass"] is None or not m["baselines"]:
+        return None
+    return m["soft_mass"] - m["baselines"]["uniform"]["soft_mass"]
 
 
 def load_episode_results(out: pathlib.Path) -> list[dict]:
