@@ -1,7 +1,8 @@
 """Attention-object IoU and modality analysis of a recorded LIBERO run (activation store + rollout folder).
 
     python evaluate_attention_iou.py --store STORE --rollouts ROLLOUTS --out OUT \
-        [--layers 0 1] [--steps -1 ...] [--camera base_0_rgb|left_wrist_0_rgb] [--overlays] [--video]
+        [--layers 0 1] [--steps -1 ...] [--camera base_0_rgb|left_wrist_0_rgb] [--overlays [--overlay-every N]]
+        [--video]
 
 Thin CLI over :func:`openpi.interp.recorded_iou.evaluate_run`; the output files (``episodes/<stem>.json``,
 ``summary_tasks.csv``, ``summary_suites.csv``, ``summary.json``, figures, overlays, videos) and their fields are
@@ -38,6 +39,8 @@ class Args:
     """camera whose attention is scored against its instance mask."""
     overlays: bool = False
     """write an overlay PNG per policy query."""
+    overlay_every: int = 1
+    """with --overlays, draw every N-th query of each episode (the first always)."""
     video: bool = False
     """write an MP4 of overlays per episode."""
     percentile: float = 90.0

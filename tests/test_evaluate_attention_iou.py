@@ -87,6 +87,16 @@ def test_summaries(evaluated):
         assert (out / name).stat().st_size > 0
 
 
+def test_overlay_every_draws_every_nth_query_and_scores_all(tmp_path):
+    store, rollouts = make_run(tmp_path, EPISODES[:1])
+    summary = recorded_iou.evaluate_run(store, rollouts, tmp_path / "o", overlays=True, overlay_every=3, n_boot=10)
+    pngs = sorted(p.name for p in (tmp_path / "o" / "overlays" / "orig__libero_spatial__task0__ep0").glob("*.png"))
+    assert pngs == ["s0000.png", "s0006.png"]  # queries 0 and 3 of env steps 0, 2, 4, 6
+    assert summary["counts"]["queries"] == 4
+    with pytest.raises(ValueError, match="overlay_every"):
+        recorded_iou.evaluate_run(store, rollouts, tmp_path / "p", overlays=True, overlay_every=0)
+
+
 def test_resume_skips_done_episodes_and_refuses_changed_settings(evaluated):
     mod, store, rollouts, out, _ = evaluated
     path = out / "episodes" / "orig__libero_spatial__task0__ep0.json"

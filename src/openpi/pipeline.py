@@ -110,7 +110,7 @@ def _libero_eval(p: Plan) -> list[str]:
 
 def _attention(p: Plan) -> list[str]:
     return [p.python, "evaluate_attention_iou.py", "--store", str(p.store), "--rollouts", str(p.rollouts), "--out",
-            str(p.out / "attention"), "--overlays", "--overwrite"]
+            str(p.out / "attention"), "--overlays", "--overlay-every", "4", "--overwrite"]  # one PNG per 20 env steps
 
 
 def _export_all(p: Plan) -> list[str]:

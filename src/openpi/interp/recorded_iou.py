@@ -228,14 +228,18 @@ def _mean(values: Sequence[float | None]) -> float | None:
 
 
 def render_episode(queries: Sequence[PolicyQuery], result: dict, out: pathlib.Path, stem: str, camera: str,
-                   overlays: bool, video: bool) -> None:
-    """Overlay PNGs (valid cameras with frames, one colour scale per figure, the scored objects outlined) and an
-    MP4 of the scored camera next to the other one."""
+                   overlays: bool, video: bool, overlay_every: int = 1) -> None:
+    """Overlay PNGs (valid cameras with frames, one colour scale per figure, the scored objects outlined; of every
+    ``overlay_every``-th query, drawing one is most of an episode's scoring time) and an MP4 of the scored camera
+    next to the other one (every query)."""
     table = queries[0].table
     cams = [c for c in table.valid_cameras if c in queries[0].frames]
     scored = [int(i) for i in result["objects_scored"]]
     movie = []
-    for q, entry in zip(queries, result["queries"]):
+    for i, (q, entry) in enumerate(zip(queries, result["queries"])):
+        draw = overlays and i % overlay_every == 0
+        if not (draw or video):
+            continue
         row = q.attention.mean(axis=0)
         heat = A.camera_heatmaps(row, table, cams)
         m = entry["layer_mean"]
@@ -244,7 +248,7 @@ def render_episode(queries: Sequence[PolicyQuery], result: dict, out: pathlib.Pa
                  f"top-k {_fmt(m['iou_topk'])}, soft mass {_fmt(m['soft_mass'])} (uniform "
                  f"{_fmt((m['baselines'] or {}).get('uniform', {}).get('soft_mass'))})")
         outlines = {c: np.isin(q.masks[c], scored) for c in cams if c in q.masks and scored}
-        if overlays:
+        if draw:
             plots.plot_camera_overlays({c: q.frames[c] for c in cams}, heat, out / "overlays" / stem /
                                        f"{A.step_file_stem(q.env_step)}.png", title=title,
                                        shares={c: float(entry["fraction"].get(c) or 0.0) for c in cams},
@@ -560,7 +564,7 @@ def summarise(out: pathlib.Path, n_boot: int, seed: int, expected: int, warnings
 # --------------------------------------------------------------------------------------------------------------
 def evaluate_run(store: pathlib.Path, rollouts: pathlib.Path, out: pathlib.Path, *,
                  layers: Sequence[int] | None = None, steps: Sequence[int] | None = None,
-                 camera: Camera = "base_0_rgb", overlays: bool = False, video: bool = False,
+                 camera: Camera = "base_0_rgb", overlays: bool = False, overlay_every: int = 1, video: bool = False,
                  percentile: float = 90.0, sigma_frac: float = 0.25, n_boot: int = 1000, seed: int = 0,
                  on_missing: Literal["error", "skip"] = "error", shard_index: int = 0,
                  num_shards: int = 1, overwrite: bool = False) -> dict:
@@ -576,6 +580,8 @@ def evaluate_run(store: pathlib.Path, rollouts: pathlib.Path, out: pathlib.Path,
     """
     if num_shards < 1 or not 0 <= shard_index < num_shards:
         raise ValueError(f"need 0 <= shard_index < num_shards, got {shard_index}, {num_shards}")
+    if overlay_every < 1:
+        raise ValueError(f"overlay_every must be >= 1, got {overlay_every}")
     out = pathlib.Path(out)
     run = RecordedRun(store, rollouts, layers=layers, steps=steps, reduce=("steps", "heads", "queries"),
                       on_missing=on_missing)
@@ -592,6 +598,6 @@ def evaluate_run(store: pathlib.Path, rollouts: pathlib.Path, out: pathlib.Path,
             continue
         result, queries = episode_result(run, key, settings)
         if overlays or video:
-            render_episode(queries, result, out, key.stem, camera, overlays, video)
+            render_episode(queries, result, out, key.stem, camera, overlays, video, overlay_every)
         A.write_json(path, result)
     return summarise(out, n_boot, seed, len(keys), list(run.warnings))

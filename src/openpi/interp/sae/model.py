@@ -208,12 +208,15 @@ def _sparse_decode_bwd(mode, res, g):
 sparse_decode.defvjp(_sparse_decode_fwd, _sparse_decode_bwd)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(6,))
-def sparse_pre(e: jax.Array, b_enc: jax.Array, xc: jax.Array, idx: jax.Array, rows: jax.Array | None, pre: jax.Array,
-               mode: str) -> jax.Array:
-    """Pre-activations of the selected latents (batch, m), e[idx] . xc[rows] + b_enc[idx], read from the dense
-    pre-activations ``pre`` the selection already computed (the forward costs a gather, not a second product); the
-    gradient flows to e, b_enc and xc through the selected rows only (``pre`` is a constant)."""
+@functools.partial(jax.custom_vjp, nondiff_argnums=(7,))
+def sparse_pre(e: jax.Array, b_enc: jax.Array, b_dec: jax.Array, xc: jax.Array, idx: jax.Array, rows: jax.Array | None,
+               pre: jax.Array, mode: str) -> jax.Array:
+    """Pre-activations of the selected latents (batch, m), e[idx] . (x - b_dec)[rows] + b_enc[idx], read from the
+    dense pre-activations ``pre`` the selection already computed (the forward costs a gather, not a second product).
+
+    ``xc`` = x - b_dec is passed as a constant: the inputs are data, so b_dec is the only way back through it, and
+    its gradient, -sum over entries of g * e[idx], is the b_enc gradient times e (one (n,) x (n, d) product instead
+    of gathering batch * m encoder rows). The gradient reaches e through the selected rows only."""
     return _selected(pre, idx, rows)
 
 
@@ -221,7 +224,7 @@ def _selected(pre: jax.Array, idx: jax.Array, rows: jax.Array | None) -> jax.Arr
     return jnp.take_along_axis(pre, idx, axis=1) if rows is None else pre[rows, idx]
 
 
-def _sparse_pre_fwd(e, b_enc, xc, idx, rows, pre, mode):
+def _sparse_pre_fwd(e, b_enc, b_dec, xc, idx, rows, pre, mode):
     return _selected(pre, idx, rows), (e, xc, idx, rows)
 
 
@@ -229,8 +232,7 @@ def _sparse_pre_bwd(mode, res, g):
     e, xc, idx, rows = res
     g_e = _row_grad(g, idx, xc, e.shape[0], mode, rows)
     g_b = jnp.zeros((e.shape[0],), g.dtype).at[idx.reshape(-1)].add(g.reshape(-1))
-    g_xc = _gather_sum(e, g, idx, rows)
-    return g_e, g_b, g_xc, None, None, jnp.zeros((xc.shape[0], e.shape[0]), g.dtype)
+    return g_e, g_b, -(g_b @ e), None, None, None, None  # xc and pre are constants
 
 
 sparse_pre.defvjp(_sparse_pre_fwd, _sparse_pre_bwd)
@@ -318,14 +320,15 @@ def train_forward(tp: Params, x: jax.Array, arch: str, k: int, mode: str = "dens
     belong to row b; unused entries hold value 0), chosen among each row's ``width`` (default 4k) largest, or over
     all latents when a row may need more (``batchtopk_select``).
     """
-    xc = x - tp["b_dec"]
+    xc = jax.lax.stop_gradient(x - tp["b_dec"])  # b_dec's encoder-side gradient comes from sparse_pre
     pre = select_pre(tp, xc)
     if arch == "topk":
         _, idx = jax.lax.top_k(pre, k)
-        vals = jax.nn.relu(sparse_pre(tp["E"], tp["b_enc"], xc, idx, None, pre, mode))
+        vals = jax.nn.relu(sparse_pre(tp["E"], tp["b_enc"], tp["b_dec"], xc, idx, None, pre, mode))
         return sparse_decode(tp["W_dec"], vals, idx, None, mode) + tp["b_dec"], vals, idx
     sel = batchtopk_select(pre, k, min(pre.shape[1], width or 4 * k))
-    vals = jnp.where(sel.valid, jax.nn.relu(sparse_pre(tp["E"], tp["b_enc"], xc, sel.idx, sel.rows, pre, mode)), 0.0)
+    vals = jnp.where(sel.valid, jax.nn.relu(sparse_pre(tp["E"], tp["b_enc"], tp["b_dec"], xc, sel.idx, sel.rows, pre,
+                                                       mode)), 0.0)
     return sparse_decode(tp["W_dec"], vals, sel.idx, sel.rows, mode) + tp["b_dec"], vals, sel.idx
 
 
