@@ -265,6 +265,31 @@ def test_other_frames_baseline_separates_a_spatial_habit_from_following_the_obje
     assert "lift_over_other_frames" not in single and single["lift"]["mean"] == pytest.approx(0.75)
 
 
+def test_head_selection_picks_the_head_that_follows_the_object_on_held_out_episodes(tmp_path):
+    """Planted, per-head recording: head 0 looks at the object's quadrant (which moves every query), head 1 always at
+    the first quadrant. Chosen on 4 training episodes, head 0 lifts 0.75 over other frames on the 2 held-out ones;
+    head 1's training lift over other frames is 0 (a fixed habit), though it hits the object a quarter of the time."""
+    eps = [{"run_id": "orig", "task_id": t, "episode": e, "success": True, "attend": True, "visual": 0.6,
+            "fixed_head": True} for t in (0, 1) for e in (0, 1, 2)]
+    store, rollouts = make_run(tmp_path, eps, per_head=True)
+    summary = recorded_iou.evaluate_run(store, rollouts, tmp_path / "o", n_boot=50)
+    sel = summary["head_selection"]["orig"]
+    assert (sel["layer"], sel["head"]) == (0, 0) and sel["layers"] == [0, 1]
+    assert sel["split"]["test_episodes"] == ["orig__libero_spatial__task0__ep2", "orig__libero_spatial__task1__ep2"]
+    assert len(sel["split"]["train_episodes"]) == 4
+    np.testing.assert_allclose(sel["train_lift_over_other_frames"], [[0.75, 0.0], [0.75, 0.0]], atol=1e-5)
+    assert sel["test"]["n_episodes"] == 2
+    assert sel["test"]["lift_over_other_frames"]["mean"] == pytest.approx(0.75, abs=1e-5)
+    assert sel["test"]["lift"]["mean"] == pytest.approx(0.75, abs=1e-5)
+    # the head-averaged numbers are those of the mean over heads
+    base = summary["soft_mass_by_camera"]["orig"]["base_0_rgb"]
+    assert base["soft_mass"]["mean"] == pytest.approx((1.0 + 0.25) / 2, abs=1e-5)
+
+
+def test_head_averaged_recordings_have_no_head_selection(evaluated):
+    assert evaluated[4]["head_selection"] == {}
+
+
 def test_per_layer_modality_fractions_are_each_layers_own(tmp_path):
     """Planted (the review's numbers): layer 0 gives 0.788 of its attention to the cameras, layer 3 gives 0.391.
     Each layer row of the summary must show its own fraction, the mean row their mean (0.5895); the old code

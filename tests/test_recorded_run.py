@@ -78,6 +78,9 @@ def make_run(root: pathlib.Path, episodes: list[dict], *, selector: str = "actio
                 if selector in ("", "suffix"):
                     act = np.concatenate([attention_row(qi, attend, ep["visual"], state_query=True)[None], act])
                 one = np.broadcast_to(act, (HEADS, *act.shape)) if per_head else act
+                if per_head and ep.get("fixed_head"):  # the last head always looks at the first quadrant
+                    fixed = np.stack([attention_row(0, True, ep["visual"])] * 3)
+                    one = np.concatenate([one[:-1], fixed[-act.shape[0]:][None]])
                 value = np.stack([one] * len(steps))[:, None].astype(np.float32)  # (steps, batch, ...)
                 meta = {"run_id": ep["run_id"], "suite": suite, "task_id": ep["task_id"], "episode": ep["episode"],
                         "attempt": attempt, "env_step": step, "replan_index": qi}

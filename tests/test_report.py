@@ -419,7 +419,7 @@ def test_attention_verdict_names_the_baseline_each_lift_beats(tmp_path):
     _with_attention(out, [8, 8], _lift(0.10, 0.05, 0.02, 0.08, other=(0.09, -0.01, 0.03)))
     v = _verdicts(out)["attention"]
     assert v["status"] == "finding" and "beats uniform attention" in v["text"]
-    assert "other episodes' object positions" not in v["text"].split("Per camera")[0]
+    assert "other episodes' object positions" not in v["text"].split("In detail")[0]
     assert "no different from 0" in v["text"]  # the other-frames lift, reported beside it
     _with_attention(out, [8, 8], _lift(0.10, 0.09, -0.01, 0.03, other=(0.05, 0.02, 0.08)))
     v = _verdicts(out)["attention"]
@@ -429,3 +429,30 @@ def test_attention_verdict_names_the_baseline_each_lift_beats(tmp_path):
     assert v["status"] == "no finding" and v["text"].count("no different from 0") == 2
     att = _section_html((out / "index.html").read_text(), "attention")
     assert "lift over other frames [95% CI]" in att
+
+
+def test_attention_verdict_counts_a_head_only_on_held_out_episodes(tmp_path):
+    """Averaged attention shows nothing; the head chosen on training episodes lifts over other frames on held-out
+    ones: a finding that names the head and the held-out test. If its held-out interval includes 0, no finding."""
+    out = make_output(tmp_path)
+    _with_attention(out, [8, 8], _lift(0.10, 0.11, -0.02, 0.0, other=(0.10, -0.01, 0.01)))
+
+    def with_head(lo: float, hi: float) -> None:
+        summary = json.loads((out / "attention/summary.json").read_text())
+        summary["head_selection"] = {"demo": {
+            "camera": "base_0_rgb", "layer": 3, "head": 5, "layers": [0, 1, 2, 3],
+            "split": {"rule": "every third held out", "train_episodes": ["a", "b", "c", "d"], "test_episodes": ["e", "f"]},
+            "test": {"n_episodes": 2, "soft_mass": _ci(0.2), "other_frames_soft_mass": _ci(0.19),
+                     "lift_over_other_frames": {"mean": (lo + hi) / 2, "ci_low": lo, "ci_high": hi, "n": 2},
+                     "lift": {"mean": -0.01, "ci_low": -0.02, "ci_high": 0.0, "n": 2}}}}
+        _json(out / "attention/summary.json", summary)
+
+    with_head(0.003, 0.005)
+    v = _verdicts(out)["attention"]
+    assert v["status"] == "finding" and "head 5 of layer 3 follows the objects on held-out episodes" in v["text"]
+    assert "chosen on 4 training episodes" in v["text"] and "on 2 held-out episodes" in v["text"]
+    att = _section_html((out / "index.html").read_text(), "attention")
+    assert "chosen on training episodes, tested on held-out ones" in att and "3 / 5" in att
+    with_head(-0.001, 0.005)
+    v = _verdicts(out)["attention"]
+    assert v["status"] == "no finding" and "in the best head on held-out episodes" in v["text"]

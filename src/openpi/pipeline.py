@@ -20,7 +20,9 @@ from collections.abc import Callable
 SECTIONS: tuple[str, ...] = ("evaluation", "attention", "sae", "probes", "geometry", "pca")
 
 # What the policy server records for the stages below.
-RECORDS: tuple[str, ...] = ("llm.layer.*.attn.probs?tokens=actions&reduce=heads",
+# Attention per head, averaged over the action tokens (the head-averaged analyses average heads when they load it;
+# keeping heads lets the attention section choose a head on training episodes and test it on held-out ones).
+RECORDS: tuple[str, ...] = ("llm.layer.*.attn.probs?tokens=actions&reduce=tokens",
                             "llm.expert1.layer.*.resid_post?tokens=actions")
 
 

@@ -24,7 +24,8 @@ Outputs (OUT/):
                     visual_linguistic_ratio, cameras {<valid camera with masks>: {soft_mass, uniform_soft_mass,
                     attention_grid, object_cover}} (layer mean; the last two: the camera's attention normalised
                     over its patches and the objects' coverage of each patch, row-major, for the other-frames
-                    baseline; all null when no object is in that camera), layer_mean {METRIC..., mask_area,
+                    baseline; all null when no object is in that camera), heads {layers, attention_grid (layers,
+                    heads, patches)} (scored camera, only for recordings that kept heads), layer_mean {METRIC..., mask_area,
                     camera_share, warning, baselines {uniform|center_bias: {soft_mass, iou_topk}}, objects {"<id>":
                     {soft_mass, iou_topk, pointing_accuracy} | null}}, per_layer [{layer, same as layer_mean,
                     fraction {...} and visual_linguistic_ratio of that layer alone}]}]
@@ -43,7 +44,10 @@ missing_episodes, queries}, grid, n_patches, bootstrap {n_boot, seed, unit, leve
 soft_mass_by_camera {run_id: {camera: {n_episodes, soft_mass, uniform_soft_mass, lift, other_frames_soft_mass,
 lift_over_other_frames: {mean, ci_low, ci_high, n}}}} (other frames: this attention scored against the object
 masks of the other episodes' queries, so a fixed spatial habit scores the same and the lift says whether attention
-moves with the objects), success_vs_failure {run_id: {success|failure: {n_episodes, n_queries,
+moves with the objects), head_selection {run_id: {camera, layer, head, layers, split {rule, train_episodes,
+test_episodes}, train_lift_over_other_frames (layers x heads), test {n_episodes, soft_mass, other_frames_soft_mass,
+lift_over_other_frames, lift: {mean, ci_low, ci_high, n}}}} (per-head recordings only: the head whose attention
+moves most with the objects on training episodes, measured on held-out episodes), success_vs_failure {run_id: {success|failure: {n_episodes, n_queries,
 METRIC | uniform_iou_topk | center_bias_iou_topk | visual_fraction | instruction_fraction | success: {mean,
 ci_low, ci_high, n}}, difference {iou_topk, soft_mass, pointing_accuracy, visual_fraction: success - failure} |
 null}}, modality {run_id: {prompt_modes, visual, instruction, by_phase {early|mid|late: {n_queries, visual,
@@ -92,8 +96,19 @@ def phase_of(time_frac: float) -> str:
     return PHASES[min(2, int(time_frac * 3))]
 
 
+def _layers_heads_keys(q: PolicyQuery) -> np.ndarray:
+    """A query's attention as (layers, heads, keys); heads of length 1 when they were averaged away."""
+    if q.axes == ("layers", "heads", "keys"):
+        return q.attention
+    if q.axes == ("layers", "keys"):
+        return q.attention[:, None, :]
+    raise ValueError(f"attention of {q.key.stem} at env step {q.env_step} has axes {q.axes}; expected (layers, "
+                     "[heads,] keys): load it with steps and queries reduced")
+
+
 def score_episode(queries: Sequence[PolicyQuery], camera: str, percentile: float, sigma_frac: float) -> dict:
-    """Metrics and modality fractions of one episode's queries (attention axes: layers, keys)."""
+    """Metrics and modality fractions of one episode's queries (attention axes: layers, [heads,] keys; metrics on
+    the mean over heads, per-head grids of the scored camera kept for :func:`head_selection`)."""
     q0 = queries[0]
     table = q0.table
     if camera not in table.valid_cameras:
@@ -103,7 +118,8 @@ def score_episode(queries: Sequence[PolicyQuery], camera: str, percentile: float
         raise JoinError(f"frames of episode {q0.key.stem} have no instance masks for {camera} "
                         f"(env steps {missing[:5]}); rerun the client with --save-frames")
     layers = q0.layers
-    rows = np.stack([q.attention for q in queries])  # (N, L, K)
+    by_head = np.stack([_layers_heads_keys(q) for q in queries])  # (N, L, H, K)
+    rows = by_head.mean(axis=2)  # (N, L, K)
     rows = np.concatenate([rows.mean(axis=1, keepdims=True), rows], axis=1)  # index 0 = layer mean
     n, l1, _ = rows.shape
     grid = table.grid
@@ -162,6 +178,14 @@ def score_episode(queries: Sequence[PolicyQuery], camera: str, percentile: float
         if not all(cam in q.masks for q in queries):
             continue
         got = camera_soft_mass(rows[:, 0], table, cam, np.stack([q.masks[cam] for q in queries]), ids)
+        if got is not None and cam == camera and by_head.shape[2] > 1:
+            n_l, n_h = by_head.shape[1:3]
+            heads = camera_soft_mass(by_head.reshape(n * n_l * n_h, -1), table, cam,
+                                     np.repeat(np.stack([q.masks[cam] for q in queries]), n_l * n_h, axis=0), ids)
+            head_grids = heads[2].reshape(n, n_l, n_h, -1)
+            for i, entry in enumerate(per_query):
+                entry["heads"] = {"layers": list(layers),
+                                  "attention_grid": np.round(head_grids[i], 6).tolist()}
         for i, entry in enumerate(per_query):
             if got is None:
                 entry["cameras"][cam] = dict.fromkeys(("soft_mass", "uniform_soft_mass", "attention_grid",
@@ -222,6 +246,64 @@ def other_frames_soft_mass(eps: Sequence[dict], cam: str) -> dict[int, np.ndarra
     return {i: per_query[owner_arr == i] for i in sorted(set(owner))}
 
 
+HEAD_SPLIT_RULE = "episodes sorted by (suite, task, episode); every third (positions 2, 5, ...) held out"
+
+
+def head_selection(episodes: Sequence[dict], n_boot: int, seed: int) -> dict:
+    """Per run: the (layer, head) whose attention on the scored camera moves most with the objects, chosen on
+    training episodes by its lift over the other-frames baseline, then measured on held-out episodes (lift over
+    other frames and over uniform, 95% bootstrap intervals over held-out episodes). Needs per-head recordings
+    (episode files with ``heads``); runs without them, or with fewer than 2 + 2 episodes, are left out."""
+    out: dict = {}
+    for run_id in sorted({e["run_id"] for e in episodes}):
+        eps = sorted((e for e in episodes if e["run_id"] == run_id),
+                     key=lambda e: (e["suite"], e["task_id"], e["episode"]))
+        cam = eps[0]["settings"]["camera"]
+        grids, covers, owner = [], [], []
+        for i, e in enumerate(eps):
+            for q in e["queries"]:
+                c, h = q.get("cameras", {}).get(cam), q.get("heads")
+                if h and c and c.get("object_cover") is not None:
+                    grids.append(h["attention_grid"])
+                    covers.append(c["object_cover"])
+                    owner.append(i)
+        owner_arr = np.asarray(owner)
+        present = sorted(set(owner))
+        test = [i for k, i in enumerate(present) if k % 3 == 2]
+        train = [i for i in present if i not in test]
+        if len(train) < 2 or len(test) < 2:
+            continue
+        g = np.asarray(grids, np.float64)  # (Q, L, H, P)
+        c = np.asarray(covers, np.float64)  # (Q, P)
+        matched = np.einsum("qlhp,qp->qlh", g, c)
+        other = owner_arr[None, :] != owner_arr[:, None]
+        other_cover = (other.astype(np.float64) @ c) / other.sum(axis=1)[:, None]  # mean cover of other episodes
+        other_mass = np.einsum("qlhp,qp->qlh", g, other_cover)
+        uniform = c.mean(axis=1)[:, None, None]
+
+        def per_episode(v: np.ndarray, idx: list[int]) -> np.ndarray:
+            return np.stack([v[owner_arr == i].mean(axis=0) for i in idx])
+
+        train_lift = per_episode(matched - other_mass, train).mean(axis=0)  # (L, H)
+        li, hi = (int(v) for v in np.unravel_index(np.nanargmax(train_lift), train_lift.shape))
+        sel = (slice(None), li, hi)
+        vals = {"soft_mass": per_episode(matched[sel], test), "other_frames_soft_mass": per_episode(other_mass[sel], test),
+                "lift_over_other_frames": per_episode((matched - other_mass)[sel], test),
+                "lift": per_episode((matched - uniform)[sel], test)}
+        layers = eps[owner[0]]["queries"][0]["heads"]["layers"]
+
+        def stem(e: dict) -> str:
+            return f"{e['run_id']}__{e['suite']}__task{e['task_id']}__ep{e['episode']}"
+
+        out[run_id] = {"camera": cam, "layer": int(layers[li]), "head": hi, "split": {
+            "rule": HEAD_SPLIT_RULE, "train_episodes": [stem(eps[i]) for i in train],
+            "test_episodes": [stem(eps[i]) for i in test]},
+            "layers": [int(v) for v in layers],
+            "train_lift_over_other_frames": np.round(train_lift, 6).tolist(),
+            "test": {"n_episodes": len(test), **iou.bootstrap_means(vals, None, n_boot, seed)}}
+    return out
+
+
 def _mean(values: Sequence[float | None]) -> float | None:
     v = [x for x in values if x is not None]
     return float(np.mean(v)) if v else None
@@ -240,7 +322,7 @@ def render_episode(queries: Sequence[PolicyQuery], result: dict, out: pathlib.Pa
         draw = overlays and i % overlay_every == 0
         if not (draw or video):
             continue
-        row = q.attention.mean(axis=0)
+        row = _layers_heads_keys(q).mean(axis=(0, 1))
         heat = A.camera_heatmaps(row, table, cams)
         m = entry["layer_mean"]
         title = (f"{stem}, env step {q.env_step} ({'success' if q.success else 'failure'}); layers "
@@ -551,6 +633,7 @@ def summarise(out: pathlib.Path, n_boot: int, seed: int, expected: int, warnings
                "bootstrap": {"n_boot": n_boot, "seed": seed, "unit": "episode", "level": 0.95},
                "success_vs_failure": success_vs_failure(episodes, n_boot, seed),
                "soft_mass_by_camera": soft_mass_by_camera(episodes, n_boot, seed),
+               "head_selection": head_selection(episodes, n_boot, seed),
                "modality": modality_by_run(episodes)}
     summary["language_corruption"] = language_corruption(episodes, warnings)
     summary["warnings"] = warnings
@@ -583,7 +666,7 @@ def evaluate_run(store: pathlib.Path, rollouts: pathlib.Path, out: pathlib.Path,
     if overlay_every < 1:
         raise ValueError(f"overlay_every must be >= 1, got {overlay_every}")
     out = pathlib.Path(out)
-    run = RecordedRun(store, rollouts, layers=layers, steps=steps, reduce=("steps", "heads", "queries"),
+    run = RecordedRun(store, rollouts, layers=layers, steps=steps, reduce=("steps", "queries"),
                       on_missing=on_missing)
     keys = run.episode_keys()
     mine = keys[shard_index::num_shards]
