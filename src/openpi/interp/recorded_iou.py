@@ -25,9 +25,9 @@ Outputs (OUT/):
                     attention_grid, object_cover}} (layer mean; the last two: the camera's attention normalised
                     over its patches and the objects' coverage of each patch, row-major, for the other-frames
                     baseline; all null when no object is in that camera), heads {layers, attention_grid (layers,
-                    heads, patches)} (scored camera, only for recordings that kept heads), layer_mean {METRIC..., mask_area,
-                    camera_share, warning, baselines {uniform|center_bias: {soft_mass, iou_topk}}, objects {"<id>":
-                    {soft_mass, iou_topk, pointing_accuracy} | null}}, per_layer [{layer, same as layer_mean,
+                    heads, patches)} (scored camera, only for recordings that kept heads), layer_mean {METRIC...,
+                    mask_area, camera_share, warning, baselines {uniform|center_bias: {soft_mass, iou_topk}},
+                    objects {"<id>": {soft_mass, iou_topk, pointing_accuracy} | null}}, per_layer [{layer, same as layer_mean,
                     fraction {...} and visual_linguistic_ratio of that layer alone}]}]
     mean          {METRIC: mean over the episode's queries (layer mean)}
 
@@ -47,9 +47,9 @@ masks of the other episodes' queries, so a fixed spatial habit scores the same a
 moves with the objects), head_selection {run_id: {camera, layer, head, layers, split {rule, train_episodes,
 test_episodes}, train_lift_over_other_frames (layers x heads), test {n_episodes, soft_mass, other_frames_soft_mass,
 lift_over_other_frames, lift: {mean, ci_low, ci_high, n}}}} (per-head recordings only: the head whose attention
-moves most with the objects on training episodes, measured on held-out episodes), success_vs_failure {run_id: {success|failure: {n_episodes, n_queries,
-METRIC | uniform_iou_topk | center_bias_iou_topk | visual_fraction | instruction_fraction | success: {mean,
-ci_low, ci_high, n}}, difference {iou_topk, soft_mass, pointing_accuracy, visual_fraction: success - failure} |
+moves most with the objects on training episodes, measured on held-out episodes), success_vs_failure {run_id:
+{success|failure: {n_episodes, n_queries, METRIC | uniform_iou_topk | center_bias_iou_topk | visual_fraction |
+instruction_fraction | success: {mean, ci_low, ci_high, n}}, difference {iou_topk, soft_mass, pointing_accuracy, visual_fraction: success - failure} |
 null}}, modality {run_id: {prompt_modes, visual, instruction, by_phase {early|mid|late: {n_queries, visual,
 instruction, visual_linguistic_ratio}}}}, language_corruption (null unless several prompt modes)
 {reference_runs, modes {prompt_mode: {run_ids, n_pairs, reference_success_rate, success_rate,
@@ -287,7 +287,8 @@ def head_selection(episodes: Sequence[dict], n_boot: int, seed: int) -> dict:
         train_lift = per_episode(matched - other_mass, train).mean(axis=0)  # (L, H)
         li, hi = (int(v) for v in np.unravel_index(np.nanargmax(train_lift), train_lift.shape))
         sel = (slice(None), li, hi)
-        vals = {"soft_mass": per_episode(matched[sel], test), "other_frames_soft_mass": per_episode(other_mass[sel], test),
+        vals = {"soft_mass": per_episode(matched[sel], test),
+                "other_frames_soft_mass": per_episode(other_mass[sel], test),
                 "lift_over_other_frames": per_episode((matched - other_mass)[sel], test),
                 "lift": per_episode((matched - uniform)[sel], test)}
         layers = eps[owner[0]]["queries"][0]["heads"]["layers"]
