@@ -180,9 +180,7 @@ def score_episode(queries: Sequence[PolicyQuery], camera: str, percentile: float
         got = camera_soft_mass(rows[:, 0], table, cam, np.stack([q.masks[cam] for q in queries]), ids)
         if got is not None and cam == camera and by_head.shape[2] > 1:
             n_l, n_h = by_head.shape[1:3]
-            heads = camera_soft_mass(by_head.reshape(n * n_l * n_h, -1), table, cam,
-                                     np.repeat(np.stack([q.masks[cam] for q in queries]), n_l * n_h, axis=0), ids)
-            head_grids = heads[2].reshape(n, n_l, n_h, -1)
+            head_grids = _within_camera(by_head.reshape(n * n_l * n_h, -1), table, cam).reshape(n, n_l, n_h, -1)
             for i, entry in enumerate(per_query):
                 entry["heads"] = {"layers": list(layers),
                                   "attention_grid": np.round(head_grids[i], 6).tolist()}
@@ -219,10 +217,15 @@ def camera_soft_mass(rows: np.ndarray, table: A.SpanTable, camera: str, masks: n
     if not present:
         return None
     cover = np.clip(sum(iou.pool_objects(masks, present, table.grid).values()), 0.0, 1.0)
+    p = _within_camera(rows, table, camera)
+    return (p * cover).sum(axis=1), cover.mean(axis=1), p, cover
+
+
+def _within_camera(rows: np.ndarray, table: A.SpanTable, camera: str) -> np.ndarray:
+    """Attention rows (N, keys) -> (N, patches) of ``camera``, renormalised to sum to 1 within the camera."""
     probs = A.camera_probs(rows, table, camera)
     with np.errstate(divide="ignore", invalid="ignore"):
-        p = probs / probs.sum(axis=1, keepdims=True)
-    return (p * cover).sum(axis=1), cover.mean(axis=1), p, cover
+        return probs / probs.sum(axis=1, keepdims=True)
 
 
 def other_frames_soft_mass(eps: Sequence[dict], cam: str) -> dict[int, np.ndarray]:
