@@ -40,7 +40,8 @@ The schema itself (key, stem, typed reader and writer, folder layout) lives in `
 module only produces records.
 
 Frames (``<out>/frames/<stem>.npz``, with save_frames; one row per rendered step -- every executed step, or only
-the query steps without render_every_step -- exactly what the policy was or would have been sent at that step): ``agentview (T,S,S,3) uint8``, ``wrist (T,S,S,3) uint8``,
+the query steps without render_every_step -- exactly what the policy was or would have been sent at that step):
+``agentview (T,S,S,3) uint8``, ``wrist (T,S,S,3) uint8``,
 ``agentview_seg (T,S,S) int32``, ``wrist_seg (T,S,S) int32``, ``env_step (T,) int32``, ``replan_index (T,) int32``
 (the chunk the executed action came from), ``queried (T,) bool`` (a request was sent at this step),
 ``instance_names`` (0-d str: JSON {"<id>": name}), ``objects_of_interest`` (0-d str: JSON [names]),
@@ -191,8 +192,9 @@ class RolloutConfig:
     save_video: bool = run_option(True)
     video_fps: int = run_option(10)
     # False: render the cameras only on steps that query the policy (~5x faster on CPU); the video and the frames
-    # file then hold one row per query (the rows every activation joins to). Images show the end of the step instead of one physics
-    # substep before it (LiberoTaskEnv.render_cameras): a mean difference of 0.05-0.3 grey levels per pixel.
+    # file then hold one row per query (the rows every activation joins to). Images show the end of the step
+    # instead of one physics substep before it (LiberoTaskEnv.render_cameras): a mean difference of 0.05-0.3 grey
+    # levels per pixel.
     render_every_step: bool = True
     retry_errors: bool = run_option(True)
     max_consecutive_errors: int = run_option(3)

@@ -243,10 +243,20 @@ def other_frames_soft_mass(eps: Sequence[dict], cam: str) -> dict[int, np.ndarra
     owner_arr = np.asarray(owner)
     if len(set(owner)) < 2:
         return {}
-    scores = np.asarray(att, np.float64) @ np.asarray(cov, np.float64).T  # (queries, queries)
-    other = owner_arr[None, :] != owner_arr[:, None]
-    per_query = (scores * other).sum(axis=1) / other.sum(axis=1)
+    per_query = np.einsum("qp,qp->q", np.asarray(att, np.float64), _other_episodes_cover(np.asarray(cov), owner_arr))
     return {i: per_query[owner_arr == i] for i in sorted(set(owner))}
+
+
+def _other_episodes_cover(cover: np.ndarray, owner: np.ndarray) -> np.ndarray:
+    """(queries, patches): for each query, the mean object coverage of the queries of every *other* episode
+    (attention scored on it is the mean of its scores on those queries' masks)."""
+    other = (owner[None, :] != owner[:, None]).astype(np.float64)
+    return (other @ np.asarray(cover, np.float64)) / other.sum(axis=1)[:, None]
+
+
+def _stem(result: dict) -> str:
+    """The episode stem of an episode result file's contents."""
+    return EpisodeKey(result["run_id"], result["suite"], result["task_id"], result["episode"]).stem
 
 
 HEAD_SPLIT_RULE = "episodes sorted by (suite, task, episode); every third (positions 2, 5, ...) held out"
@@ -279,9 +289,7 @@ def head_selection(episodes: Sequence[dict], n_boot: int, seed: int) -> dict:
         g = np.asarray(grids, np.float64)  # (Q, L, H, P)
         c = np.asarray(covers, np.float64)  # (Q, P)
         matched = np.einsum("qlhp,qp->qlh", g, c)
-        other = owner_arr[None, :] != owner_arr[:, None]
-        other_cover = (other.astype(np.float64) @ c) / other.sum(axis=1)[:, None]  # mean cover of other episodes
-        other_mass = np.einsum("qlhp,qp->qlh", g, other_cover)
+        other_mass = np.einsum("qlhp,qp->qlh", g, _other_episodes_cover(c, owner_arr))
         uniform = c.mean(axis=1)[:, None, None]
 
         def per_episode(v: np.ndarray, idx: list[int]) -> np.ndarray:
@@ -295,13 +303,9 @@ def head_selection(episodes: Sequence[dict], n_boot: int, seed: int) -> dict:
                 "lift_over_other_frames": per_episode((matched - other_mass)[sel], test),
                 "lift": per_episode((matched - uniform)[sel], test)}
         layers = eps[owner[0]]["queries"][0]["heads"]["layers"]
-
-        def stem(e: dict) -> str:
-            return f"{e['run_id']}__{e['suite']}__task{e['task_id']}__ep{e['episode']}"
-
         out[run_id] = {"camera": cam, "layer": int(layers[li]), "head": hi, "split": {
-            "rule": HEAD_SPLIT_RULE, "train_episodes": [stem(eps[i]) for i in train],
-            "test_episodes": [stem(eps[i]) for i in test]},
+            "rule": HEAD_SPLIT_RULE, "train_episodes": [_stem(eps[i]) for i in train],
+            "test_episodes": [_stem(eps[i]) for i in test]},
             "layers": [int(v) for v in layers],
             "train_lift_over_other_frames": np.round(train_lift, 6).tolist(),
             "test": {"n_episodes": len(test), **iou.bootstrap_means(vals, None, n_boot, seed)}}
@@ -620,8 +624,7 @@ def summarise(out: pathlib.Path, n_boot: int, seed: int, expected: int, warnings
     if not episodes:
         raise ValueError(f"no episode results in {out / 'episodes'}")
     for e in episodes:
-        warnings.extend(f"{e['run_id']}__{e['suite']}__task{e['task_id']}__ep{e['episode']}: {w}"
-                        for w in e["warnings"])
+        warnings.extend(f"{_stem(e)}: {w}" for w in e["warnings"])
     grids = sorted({tuple(e["grid"]) for e in episodes if e.get("grid")})
     if len(grids) > 1:
         warnings.append(f"episode files hold attention on different patch grids {grids}")
