@@ -113,7 +113,11 @@ DEFAULT_CONFIG = "pi0_tiny_spatial10"
 DIFFUSION_CONFIGS: dict[str, str] = {
     "dp_lerobot": "LeRobot Diffusion Policy folder (config.json + model.safetensors + processors) taking LIBERO's "
                   "agent view, wrist camera and 8-D state; needs --policy.dir",
+    "dp_tiny_spatial10": "the tiny Diffusion Policy trained here on the same demos as pi0_tiny_spatial10 "
+                         "(assets/dp_tiny_spatial10, CARD.md; --policy.dir overrides)",
 }
+# Folders served when a Diffusion Policy config is given without --policy.dir.
+DIFFUSION_DEFAULT_DIRS: dict[str, pathlib.Path] = {"dp_tiny_spatial10": ASSETS / "dp_tiny_spatial10"}
 
 
 def available_configs() -> list[str]:
@@ -306,6 +310,7 @@ def create_diffusion_policy(config_name: str, checkpoint_dir: str | None, *,
     table before the store is opened."""
     from openpi.policies import diffusion_policy as dpp
 
+    checkpoint_dir = checkpoint_dir or DIFFUSION_DEFAULT_DIRS.get(config_name)
     if not checkpoint_dir:
         raise ValueError(f"config {config_name!r} needs --policy.dir pointing at a LeRobot Diffusion Policy folder "
                          "(config.json, model.safetensors, policy_preprocessor.json, policy_postprocessor.json)")

@@ -40,7 +40,7 @@ import logging
 import pathlib
 import shutil
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
@@ -418,6 +418,10 @@ def train(cfg: TrainConfig, progress: bool = True, stop_at: int | None = None) -
     Returns {step, first_loss, final_loss, steps_per_s, checkpoint, num_params}; losses and speed are read from
     metrics.jsonl, so they cover earlier (resumed) runs too, and steps_per_s excludes the first (compiling) entry.
     """
+    from openpi.training import train_dp
+
+    if cfg.policy_config in train_dp.PRESETS:
+        return train_dp.train(cfg, progress, stop_at)
     end = cfg.num_steps if stop_at is None else min(stop_at, cfg.num_steps)
     policy = pc.get_config(cfg.policy_config)
     mcfg = model_config(cfg)
@@ -458,22 +462,38 @@ def train(cfg: TrainConfig, progress: bool = True, stop_at: int | None = None) -
 
     def batch_for(step: int):
         picks = np.random.default_rng([cfg.seed, step]).integers(0, len(dataset), cfg.batch_size)
-        return make_batch([dataset.item(int(i)) for i in picks], transforms)
+        obs, targets = make_batch([dataset.item(int(i)) for i in picks], transforms)
+        return obs, jnp.asarray(targets)
 
+    meta = {"policy_config": cfg.policy_config, "model": mcfg.to_dict(), "num_params": num_params,
+            "demo_dirs": list(cfg.demo_dirs), "num_frames": len(dataset), "fingerprint": run.fingerprint}
+    saved = run_loop(cfg, (params, opt_state, rng), start, end, train_step, batch_for, schedule, ckpts, meta,
+                     lambda p: _servable(p, norm_stats, tok_path, fast_dir), out_dir, saved, progress)
+    return result(metrics_path, max(end, start), saved, num_params)
+
+
+def run_loop(cfg: TrainConfig, state: tuple, start: int, end: int, train_step: Callable, batch_for: Callable,
+             schedule: optax.Schedule, ckpts: CheckpointDir, meta: dict[str, Any],
+             servable: Callable[[Any], Callable[[pathlib.Path], None]], out_dir: pathlib.Path,
+             saved: pathlib.Path | None, progress: bool) -> pathlib.Path | None:
+    """The training loop every model family shares: steps ``start..end`` of ``train_step(params, opt_state,
+    *batch_for(step), rng)`` (the next batch is built in a thread while the step runs), ``metrics.jsonl`` every
+    ``log_every`` steps, a checkpoint (``servable(params)`` writes what serving loads) every ``save_every``.
+    Returns the last checkpoint folder."""
+    params, opt_state, rng = state
+    metrics_path = out_dir / "metrics.jsonl"
     last_loss = None
     t_start = time.monotonic()
     t_window, steps_window = t_start, 0
-    meta = {"policy_config": cfg.policy_config, "model": mcfg.to_dict(), "num_params": num_params,
-            "demo_dirs": list(cfg.demo_dirs), "num_frames": len(dataset), "fingerprint": run.fingerprint}
     with concurrent.futures.ThreadPoolExecutor(1) as pool, open(metrics_path, "a") as log:
         pending = pool.submit(batch_for, start) if start < end else None
         bar = tqdm(range(start, end), initial=start, total=cfg.num_steps, desc="train", disable=not progress)
         for step in bar:
-            obs, targets = pending.result()
+            batch = pending.result()
             if step + 1 < end:
                 pending = pool.submit(batch_for, step + 1)
             rng, step_rng = jax.random.split(rng)
-            params, opt_state, info = train_step(params, opt_state, obs, jnp.asarray(targets), step_rng)
+            params, opt_state, info = train_step(params, opt_state, *batch, step_rng)
             steps_window += 1
             done = step + 1
             if done % cfg.log_every == 0 or done == end or step == start:
@@ -491,11 +511,17 @@ def train(cfg: TrainConfig, progress: bool = True, stop_at: int | None = None) -
                 bar.set_postfix(loss=f"{loss:.4f}", lr=f"{row['lr']:.2e}")
             if done % cfg.save_every == 0 or done == end:
                 saved = ckpts.save(done, train_state(opt_state, rng, done), {**meta, "loss": last_loss},
-                                   write_extra=_servable(params, norm_stats, tok_path, fast_dir))
+                                   write_extra=servable(params))
                 plot_loss(read_metrics(metrics_path), out_dir / "loss.png")
+    return saved
+
+
+def result(metrics_path: pathlib.Path, step: int, saved: pathlib.Path | None, num_params: int) -> dict[str, Any]:
+    """What ``train`` returns: losses and speed read from metrics.jsonl, so they cover earlier (resumed) runs too;
+    steps_per_s excludes the first (compiling) entry."""
     metrics = read_metrics(metrics_path)
-    timed = [m["steps_per_s"] for m in metrics[1:]]  # the first entry includes compilation
-    return {"step": max(end, start), "first_loss": metrics[0]["loss"] if metrics else None,
+    timed = [m["steps_per_s"] for m in metrics[1:]]
+    return {"step": step, "first_loss": metrics[0]["loss"] if metrics else None,
             "final_loss": metrics[-1]["loss"] if metrics else None,
             "steps_per_s": float(np.median(timed)) if timed else None,
             "checkpoint": str(saved) if saved else None, "num_params": num_params}

@@ -6,6 +6,7 @@ implies before anything is used; errors name the file, the key, the expected and
 """
 from __future__ import annotations
 
+import json
 import pathlib
 from collections.abc import Mapping
 
@@ -14,7 +15,7 @@ import numpy as np
 from safetensors.numpy import load_file
 
 from openpi.models.diffusion import encoder, unet
-from openpi.models.diffusion.config import DiffusionConfig, load_config
+from openpi.models.diffusion.config import ACTION, DiffusionConfig, from_dict, load_config
 from openpi.models.diffusion.normalize import Normalizer, load_normalizer
 from openpi.models.diffusion.spatial_softmax import pos_grid
 from openpi.models.params_util import flatten, unflatten
@@ -91,3 +92,35 @@ def load_policy(folder: str | pathlib.Path) -> tuple[DiffusionConfig, dict, Norm
         raise CheckpointError(f"{weights}: weights file not found")
     params = params_from_state_dict(load_file(str(weights)), config, str(weights))
     return config, params, load_normalizer(folder, config)
+
+
+def save_policy(folder: str | pathlib.Path, raw_config: Mapping, params: Mapping,
+                stats: Mapping[str, Mapping[str, np.ndarray]], eps: float = 1e-8) -> pathlib.Path:
+    """Write a policy folder in LeRobot's ``save_pretrained`` layout that :func:`load_policy` reads back:
+    ``config.json`` (``raw_config``), ``model.safetensors`` (float32 state_dict) and the pre/postprocessor
+    pipelines with their statistics (``stats``: feature -> {mean, std, min, max, ...})."""
+    from safetensors.numpy import save_file
+
+    folder = pathlib.Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    config = from_dict(raw_config, str(folder / "config.json"))  # refuse to write what could not be read back
+    flat = {k: np.ascontiguousarray(np.asarray(v)) for k, v in flat_params(params).items()}
+    validate_state_dict({k: v.shape for k, v in flat.items()}, config, "params to save")
+    save_file(flat, str(folder / WEIGHTS_FILE))
+    (folder / "config.json").write_text(json.dumps({"type": "diffusion", **dict(raw_config)}, indent=2))
+    features = {name: {"type": f.type, "shape": list(f.shape)} for name, f in (*config.input_features,
+                                                                                  *config.output_features)}
+    norm_map = dict(config.normalization_mapping)
+
+    def pipeline(name: str, registry: str, feats: dict, index: int) -> None:
+        state_file = f"{name}_step_{index}_{registry}.safetensors"
+        tensors = {f"{feat}.{stat}": np.ascontiguousarray(np.asarray(v, np.float32))
+                   for feat in feats for stat, v in stats[feat].items()}
+        save_file(tensors, str(folder / state_file))
+        step = {"registry_name": registry, "config": {"eps": eps, "features": feats, "norm_map": norm_map},
+                "state_file": state_file}
+        (folder / f"{name}.json").write_text(json.dumps({"name": name, "steps": [step]}, indent=2))
+
+    pipeline("policy_preprocessor", "normalizer_processor", features, 0)
+    pipeline("policy_postprocessor", "unnormalizer_processor", {ACTION: features[ACTION]}, 0)
+    return folder

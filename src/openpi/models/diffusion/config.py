@@ -57,6 +57,9 @@ class DiffusionConfig:
     normalization_mapping: tuple[tuple[str, str], ...] = (("VISUAL", "MEAN_STD"), ("STATE", "MIN_MAX"),
                                                           ("ACTION", "MIN_MAX"))
     vision_backbone: str = "resnet18"
+    # Not a LeRobot option: the ResNet's first-stage width (stages are w, 2w, 4w, 8w). torchvision's is 64; a
+    # narrower trunk makes a CPU-trainable policy (dp_tiny_spatial10), but LeRobot cannot load such a folder.
+    backbone_width: int = 64
     crop_shape: tuple[int, int] | None = None
     crop_is_random: bool = True
     use_group_norm: bool = False
@@ -198,6 +201,9 @@ def validate(cfg: DiffusionConfig) -> None:
     if cfg.vision_backbone not in BACKBONE_BLOCKS:
         _fail(cfg, "vision_backbone", cfg.vision_backbone,
               f"supported: {sorted(BACKBONE_BLOCKS)} (BasicBlock ResNets; bottleneck ResNets are not implemented)")
+    if cfg.backbone_width < 1 or (cfg.use_group_norm and cfg.backbone_width % 16):
+        _fail(cfg, "backbone_width", cfg.backbone_width,
+              "expected a positive width (a multiple of 16 with use_group_norm, whose groups are C // 16)")
     if cfg.noise_scheduler_type not in BETA_SCHEDULES:
         _fail(cfg, "noise_scheduler_type", cfg.noise_scheduler_type, "expected 'DDPM' or 'DDIM'")
     if cfg.beta_schedule not in BETA_SCHEDULES[cfg.noise_scheduler_type]:

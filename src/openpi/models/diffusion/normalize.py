@@ -37,7 +37,7 @@ class FeatureNorm:
     def _range(self) -> tuple[np.ndarray, np.ndarray]:
         lo, hi = (self.stats[k] for k in STATS_FOR_MODE[self.mode])
         d = hi - lo
-        return lo, np.where(d == 0, np.float32(self.eps), d).astype(np.float32)
+        return lo, jnp.where(d == 0, jnp.float32(self.eps), d).astype(jnp.float32)  # jnp: stats may be traced
 
     def normalize(self, x):
         if self.mode == "IDENTITY":

@@ -14,9 +14,14 @@ import jax
 from openpi.models.diffusion import ops
 from openpi.models.diffusion.config import BACKBONE_BLOCKS, DiffusionConfig
 
-STAGE_WIDTHS = (64, 128, 256, 512)
 STAGES = ("stem", "layer1", "layer2", "layer3", "layer4")
 StageHook = Callable[[str, jax.Array], jax.Array]
+
+
+def stage_widths(config: DiffusionConfig) -> tuple[int, int, int, int]:
+    """Channels of layer1..layer4 (the stem has the first): torchvision's (64, 128, 256, 512) at width 64."""
+    w = config.backbone_width
+    return w, 2 * w, 4 * w, 8 * w
 
 
 def norm(config: DiffusionConfig, p: dict, x: jax.Array, train: bool) -> jax.Array:
@@ -36,7 +41,7 @@ def basic_block(config: DiffusionConfig, p: dict, x: jax.Array, stride: int, tra
 
 def backbone(config: DiffusionConfig, p: dict, x: jax.Array, train: bool = False,
              on_stage: StageHook | None = None) -> jax.Array:
-    """(N, 3, H, W) normalised images -> (N, 512, h, w) feature map.
+    """(N, 3, H, W) normalised images -> (N, 8 * backbone_width, h, w) feature map (512 channels in torchvision's).
 
     ``on_stage(name, x)`` is called after the stem (conv1, norm, relu, maxpool) and after each of layer1..layer4
     with the activation, and its return value is used from there on (the hook points of the encoder).
@@ -64,11 +69,12 @@ def param_shapes(config: DiffusionConfig, prefix: str) -> dict[str, tuple[int, .
             out[f"{name}.running_var"] = (c,)
             out[f"{name}.num_batches_tracked"] = ()
 
-    out[f"{prefix}.0.weight"] = (64, 3, 7, 7)
-    add_norm(f"{prefix}.1", 64)
-    c_in = 64
+    widths = stage_widths(config)
+    out[f"{prefix}.0.weight"] = (widths[0], 3, 7, 7)
+    add_norm(f"{prefix}.1", widths[0])
+    c_in = widths[0]
     for i, num_blocks in enumerate(BACKBONE_BLOCKS[config.vision_backbone]):
-        c = STAGE_WIDTHS[i]
+        c = widths[i]
         for j in range(num_blocks):
             b = f"{prefix}.{4 + i}.{j}"
             first_in = c_in if j == 0 else c
