@@ -382,7 +382,7 @@ def render_episode(queries: Sequence[PolicyQuery], result: dict, out: pathlib.Pa
         m = entry["layer_mean"]
         what = (f"layers {A.ranges_label(q.layers)}, denoising steps {A.ranges_label(q.steps)} (mean)" if split else
                 f"mean of {_layers_heads_keys(q).shape[1]} {q.source.get('head_kind', 'head')}s "
-                f"({q.source.get('layer', '')}, current frame; cells drawn where the model's crop put them)")
+                f"({q.source.get('layer', '')}, current frame)")
         title = (f"{stem}, env step {q.env_step} ({'success' if q.success else 'failure'}); {what}\n{camera}: IoU "
                  f"top-k {_fmt(m['iou_topk'])}, soft mass {_fmt(m['soft_mass'])} (uniform "
                  f"{_fmt((m['baselines'] or {}).get('uniform', {}).get('soft_mass'))})")
