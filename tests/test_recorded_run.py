@@ -69,7 +69,6 @@ def make_run(root: pathlib.Path, episodes: list[dict], *, selector: str = "actio
     recorder = StoreRecorder(writer, (rec,), HOOKS, num_steps=max(steps) + 1)
     for ep in episodes:
         suite = ep.get("suite", "libero_spatial")
-        stem = f"{ep['run_id']}__{suite}__task{ep['task_id']}__ep{ep['episode']}"
         queried = [s for s in range(T) if s % REPLAN == 0]
         attempts = ([(ep["stale_attempt"], not ep["attend"])] if "stale_attempt" in ep else [])
         for attempt, attend in attempts + [(ep.get("attempt", "a1"), ep["attend"])]:
@@ -87,35 +86,45 @@ def make_run(root: pathlib.Path, episodes: list[dict], *, selector: str = "actio
                 recorder({f"llm.layer.{i}.attn.probs": value for i in layers}, TABLE, meta, np.zeros((3, 7)))
         seg = np.zeros((T, IMG, IMG), np.int32)
         seg[:, 24:32, 0:8] = OTHER_ID
-        images = np.zeros((T, IMG, IMG, 3), np.uint8)
         for s in range(T):
             r, c = QUADRANTS[(s // REPLAN) % 4]
             seg[s, r * 8:(r + 2) * 8, c * 8:(c + 2) * 8] = OBJ_ID
-            images[s, ..., 0] = (seg[s] == OBJ_ID) * 200
-        ids = {} if ep.get("no_object") else {"akita_black_bowl_1": OBJ_ID}
-        (rollouts / "episodes").mkdir(parents=True, exist_ok=True)
-        record = {"schema": "vla-interp/libero-episode/1", "run_id": ep["run_id"], "suite": suite,
-                  "task_id": ep["task_id"], "episode": ep["episode"], "attempt": ep.get("attempt", "a1"),
-                  "init_state_index": ep["episode"],
-                  "prompt": "" if ep.get("prompt_mode", "original") == "empty" else "pick up the bowl",
-                  "original_prompt": "pick up the bowl", "success": ep["success"], "status": "complete",
-                  "steps": T, "chunks": [{"env_step": s, "replan_index": i, "actions": [[0.0] * 7] * 3}
-                                         for i, s in enumerate(queried)],
-                  "perturbations": {"config": {"prompt_mode": ep.get("prompt_mode", "original")}},
-                  "objects_of_interest": ["akita_black_bowl_1"], "frames": f"frames/{stem}.npz"}
-        (rollouts / "episodes" / f"{stem}.json").write_text(json.dumps(record))
-        if frames:
-            (rollouts / "frames").mkdir(parents=True, exist_ok=True)
-            np.savez_compressed(rollouts / "frames" / f"{stem}.npz", agentview=images, wrist=images.copy(),
-                                agentview_seg=seg, wrist_seg=seg.copy(), env_step=np.arange(T, dtype=np.int32),
-                                replan_index=np.arange(T, dtype=np.int32) // REPLAN,
-                                queried=np.arange(T) % REPLAN == 0,
-                                instance_names=np.asarray(json.dumps({"0": "bg", "5": "akita_black_bowl_1",
-                                                                      "7": "plate_1"})),
-                                objects_of_interest=np.asarray(json.dumps(["akita_black_bowl_1"])),
-                                object_instance_ids=np.asarray(json.dumps(ids)))
+        write_episode(rollouts, ep, seg, frames=frames)
     recorder.close()
     return store, rollouts
+
+
+def write_episode(rollouts: pathlib.Path, ep: dict, seg: np.ndarray, *, frames: bool = True) -> None:
+    """Episode record and frames file (the client's formats) of one episode of T env steps queried every REPLAN
+    steps; ``seg`` (T, H, W) instance masks of both cameras (instance OBJ_ID is the object of interest, drawn red
+    in the images)."""
+    suite = ep.get("suite", "libero_spatial")
+    stem = f"{ep['run_id']}__{suite}__task{ep['task_id']}__ep{ep['episode']}"
+    queried = [s for s in range(T) if s % REPLAN == 0]
+    images = np.zeros((*seg.shape, 3), np.uint8)
+    images[..., 0] = (seg == OBJ_ID) * 200
+    ids = {} if ep.get("no_object") else {"akita_black_bowl_1": OBJ_ID}
+    (rollouts / "episodes").mkdir(parents=True, exist_ok=True)
+    record = {"schema": "vla-interp/libero-episode/1", "run_id": ep["run_id"], "suite": suite,
+              "task_id": ep["task_id"], "episode": ep["episode"], "attempt": ep.get("attempt", "a1"),
+              "init_state_index": ep["episode"],
+              "prompt": "" if ep.get("prompt_mode", "original") == "empty" else "pick up the bowl",
+              "original_prompt": "pick up the bowl", "success": ep["success"], "status": "complete",
+              "steps": T, "chunks": [{"env_step": s, "replan_index": i, "actions": [[0.0] * 7] * 3}
+                                     for i, s in enumerate(queried)],
+              "perturbations": {"config": {"prompt_mode": ep.get("prompt_mode", "original")}},
+              "objects_of_interest": ["akita_black_bowl_1"], "frames": f"frames/{stem}.npz"}
+    (rollouts / "episodes" / f"{stem}.json").write_text(json.dumps(record))
+    if frames:
+        (rollouts / "frames").mkdir(parents=True, exist_ok=True)
+        np.savez_compressed(rollouts / "frames" / f"{stem}.npz", agentview=images, wrist=images.copy(),
+                            agentview_seg=seg, wrist_seg=seg.copy(), env_step=np.arange(T, dtype=np.int32),
+                            replan_index=np.arange(T, dtype=np.int32) // REPLAN,
+                            queried=np.arange(T) % REPLAN == 0,
+                            instance_names=np.asarray(json.dumps({"0": "bg", "5": "akita_black_bowl_1",
+                                                                  "7": "plate_1"})),
+                            objects_of_interest=np.asarray(json.dumps(["akita_black_bowl_1"])),
+                            object_instance_ids=np.asarray(json.dumps(ids)))
 
 
 def rewrite_frames(path: pathlib.Path, **changes) -> None:

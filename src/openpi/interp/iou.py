@@ -75,6 +75,111 @@ def pool_binary(binary: np.ndarray, grid: tuple[int, int]) -> np.ndarray:
     return np.matmul(rows, per_row.reshape(n, h, gw)) / cell_area
 
 
+@dataclasses.dataclass(frozen=True)
+class GridGeometry:
+    """Where a model's attention grid lies on a saved camera frame.
+
+    The model saw the frame resized with padding to ``image_hw`` (:func:`openpi.shared.image_tools.resize_with_pad`:
+    aspect ratio kept, centred, zero padding), then cropped to ``crop_box`` (top, left, height, width, in
+    ``image_hw`` pixels), and its grid divides that crop into ``grid`` equal cells, row-major. ``image_hw`` None:
+    the model's image is the frame itself and the grid covers all of it (Pi0's patch grid on its 224x224 frame).
+    """
+
+    grid: tuple[int, int]
+    image_hw: tuple[int, int] | None = None
+    crop_box: tuple[int, int, int, int] | None = None
+
+    def __post_init__(self) -> None:
+        if len(self.grid) != 2 or min(self.grid) <= 0:
+            raise ValueError(f"grid must be two positive ints, got {self.grid}")
+        if self.image_hw is None:
+            if self.crop_box is not None:
+                raise ValueError("a crop_box needs the image_hw it is taken from")
+            return
+        h, w = self.image_hw
+        top, left, ch, cw = self.crop_box if self.crop_box is not None else (0, 0, h, w)
+        if min(h, w, ch, cw) <= 0 or top < 0 or left < 0 or top + ch > h or left + cw > w:
+            raise ValueError(f"crop_box {self.crop_box} does not fit in an image of {self.image_hw}")
+
+    @property
+    def whole_frame(self) -> bool:
+        return self.image_hw is None
+
+    def cell_edges(self, frame_hw: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
+        """(grid_h + 1,) row and (grid_w + 1,) column edges of the cells in frame pixel coordinates (pixel j spans
+        [j, j + 1)); edges outside [0, frame size] lie in the padding, which shows no part of the frame."""
+        from openpi.shared.image_tools import pad_geometry
+
+        fh, fw = frame_hw
+        gh, gw = self.grid
+        if self.whole_frame:
+            return np.arange(gh + 1) * (fh / gh), np.arange(gw + 1) * (fw / gw)
+        geo = pad_geometry(fh, fw, *self.image_hw)
+        top, left, ch, cw = self.crop_box if self.crop_box is not None else (0, 0, *self.image_hw)
+        # model pixel y' = pad_top + y * resized_h / fh  <=>  y = (y' - pad_top) * fh / resized_h
+        rows = (top + np.arange(gh + 1) * (ch / gh) - geo.pad_top) * (fh / geo.resized_h)
+        cols = (left + np.arange(gw + 1) * (cw / gw) - geo.pad_left) * (fw / geo.resized_w)
+        return rows, cols
+
+    def cell_of_pixels(self, frame_hw: tuple[int, int]) -> np.ndarray:
+        """(H, W) int: the row-major cell holding each frame pixel's centre, -1 outside the cells (cropped away)."""
+        rows, cols = self.cell_edges(frame_hw)
+        r = np.searchsorted(rows, np.arange(frame_hw[0]) + 0.5, side="right") - 1
+        c = np.searchsorted(cols, np.arange(frame_hw[1]) + 0.5, side="right") - 1
+        r = np.where((r >= 0) & (r < self.grid[0]), r, -1)
+        c = np.where((c >= 0) & (c < self.grid[1]), c, -1)
+        cell = r[:, None] * self.grid[1] + c[None, :]
+        return np.where((r[:, None] >= 0) & (c[None, :] >= 0), cell, -1)
+
+    def frame_heatmap(self, heat: np.ndarray, frame_hw: tuple[int, int]) -> np.ndarray:
+        """(grid_h, grid_w) cell values -> (H, W) float32 on the frame, each pixel its cell's value (0 outside the
+        crop), for drawing attention where the model's cells lie."""
+        heat = np.asarray(heat, np.float32).reshape(-1)
+        cell = self.cell_of_pixels(frame_hw)
+        return np.where(cell >= 0, heat[np.maximum(cell, 0)], 0.0).astype(np.float32)
+
+    def to_dict(self) -> dict:
+        return {"grid": list(self.grid), "image_hw": None if self.image_hw is None else list(self.image_hw),
+                "crop_box": None if self.crop_box is None else list(self.crop_box)}
+
+
+def _edge_overlap(edges: np.ndarray, n_pixels: int) -> np.ndarray:
+    """(cells, n_pixels) overlap length of pixel j ([j, j + 1)) with cell i ([edges[i], edges[i + 1]))."""
+    lo = np.maximum(edges[:-1, None], np.arange(n_pixels)[None, :])
+    hi = np.minimum(edges[1:, None], np.arange(1, n_pixels + 1)[None, :])
+    return np.clip(hi - lo, 0.0, None)
+
+
+def pool_binary_on(binary: np.ndarray, geometry: GridGeometry) -> np.ndarray:
+    """(N, H, W) bool frames -> (N, gh * gw) fraction of each cell's area that is set, through ``geometry``
+    (resize with padding, crop, grid). A cell's area is counted whole, padding included: the model saw no object
+    there. The whole-frame geometry is :func:`pool_binary` itself."""
+    if geometry.whole_frame:
+        return pool_binary(binary, geometry.grid).reshape(binary.shape[0], -1)
+    if binary.dtype != np.bool_:
+        raise TypeError(f"pool_binary_on expects a boolean mask, found dtype {binary.dtype}")
+    n, h, w = binary.shape
+    row_edges, col_edges = geometry.cell_edges((h, w))
+    rows, cols = _edge_overlap(row_edges, h), _edge_overlap(col_edges, w)
+    area = np.diff(row_edges)[:, None] * np.diff(col_edges)[None, :]  # (gh, gw), frame pixel units
+    per_row = binary.astype(np.float64).reshape(n * h, w) @ cols.T  # (N*H, gw)
+    out = np.matmul(rows, per_row.reshape(n, h, -1)) / area
+    return out.reshape(n, -1)
+
+
+def pool_objects_on(masks: np.ndarray, ids: Sequence[int], geometry: GridGeometry,
+                    chunk: int = 512) -> dict[int, np.ndarray]:
+    """:func:`pool_objects` through a :class:`GridGeometry`: coverage (N, P) of each instance id."""
+    if geometry.whole_frame:
+        return pool_objects(masks, ids, geometry.grid, chunk)
+    arr = _stack_masks(masks)
+    out = {}
+    for i in ids:
+        parts = [pool_binary_on(np.asarray(arr[s:s + chunk]) == i, geometry) for s in range(0, len(arr), chunk)]
+        out[int(i)] = np.concatenate(parts) if parts else np.zeros((0, geometry.grid[0] * geometry.grid[1]))
+    return out
+
+
 def _stack_masks(masks: np.ndarray | Sequence[np.ndarray]) -> np.ndarray:
     if isinstance(masks, np.ndarray):
         arr = masks

@@ -10,6 +10,17 @@ uniform and centre-bias baselines). Runs episode by episode (``--shard-index/--n
 finished episodes are skipped on a rerun, so a killed run resumes. Summaries are rebuilt from every episode file
 in OUT at the end of each run.
 
+Diffusion Policy recordings (``enc.<cam>.attn``, the spatial softmax; recorded_run joins them) go through the same
+code: the key axis is the cameras' feature-map cells side by side, each camera's part its own distribution at the
+last obs step (the queried frame), so ``camera_share`` is 1 by construction; keypoints are the heads (the
+head-averaged numbers average the keypoints, head selection picks a keypoint, ``head_kind`` "keypoint") of one
+pseudo-layer ``encoder``. Object masks reach the grid through :class:`openpi.interp.iou.GridGeometry` (the saved
+frame resized with padding to the model's ``image_hw``, cropped to ``crop_box``, divided into the feature-map cells;
+Pi0's is the grid over the whole frame). Attention without text keys has no modality split: ``fraction`` values
+and ``visual_linguistic_ratio`` are null, ``table_warnings`` empty, such runs are left out of
+``language_corruption``, and ``summary.json`` ``notes`` says so per run. Overlays draw each cell where it lies on
+the frame.
+
 Outputs (OUT/):
 ``run.json`` (openpi.shared.rundir): job ``attention-iou`` and the settings every episode file shares.
 ``episodes/<stem>.json`` (schema ``vla-interp/recorded-attention-iou/1``), one per episode::
@@ -18,6 +29,8 @@ Outputs (OUT/):
     settings      {camera, layers, denoise_steps, percentile, sigma_frac}
     grid          [grid_h, grid_w] of the camera patches (from the recording's span table)
     object_ids    {BDDL name: instance id} (matched objects of interest); objects_scored: ids present in the masks
+    attention_source {model, head_kind (head | keypoint), sites, and for a Diffusion Policy layer ("encoder"),
+                  obs_step ("last"), geometry {camera: {grid, image_hw, crop_box}}}
     warnings      e.g. "no object of interest found in the segmentation" (then every metric is null)
     queries       [{env_step, replan_index, frame_row, time_frac (env_step / episode_steps), phase early|mid|late,
                     fraction {visual, instruction, template, state, actions, <camera>...} (layer mean),
@@ -40,11 +53,12 @@ iou_topk, soft_mass and soft_mass_lift (soft mass minus uniform attention's), me
 iou_percentile, uniform/centre-bias iou_topk, uniform_soft_mass, and the visual and instruction fractions of that
 row's layer (of the layer mean on ``mean`` rows).
 ``summary.json`` (schema ``vla-interp/recorded-attention-iou-summary/1``): {counts {episodes, expected_episodes,
-missing_episodes, queries}, grid, n_patches, bootstrap {n_boot, seed, unit, level}, warnings [str],
+missing_episodes, queries}, grid, n_patches, bootstrap {n_boot, seed, unit, level}, warnings [str], notes [str]
+(what does not apply to Diffusion Policy runs),
 soft_mass_by_camera {run_id: {camera: {n_episodes, soft_mass, uniform_soft_mass, lift, other_frames_soft_mass,
 lift_over_other_frames: {mean, ci_low, ci_high, n}}}} (other frames: this attention scored against the object
 masks of the other episodes' queries, so a fixed spatial habit scores the same and the lift says whether attention
-moves with the objects), head_selection {run_id: {camera, layer, head, layers, split {rule, train_episodes,
+moves with the objects), head_selection {run_id: {camera, layer, head, head_kind, layers, split {rule, train_episodes,
 test_episodes}, train_lift_over_other_frames (layers x heads), test {n_episodes, soft_mass, other_frames_soft_mass,
 lift_over_other_frames, lift: {mean, ci_low, ci_high, n}}}} (per-head recordings only: the head whose attention
 moves most with the objects on training episodes, measured on held-out episodes), success_vs_failure {run_id:
@@ -118,6 +132,8 @@ def score_episode(queries: Sequence[PolicyQuery], camera: str, percentile: float
         raise JoinError(f"frames of episode {q0.key.stem} have no instance masks for {camera} "
                         f"(env steps {missing[:5]}); rerun the client with --save-frames")
     layers = q0.layers
+    geometry = {c: q0.grid_geometry(c) for c in table.valid_cameras}
+    split = has_modalities(table)
     by_head = np.stack([_layers_heads_keys(q) for q in queries])  # (N, L, H, K)
     rows = by_head.mean(axis=2)  # (N, L, K)
     rows = np.concatenate([rows.mean(axis=1, keepdims=True), rows], axis=1)  # index 0 = layer mean
@@ -133,14 +149,15 @@ def score_episode(queries: Sequence[PolicyQuery], camera: str, percentile: float
     if not present:
         warnings.append(NO_OBJECT_WARNING.format(camera=camera))
 
-    summaries = [A.modality_summary(rows[:, j], table) for j in range(l1)]  # j = 0: layer mean
+    # j = 0: layer mean; attention over cameras alone (a Diffusion Policy) has no modality split: fractions null
+    summaries = [A.modality_summary(rows[:, j], table) if split else NO_MODALITIES for j in range(l1)]
     per_query: list[dict] = []
     for i, q in enumerate(queries):
         frac = q.env_step / max(q.episode_steps, 1)
         per_query.append({"env_step": q.env_step, "replan_index": q.replan_index, "frame_row": q.frame_row,
                           "time_frac": frac, "phase": phase_of(frac),
                           "fraction": _fractions(summaries[0], i),
-                          "visual_linguistic_ratio": finite_float(summaries[0]["visual_linguistic_ratio"][i]),
+                          "visual_linguistic_ratio": _ratio(summaries[0], i),
                           "cameras": {}})
 
     def empty_entry() -> dict:
@@ -151,7 +168,7 @@ def score_episode(queries: Sequence[PolicyQuery], camera: str, percentile: float
     if present:
         cam = A.camera_probs(rows.reshape(n * l1, -1), table, camera)
         iou.validate_attention(cam, source=f"{camera} attention of episode {q0.key.stem}")
-        cover = iou.pool_objects(masks, present, grid)
+        cover = iou.pool_objects_on(masks, present, geometry[camera])
         cover_rep = {k: np.repeat(v, l1, axis=0) for k, v in cover.items()}
         union = iou.MaskInfo.from_coverage(np.clip(sum(cover_rep.values()), 0.0, 1.0))
         res = iou.evaluate(cam, union, percentile, sigma_frac, grid)
@@ -172,12 +189,13 @@ def score_episode(queries: Sequence[PolicyQuery], camera: str, percentile: float
     for i, entry in enumerate(per_query):
         entry["layer_mean"] = entries[i][0]
         entry["per_layer"] = [{"layer": lay, **entries[i][j + 1], "fraction": _fractions(summaries[j + 1], i),
-                               "visual_linguistic_ratio": finite_float(summaries[j + 1]["visual_linguistic_ratio"][i])}
+                               "visual_linguistic_ratio": _ratio(summaries[j + 1], i)}
                               for j, lay in enumerate(layers)]
     for cam in table.valid_cameras:
         if not all(cam in q.masks for q in queries):
             continue
-        got = camera_soft_mass(rows[:, 0], table, cam, np.stack([q.masks[cam] for q in queries]), ids)
+        got = camera_soft_mass(rows[:, 0], table, cam, np.stack([q.masks[cam] for q in queries]), ids,
+                               geometry[cam])
         if got is not None and cam == camera and by_head.shape[2] > 1:
             n_l, n_h = by_head.shape[1:3]
             head_grids = _within_camera(by_head.reshape(n * n_l * n_h, -1), table, cam).reshape(n, n_l, n_h, -1)
@@ -195,20 +213,42 @@ def score_episode(queries: Sequence[PolicyQuery], camera: str, percentile: float
                                      "object_cover": [round(float(v), 5) for v in cover[i]]}
     mean = {m: _mean([e["layer_mean"][m] for e in per_query]) for m in METRICS}
     return {"object_ids": q0.object_ids, "objects_scored": present, "warnings": warnings, "grid": list(grid),
-            "queries": per_query, "mean": mean,
-            "table_warnings": A.sanity_warnings(A.modality_masses(rows[:, 0], table), table)}
+            "attention_source": q0.source, "queries": per_query, "mean": mean,
+            "table_warnings": (A.sanity_warnings(A.modality_masses(rows[:, 0], table), table) if split else [])}
+
+
+# Fractions of attention that does not exist: a Diffusion Policy's per-camera spatial softmax has no instruction
+# or other non-image keys, so visual / instruction fractions are null rather than 1 / 0 by construction.
+NO_MODALITIES: dict[str, np.ndarray] = {"fraction/visual": np.array([np.nan]),
+                                        "fraction/instruction": np.array([np.nan]),
+                                        "visual_linguistic_ratio": np.array([np.nan])}
+
+
+def has_modalities(table: A.SpanTable) -> bool:
+    """Whether the attention's keys hold more than camera cells (text, state, actions: Pi0), so that modality
+    fractions mean something. A Diffusion Policy's keys are its cameras' feature-map cells, each camera's part
+    its own distribution (camera share 1 by construction)."""
+    return any(name in table.spans for name in A.NON_CAMERA_SPANS)
 
 
 def _fractions(summary: dict[str, np.ndarray], i: int) -> dict[str, float | None]:
-    """Row i's modality fractions from a :func:`openpi.interp.attention.modality_summary`."""
-    return {k.split("/", 1)[1]: finite_float(v[i]) for k, v in summary.items() if k.startswith("fraction/")}
+    """Row i's modality fractions from a :func:`openpi.interp.attention.modality_summary` (or NO_MODALITIES)."""
+    return {k.split("/", 1)[1]: finite_float(v[min(i, len(v) - 1)]) for k, v in summary.items()
+            if k.startswith("fraction/")}
 
 
-def camera_soft_mass(rows: np.ndarray, table: A.SpanTable, camera: str, masks: np.ndarray,
-                     ids: Sequence[int]) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray] | None:
+def _ratio(summary: dict[str, np.ndarray], i: int) -> float | None:
+    v = summary["visual_linguistic_ratio"]
+    return finite_float(v[min(i, len(v) - 1)])
+
+
+def camera_soft_mass(rows: np.ndarray, table: A.SpanTable, camera: str, masks: np.ndarray, ids: Sequence[int],
+                     geometry: iou.GridGeometry | None = None
+                     ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray] | None:
     """(soft mass of each row's attention within ``camera`` on the objects, the same for uniform attention, the
     attention normalised over the camera's patches (rows, patches), the objects' coverage of each patch), or
-    None when none of ``ids`` appears in the camera's masks.
+    None when none of ``ids`` appears in the camera's masks. ``geometry``: how the grid lies on the mask frames
+    (default: the table's grid over the whole frame).
 
     Uniform attention's soft mass is the objects' mean patch coverage (their area fraction), so soft mass / it is
     the lift over looking everywhere alike, at whatever grid the model has."""
@@ -216,7 +256,8 @@ def camera_soft_mass(rows: np.ndarray, table: A.SpanTable, camera: str, masks: n
     present = [i for i in ids if i in found]
     if not present:
         return None
-    cover = np.clip(sum(iou.pool_objects(masks, present, table.grid).values()), 0.0, 1.0)
+    geometry = geometry or iou.GridGeometry(table.grid)
+    cover = np.clip(sum(iou.pool_objects_on(masks, present, geometry).values()), 0.0, 1.0)
     p = _within_camera(rows, table, camera)
     return (p * cover).sum(axis=1), cover.mean(axis=1), p, cover
 
@@ -303,10 +344,11 @@ def head_selection(episodes: Sequence[dict], n_boot: int, seed: int) -> dict:
                 "lift_over_other_frames": per_episode((matched - other_mass)[sel], test),
                 "lift": per_episode((matched - uniform)[sel], test)}
         layers = eps[owner[0]]["queries"][0]["heads"]["layers"]
-        out[run_id] = {"camera": cam, "layer": int(layers[li]), "head": hi, "split": {
+        kind = (eps[owner[0]].get("attention_source") or {}).get("head_kind", "head")
+        out[run_id] = {"camera": cam, "layer": layers[li], "head": hi, "head_kind": kind, "split": {
             "rule": HEAD_SPLIT_RULE, "train_episodes": [_stem(eps[i]) for i in train],
             "test_episodes": [_stem(eps[i]) for i in test]},
-            "layers": [int(v) for v in layers],
+            "layers": list(layers),
             "train_lift_over_other_frames": np.round(train_lift, 6).tolist(),
             "test": {"n_episodes": len(test), **iou.bootstrap_means(vals, None, n_boot, seed)}}
     return out
@@ -325,6 +367,8 @@ def render_episode(queries: Sequence[PolicyQuery], result: dict, out: pathlib.Pa
     table = queries[0].table
     cams = [c for c in table.valid_cameras if c in queries[0].frames]
     scored = [int(i) for i in result["objects_scored"]]
+    geometry = {c: queries[0].grid_geometry(c) for c in cams}
+    split = has_modalities(table)
     movie = []
     for i, (q, entry) in enumerate(zip(queries, result["queries"])):
         draw = overlays and i % overlay_every == 0
@@ -332,16 +376,22 @@ def render_episode(queries: Sequence[PolicyQuery], result: dict, out: pathlib.Pa
             continue
         row = _layers_heads_keys(q).mean(axis=(0, 1))
         heat = A.camera_heatmaps(row, table, cams)
+        # a grid that covers part of the frame (a Diffusion Policy's crop) is drawn where its cells lie
+        heat = {c: h if geometry[c].whole_frame else geometry[c].frame_heatmap(h, q.frames[c].shape[:2])
+                for c, h in heat.items()}
         m = entry["layer_mean"]
-        title = (f"{stem}, env step {q.env_step} ({'success' if q.success else 'failure'}); layers "
-                 f"{A.ranges_label(q.layers)}, denoising steps {A.ranges_label(q.steps)} (mean)\n{camera}: IoU "
+        what = (f"layers {A.ranges_label(q.layers)}, denoising steps {A.ranges_label(q.steps)} (mean)" if split else
+                f"mean of {_layers_heads_keys(q).shape[1]} {q.source.get('head_kind', 'head')}s "
+                f"({q.source.get('layer', '')}, current frame)")
+        title = (f"{stem}, env step {q.env_step} ({'success' if q.success else 'failure'}); {what}\n{camera}: IoU "
                  f"top-k {_fmt(m['iou_topk'])}, soft mass {_fmt(m['soft_mass'])} (uniform "
                  f"{_fmt((m['baselines'] or {}).get('uniform', {}).get('soft_mass'))})")
         outlines = {c: np.isin(q.masks[c], scored) for c in cams if c in q.masks and scored}
         if draw:
             plots.plot_camera_overlays({c: q.frames[c] for c in cams}, heat, out / "overlays" / stem /
                                        f"{A.step_file_stem(q.env_step)}.png", title=title,
-                                       shares={c: float(entry["fraction"].get(c) or 0.0) for c in cams},
+                                       shares=({c: float(entry["fraction"].get(c) or 0.0) for c in cams}
+                                               if split else None),
                                        outlines=outlines)
         if video:
             top = plots.shared_vmax(heat)
@@ -612,6 +662,29 @@ def _lift_of_query(q: dict) -> float | None:
     return m["soft_mass"] - m["baselines"]["uniform"]["soft_mass"]
 
 
+def _is_diffusion(ep: dict) -> bool:
+    return (ep.get("attention_source") or {}).get("model") == "diffusion"
+
+
+def diffusion_notes(episodes: Sequence[dict]) -> list[str]:
+    """What does not apply to the Diffusion Policy runs among ``episodes`` (one note per run), so that the null
+    fractions and missing comparisons are never read as measured zeros."""
+    notes = []
+    for run_id in sorted({e["run_id"] for e in episodes if _is_diffusion(e)}):
+        eps = [e for e in episodes if e["run_id"] == run_id]
+        sites = eps[0]["attention_source"].get("sites", {})
+        note = (f"run {run_id}: Diffusion Policy attention ({', '.join(f'{c}: {s}' for c, s in sites.items())}, "
+                f"last obs step = the queried frame): its keypoints play the role of heads (mean over keypoints = "
+                f"head average) in one pseudo-layer {eps[0]['attention_source'].get('layer')!r}; each camera is scored "
+                "on its own spatial softmax, so camera_share is 1 by construction; visual / instruction fractions do "
+                "not exist (no language input) and are null")
+        modes = sorted({e["prompt_mode"] for e in eps})
+        if len(modes) > 1:
+            note += f"; its prompt modes {modes} are not compared (language corruption applies to Pi0 runs only)"
+        notes.append(note)
+    return notes
+
+
 def load_episode_results(out: pathlib.Path) -> list[dict]:
     """Every episode file in ``out/episodes`` (all shards), sorted by file name."""
     return [read_json(p, "episode result", hint="delete it to recompute")
@@ -642,7 +715,10 @@ def summarise(out: pathlib.Path, n_boot: int, seed: int, expected: int, warnings
                "soft_mass_by_camera": soft_mass_by_camera(episodes, n_boot, seed),
                "head_selection": head_selection(episodes, n_boot, seed),
                "modality": modality_by_run(episodes)}
-    summary["language_corruption"] = language_corruption(episodes, warnings)
+    notes = diffusion_notes(episodes)
+    with_language = [e for e in episodes if not _is_diffusion(e)]
+    summary["language_corruption"] = language_corruption(with_language, warnings) if with_language else None
+    summary["notes"] = notes
     summary["warnings"] = warnings
     A.write_json(out / "summary.json", summary)
     plot_summaries(episodes, out)

@@ -31,6 +31,17 @@ re-parsed from selectors; a store without that site info is refused with a clear
 Attempts: a resumed LIBERO client reruns an episode under a new attempt id; only rows of the attempt that wrote
 the episode record are read (``stale_rows`` counts the rows of earlier attempts that were dropped, per episode).
 
+Diffusion Policy stores (``model_type`` "diffusion" in the store's model config, or its encoder / UNet sites):
+the attention is each camera's ``enc.<cam>.attn`` (the spatial softmax, rows ``(obs_step, keypoint, location)``);
+cameras map to the frames file like Pi0's (hook names in ``AGENT_VIEW_CAMERAS`` -> ``agentview`` ->
+``base_0_rgb``, ``WRIST_CAMERAS`` -> ``wrist`` -> ``left_wrist_0_rgb``). A query's ``attention`` holds the last
+obs step (the queried frame, checked against the span table's ``obs_positions``) as ``(steps=1, layers=1,
+heads=keypoints, queries=1, keys)``, the keys being the cameras' locations side by side (each camera's part sums
+to 1), described by a joint span table built here (``model`` "diffusion", one span per camera); ``layers`` is
+``["encoder"]`` (:data:`DP_LAYER`), ``steps`` ``[-1]``, ``table_dict`` the stored request table, ``geometry`` each
+camera's :class:`~openpi.interp.iou.GridGeometry` from the site info (``attention_grid``). ``layers`` / ``steps``
+selections do not apply and are refused; a store without ``enc.<cam>.attn`` is refused naming the sites to record.
+
 Errors (:class:`JoinError`, naming file, key and what was expected) are raised for: store episodes with no episode
 record or no frames file (or ``on_missing="skip"`` to skip them with a warning), an env step missing from the
 frames file or a frame not marked as ``queried``, a replan index that disagrees with the frames file, rows of no
@@ -46,16 +57,21 @@ from typing import Any, Literal
 
 import numpy as np
 
-from openpi.interp.attention import SpanTable
+from openpi.interp.attention import FRAME_KEY_TO_CAMERA, SpanTable
 from openpi.interp.episode_frames import EpisodeFrames, frames_path
+from openpi.interp.iou import GridGeometry
 from openpi.interp.join import JoinError, open_rollouts, select_attempts
 from openpi.interp.store import ActivationStore, StoreError
 from openpi.shared.records import EpisodeKey, EpisodeRecord, episode_keys_of_rows
 
-__all__ = ["ATTN_SITE_RE", "EpisodeKey", "JoinError", "PolicyQuery", "QUERY_AXES", "RecordedRun", "RowLayout",
-           "attention_layers"]
+__all__ = ["ATTN_SITE_RE", "DP_ATTN_SITE_RE", "DP_LAYER", "EpisodeKey", "JoinError", "PolicyQuery", "QUERY_AXES",
+           "RecordedRun", "RowLayout", "attention_layers", "diffusion_attention_sites"]
 
 ATTN_SITE_RE = re.compile(r"^llm\.layer\.(\d+)\.attn\.probs$")
+DP_ATTN_SITE_RE = re.compile(r"^enc\.([A-Za-z0-9_]+)\.attn$")
+DP_LAYER = "encoder"  # the one pseudo-layer of a Diffusion Policy's attention (its cameras' spatial softmax)
+DP_ROW_AXES = ("obs_step", "keypoint", "location")
+DP_RECORD_HINT = "--record 'enc.*.attn'"
 QUERY_AXES: tuple[str, ...] = ("steps", "layers", "heads", "queries", "keys")
 
 
@@ -70,6 +86,35 @@ def attention_layers(store: ActivationStore) -> dict[int, str]:
         if m:
             out[int(m.group(1))] = site
     return dict(sorted(out.items()))
+
+
+def is_diffusion_store(store: ActivationStore) -> bool:
+    """A store written by a Diffusion Policy server (its model config, else its encoder / UNet sites)."""
+    if store.model_config.get("model_type") == "diffusion":
+        return True
+    return any(s.startswith(("enc.", "unet.", "diffusion.")) or s == "cond.global" for s in store.sites)
+
+
+def diffusion_attention_sites(store: ActivationStore) -> dict[str, tuple[str, str]]:
+    """{camera span name (``base_0_rgb`` agent view, ``left_wrist_0_rgb`` wrist, as the frames file's cameras map):
+    (Diffusion Policy camera hook name, ``enc.<cam>.attn`` site)} of the recorded spatial-softmax sites."""
+    from openpi.policies.diffusion_policy import AGENT_VIEW_CAMERAS, WRIST_CAMERAS
+
+    frame_key = {**{c: "agentview" for c in AGENT_VIEW_CAMERAS}, **{c: "wrist" for c in WRIST_CAMERAS}}
+    out: dict[str, tuple[str, str]] = {}
+    for site in sorted(store.sites):
+        m = DP_ATTN_SITE_RE.match(site)
+        if not m:
+            continue
+        cam = m.group(1)
+        if cam not in frame_key:
+            raise JoinError(f"{site}: camera {cam!r} is neither an agent view ({list(AGENT_VIEW_CAMERAS)}) nor a "
+                            f"wrist camera ({list(WRIST_CAMERAS)}), so no saved frame matches it")
+        span = FRAME_KEY_TO_CAMERA[frame_key[cam]]
+        if span in out:
+            raise JoinError(f"{site} and {out[span][1]} both map to the {frame_key[cam]} frames")
+        out[span] = (cam, site)
+    return dict(sorted(out.items(), key=lambda kv: list(FRAME_KEY_TO_CAMERA.values()).index(kv[0])))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -171,6 +216,12 @@ class PolicyQuery:
     prompt_mode: str
     episode_steps: int
     per_head: bool
+    geometry: dict[str, GridGeometry] = dataclasses.field(default_factory=dict)
+    source: dict = dataclasses.field(default_factory=dict)
+
+    def grid_geometry(self, camera: str) -> GridGeometry:
+        """How ``camera``'s attention grid lies on its saved frame (default: the grid over the whole frame)."""
+        return self.geometry.get(camera) or GridGeometry(self.table.grid)
 
 
 @dataclasses.dataclass
@@ -193,10 +244,14 @@ class RecordedRun:
     def __post_init__(self) -> None:
         self.store = ActivationStore(self.store_dir)
         self.rollouts = open_rollouts(self.rollouts_dir)
+        self.dp_sites: dict[str, tuple[str, str]] = {}
         available = attention_layers(self.store)
+        if not available and is_diffusion_store(self.store):
+            self._init_diffusion()
+            return
         if not available:
-            raise JoinError(f"store {self.store.root} has no llm.layer.<i>.attn.probs site (sites: "
-                            f"{sorted(self.store.sites)})")
+            raise JoinError(f"store {self.store.root} has no llm.layer.<i>.attn.probs site (Pi0) nor enc.<cam>.attn "
+                            f"site (Diffusion Policy) (sites: {sorted(self.store.sites)})")
         chosen = list(available) if self.layers is None else [int(v) for v in self.layers]
         absent = [v for v in chosen if v not in available]
         if absent:
@@ -211,6 +266,41 @@ class RecordedRun:
             raise JoinError(f"the selected layers were recorded with different row layouts "
                             f"({ {v: list(lay.axes) for v, lay in self.layouts.items()} }); select layers recorded "
                             "alike")
+
+    def _init_diffusion(self) -> None:
+        """A Diffusion Policy store: each camera's ``enc.<cam>.attn`` site, keypoints as heads, one pseudo-layer."""
+        self.dp_sites = diffusion_attention_sites(self.store)
+        if not self.dp_sites:
+            raise JoinError(f"store {self.store.root} is a Diffusion Policy recording without its spatial-softmax "
+                            "attention: record enc.<cam>.attn of the cameras to score (e.g. "
+                            f"{DP_RECORD_HINT}) (sites recorded: {sorted(self.store.sites)})")
+        if self.layers is not None and [str(v) for v in self.layers] != [DP_LAYER]:
+            raise JoinError(f"a Diffusion Policy recording has one attention pseudo-layer ({DP_LAYER!r}: each "
+                            f"camera's spatial softmax); layers {list(self.layers)} do not exist, leave them unset")
+        if self.steps is not None:
+            raise JoinError("a Diffusion Policy's encoder attention is recorded once per request (denoise_step -1), "
+                            f"not per denoising step; leave steps unset (got {list(self.steps)})")
+        bad = [a for a in self.reduce if a not in ("steps", "layers", "heads", "queries")]
+        if bad:
+            raise ValueError(f"cannot reduce over {bad}; choose from steps, layers, heads, queries")
+        self.geometries: dict[str, GridGeometry] = {}
+        for span, (_, site) in self.dp_sites.items():
+            try:
+                info = self.store.site_info(site)
+            except StoreError as exc:
+                raise JoinError(str(exc)) from None
+            if tuple(info["row_axes"]) != DP_ROW_AXES or "attention_grid" not in info:
+                raise JoinError(f"{site}: stored rows have axes {info['row_axes']} and "
+                                f"{'an' if 'attention_grid' in info else 'no'} attention_grid; expected "
+                                f"{list(DP_ROW_AXES)} with the grid in the site info (re-record with {DP_RECORD_HINT})")
+            g = info["attention_grid"]
+            self.geometries[span] = GridGeometry(tuple(g["grid"]), tuple(g["image_hw"]), tuple(g["crop_box"]))
+        grids = {geo.grid for geo in self.geometries.values()}
+        if len(grids) > 1:
+            raise JoinError(f"the cameras' attention grids differ ({ {c: g.grid for c, g in self.geometries.items()} })"
+                            "; score one camera's store at a time")
+        self.layer_sites = {DP_LAYER: next(iter(self.dp_sites.values()))[1]}
+        self.layouts = {}
 
     @property
     def first_site(self) -> str:
@@ -260,6 +350,8 @@ class RecordedRun:
     def episode_queries(self, key: EpisodeKey) -> list[PolicyQuery]:
         """Every recorded policy query of one episode (rows of the attempt that wrote its record), in env-step
         order."""
+        if self.dp_sites:
+            return self._diffusion_queries(key)
         rec = self.rollouts.record(key)
         frames = EpisodeFrames.of(self.rollouts, rec)
         where = self._where(key.where(), {"attempt": rec.attempt})
@@ -292,11 +384,7 @@ class RecordedRun:
                     self.warnings.append(note)
             per_layer[layer] = groups
         first = next(iter(per_layer.values()))
-        env_steps = [inf for inf in sorted(first) if self._answered(key, rec, inf[0])]
-        dup = [s for s in {e for e, _ in env_steps} if sum(e == s for e, _ in env_steps) > 1]
-        if dup:
-            raise JoinError(f"episode {key.stem}: env steps {sorted(dup)} were queried with several replan indices "
-                            "(recorded twice?)")
+        env_steps = self._answered_inferences(key, rec, first)
         out = []
         for inf in env_steps:
             steps = sorted(first[inf])
@@ -318,6 +406,72 @@ class RecordedRun:
                             "only")
         return out
 
+    def _answered_inferences(self, key: EpisodeKey, rec: EpisodeRecord, found) -> list[tuple[int, int]]:
+        """The (env_step, replan_index) inferences among ``found`` whose chunk the record holds, in order; one
+        replan index per env step."""
+        env_steps = [inf for inf in sorted(found) if self._answered(key, rec, inf[0])]
+        dup = [s for s in {e for e, _ in env_steps} if sum(e == s for e, _ in env_steps) > 1]
+        if dup:
+            raise JoinError(f"episode {key.stem}: env steps {sorted(dup)} were queried with several replan indices "
+                            "(recorded twice?)")
+        return env_steps
+
+    def _diffusion_queries(self, key: EpisodeKey) -> list[PolicyQuery]:
+        """A Diffusion Policy episode: each camera's spatial softmax at the last obs step (the current frame), the
+        cameras' location axes side by side as the key axis (each camera's part sums to 1), keypoints as heads."""
+        rec = self.rollouts.record(key)
+        frames = EpisodeFrames.of(self.rollouts, rec)
+        where = self._where(key.where(), {"attempt": rec.attempt})
+        per_cam: dict[str, dict[tuple[int, int], np.ndarray]] = {}
+        tables: dict[tuple[int, int], dict] = {}
+        for span, (_, site) in self.dp_sites.items():
+            try:
+                x, keys = self.store.read(site, where)
+            except StoreError as exc:
+                raise JoinError(f"{site} has no rows for episode {key.stem} of attempt {rec.attempt!r}: {exc}") from exc
+            row_tables = self.store.span_tables(site, where)
+            rows: dict[tuple[int, int], np.ndarray] = {}
+            for i in range(len(x)):
+                inf = (int(keys["env_step"][i]), int(keys["replan_index"][i]))
+                if inf in rows:
+                    raise JoinError(f"{site}: episode {key.stem} attempt {rec.attempt!r} has two rows for env_step "
+                                    f"{inf[0]}, replan {inf[1]}")
+                rows[inf] = np.asarray(x[i][-1], np.float32)  # (keypoints, locations) of the current frame
+                tables.setdefault(inf, row_tables[i])
+            per_cam[span] = rows
+        first = next(iter(per_cam.values()))
+        for span, rows in per_cam.items():
+            if set(rows) != set(first):
+                diff = sorted(set(rows) ^ set(first))[:5]
+                raise JoinError(f"episode {key.stem}: inferences {diff} are recorded for some cameras only "
+                                f"({span} vs {next(iter(per_cam))})")
+        spans, start = {}, 0
+        for span, rows in per_cam.items():
+            n = self.geometries[span].grid[0] * self.geometries[span].grid[1]
+            spans[span] = [start, start + n]
+            start += n
+        grid = next(iter(self.geometries.values())).grid
+        table = SpanTable.from_dict({"model": "diffusion", "seq_len": start, "prefix_len": start, "grid": list(grid),
+                                     "spans": spans, "camera_valid": dict.fromkeys(spans, True)},
+                                    f"joint camera table of {key.stem}")
+        source = {"model": "diffusion", "layer": DP_LAYER, "head_kind": "keypoint", "obs_step": "last",
+                  "sites": {span: site for span, (_, site) in self.dp_sites.items()},
+                  "geometry": {span: g.to_dict() for span, g in self.geometries.items()}}
+        out = []
+        for inf in self._answered_inferences(key, rec, first):
+            positions = tables[inf].get("obs_positions") or [None]
+            if positions[-1] is not None and int(positions[-1]) != inf[0]:
+                raise JoinError(f"episode {key.stem} env_step {inf[0]}: the last obs step of its rows is env step "
+                                f"{positions[-1]} (obs_positions {positions}), not the queried frame")
+            parts = [per_cam[span][inf] for span in per_cam]
+            if len({p.shape for p in parts}) > 1:
+                raise JoinError(f"episode {key.stem} env_step {inf[0]}: the cameras' rows have shapes "
+                                f"{[p.shape for p in parts]}; keypoint heads need the same number per camera")
+            att = np.concatenate(parts, axis=-1)[None, None, :, None, :]  # (steps, layers, keypoints, queries, keys)
+            out.append(self._make_query(key, rec, frames, inf, att, [-1], tables[inf], table=table,
+                                        geometry=self.geometries, per_head=att.shape[2] > 1, source=source))
+        return out
+
     def _answered(self, key: EpisodeKey, rec: EpisodeRecord, env_step: int) -> bool:
         """Whether the record holds the chunk of a recorded query. The one query a ``policy_error`` episode ended
         on (the server answered, the client never got the reply) is skipped with a warning, as in the export;
@@ -333,7 +487,9 @@ class RecordedRun:
                         f"returned no chunk there (queried steps: {sorted(rec.chunk_at)[:8]})")
 
     def _make_query(self, key: EpisodeKey, rec: EpisodeRecord, frames: EpisodeFrames, inf: tuple[int, int],
-                    att: np.ndarray, steps: list[int], table: dict) -> PolicyQuery:
+                    att: np.ndarray, steps: list[int], table_dict: dict, *, table: SpanTable | None = None,
+                    geometry: dict[str, GridGeometry] | None = None, per_head: bool | None = None,
+                    source: dict | None = None) -> PolicyQuery:
         env_step, replan = inf
         row = frames.check_query(env_step, replan)
         axes = list(QUERY_AXES)
@@ -343,13 +499,17 @@ class RecordedRun:
         prompt_mode = ((rec.raw.get("perturbations") or {}).get("config") or {}).get("prompt_mode", "original")
         return PolicyQuery(
             key=key, env_step=env_step, replan_index=replan, attention=att, axes=tuple(axes),
-            layers=list(self.layer_sites), steps=steps, table=SpanTable.from_dict(table, f"span table of {key.stem}"),
-            table_dict=table, frame_row=row, frames={c: v[row] for c, v in frames.images.items()},
+            layers=list(self.layer_sites), steps=steps,
+            table=table or SpanTable.from_dict(table_dict, f"span table of {key.stem}"), table_dict=table_dict,
+            frame_row=row, frames={c: v[row] for c, v in frames.images.items()},
             masks={c: v[row] for c, v in frames.masks.items()}, object_ids=dict(frames.object_ids),
             objects_of_interest=list(frames.objects_of_interest), instance_names=dict(frames.instance_names),
             success=rec.success, prompt=rec.prompt, original_prompt=rec.original_prompt,
             prompt_mode=str(prompt_mode), episode_steps=rec.steps,
-            per_head=next(iter(self.layouts.values())).has_heads)
+            per_head=next(iter(self.layouts.values())).has_heads if per_head is None else per_head,
+            geometry=dict(geometry or {}),
+            source=source or {"model": table_dict.get("model", ""), "head_kind": "head",
+                              "sites": "llm.layer.<i>.attn.probs"})
 
     def queries(self, episodes: Sequence[EpisodeKey] | None = None) -> Iterator[PolicyQuery]:
         """All joined policy queries, episode by episode (one episode's rows in memory at a time)."""
