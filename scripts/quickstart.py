@@ -5,6 +5,8 @@ index.html.
     python scripts/quickstart.py [--out report] [--task-ids 0 2 6] [--trials 5] [--max-steps 220] [--num-workers 2]
     python scripts/quickstart.py --fast --out /tmp/qs   # CI: 1 trial of tasks 0-2, 15 steps, shorter SAE training
     python scripts/quickstart.py --config pi05_libero --checkpoint-dir /ckpt/pi05_libero --trials 10  # GPU machine
+    python scripts/quickstart.py --policy dp --out report_dp --compare-with report   # the tiny Diffusion Policy,
+                                                                  # with a comparison section against report/
 
 The stages, their commands, what each needs and which report section each feeds are defined once in
 ``openpi.pipeline.STAGES`` (the report reads the same list). Each stage is a separate command (the same ones the
@@ -23,11 +25,12 @@ import subprocess
 import sys
 import time
 import urllib.request
+from typing import Literal
 
 import tyro
 
 from openpi import pipeline, report
-from openpi.policies.policy_config import DEFAULT_CONFIG, get_config
+from openpi.policies.policy_config import DEFAULT_CONFIG, DIFFUSION_CONFIGS, DIFFUSION_DEFAULT_DIRS, get_config
 from openpi.shared.io import write_json_atomic
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -37,10 +40,17 @@ PY = sys.executable
 @dataclasses.dataclass
 class Args:
     out: pathlib.Path = ROOT / "report"
-    config: str = DEFAULT_CONFIG
-    """Policy config served (default: the embedded tiny Pi0 trained in LIBERO)."""
+    policy: Literal["pi0", "dp"] = "pi0"
+    """Policy family: pi0 (Pi0 / Pi0.5, default config pi0_tiny_spatial10) or dp (Diffusion Policy, default config
+    dp_tiny_spatial10, trained here on the same demos). The same stages and report; sites differ (HOOKS.md)."""
+    config: str | None = None
+    """Policy config served (default: the --policy family's embedded tiny policy); a Diffusion Policy config
+    (dp_lerobot, dp_tiny_spatial10) implies --policy dp."""
     checkpoint_dir: str | None = None
     """Checkpoint of --config (default: its embedded checkpoint; pi0_tiny/pi05_tiny: random weights)."""
+    compare_with: pathlib.Path | None = None
+    """A finished quickstart report folder of another policy on the same episodes: adds a comparison section
+    (success, where each looks, how linearly the action is decodable by layer)."""
     suite: str = "libero_spatial"
     task_ids: tuple[int, ...] = (0, 2, 6)
     """Three tasks the embedded policy solves often but not always (7/10, 6/10 and 5/10 held out), so that every
@@ -60,6 +70,7 @@ class Args:
 
 
 FAST = {"task_ids": (0, 1, 2), "trials": 1, "max_steps": 15}
+DEFAULT_DP_CONFIG = "dp_tiny_spatial10"
 FAST_SAE_STEPS = 200
 
 
@@ -119,11 +130,11 @@ class Stages:
 
 
 @contextlib.contextmanager
-def policy_server(args: Args, out: pathlib.Path):
+def policy_server(args: Args, plan: pipeline.Plan, out: pathlib.Path):
     """Serve the policy with recording on a free local port for the stages that need it; yields the port."""
     port = _free_port()
     serve = [PY, "scripts/serve_policy.py", "--port", str(port), "--record-dir", str(out / "store"), "--record",
-             *pipeline.RECORDS, "policy:checkpoint", "--policy.config", args.config]
+             *plan.records, "policy:checkpoint", "--policy.config", plan.config]
     if args.checkpoint_dir:
         serve += ["--policy.dir", args.checkpoint_dir]
     log = open(out / "logs" / "serve.log", "w")
@@ -149,17 +160,36 @@ def policy_server(args: Args, out: pathlib.Path):
 
 
 def make_plan(args: Args) -> pipeline.Plan:
-    depth = get_config(args.config).model.expert.depth
-    return pipeline.Plan(out=args.out, config=args.config, checkpoint_dir=args.checkpoint_dir, suite=args.suite,
-                         task_ids=args.task_ids, first_trial=args.first_trial, trials=args.trials,
-                         max_steps=args.max_steps, num_workers=args.num_workers, layer=args.layer % depth,
-                         sae_steps=FAST_SAE_STEPS if args.fast else None)
+    config = args.config or (DEFAULT_DP_CONFIG if args.policy == "dp" else DEFAULT_CONFIG)
+    common = dict(out=args.out, config=config, checkpoint_dir=args.checkpoint_dir, suite=args.suite,
+                  task_ids=args.task_ids, first_trial=args.first_trial, trials=args.trials,
+                  max_steps=args.max_steps, num_workers=args.num_workers,
+                  sae_steps=FAST_SAE_STEPS if args.fast else None)
+    if config in DIFFUSION_CONFIGS:
+        from openpi.models.diffusion import unet
+        from openpi.models.diffusion.config import load_config
+
+        folder = args.checkpoint_dir or DIFFUSION_DEFAULT_DIRS.get(config)
+        if folder is None:
+            raise SystemExit(f"--config {config} needs --checkpoint-dir (a LeRobot Diffusion Policy folder)")
+        dp_cfg = load_config(pathlib.Path(folder) / "config.json")
+        sites = pipeline.dp_probe_sites([name for name, _, _ in unet.block_names(dp_cfg)])
+        return pipeline.Plan(**common, layer=0, num_steps=dp_cfg.inference_steps, family="diffusion",
+                             dp_probe_sites=sites)
+    if args.policy == "dp":
+        raise SystemExit(f"--policy dp serves a Diffusion Policy config ({sorted(DIFFUSION_CONFIGS)}); "
+                         f"--config {config} is a Pi0-family config")
+    depth = get_config(config).model.expert.depth
+    return pipeline.Plan(**common, layer=args.layer % depth)
 
 
 def run_stages(args: Args, plan: pipeline.Plan, stages: Stages) -> None:
     """Every stage of ``pipeline.STAGES`` in order; one whose needs did not succeed is skipped (and said so)."""
     done: set[str] = set()
     for st in pipeline.STAGES:
+        if plan.family not in st.families:
+            print(f"[quickstart] {st.name}: not applicable to a {plan.family} policy", flush=True)
+            continue
         missing = [n for n in st.needs if n not in done]
         if missing:
             print(f"[quickstart] {st.name}: skipped (needs {', '.join(missing)})", flush=True)
@@ -168,7 +198,7 @@ def run_stages(args: Args, plan: pipeline.Plan, stages: Stages) -> None:
             ok = stages.run_inline(st.name, st.inline, plan)
         elif st.server:
             try:
-                with policy_server(args, plan.out) as port:
+                with policy_server(args, plan, plan.out) as port:
                     ok = stages.run(st.name, st.argv(dataclasses.replace(plan, port=port)))
             except RuntimeError as exc:  # the server never came up: the stage fails with the reason in its log
                 ok = stages.fail(st.name, str(exc))
@@ -184,9 +214,10 @@ def main(args: Args) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     stages = Stages(args.out)
     os.environ.setdefault("MPLBACKEND", "Agg")
-    run_stages(args, make_plan(args), stages)
+    plan = make_plan(args)
+    run_stages(args, plan, stages)
     write_json_atomic(args.out / "stages.json", stages.results)
-    index = report.write_report(args.out)
+    index = report.write_report(args.out, compare_with=args.compare_with)
     report.print_summary(args.out)
     failed = [r["stage"] for r in stages.results if not r["ok"]]
     print(f"[quickstart] report: {index}" + (f"; FAILED stages: {failed}" if failed else "; all stages ok"))

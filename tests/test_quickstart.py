@@ -2,6 +2,8 @@
 same command, checking every stage and the report's files."""
 from __future__ import annotations
 
+import dataclasses
+
 import html.parser
 import json
 import os
@@ -87,12 +89,33 @@ def test_every_stage_feeds_a_report_section_and_every_section_has_a_stage(tmp_pa
     sae = argv["sae"]
     assert sae[sae.index("--keys") + 1] == str(plan.export_all_steps / "keys.npz") and "--holdout-block" not in sae
     assert "--split" not in sae  # the default: whole episodes held out
-    for name in ("export_all_steps", "export_last_step", "sae_dashboard", "action_pca", "sae_splice",
-                 "attention_iou"):
+    for name in ("export_all_steps", "sae_dashboard", "action_pca", "sae_splice", "attention_iou"):
         assert argv[name][argv[name].index("--rollouts") + 1] == str(plan.rollouts), name
     assert not any(flag in a for a in argv.values() for flag in ("--episodes-dir", "--frames-dir"))
-    assert argv["export_last_step"][argv["export_last_step"].index("--denoise-step") + 1] == "9"
     assert argv["libero_eval"][argv["libero_eval"].index("--port") + 1] == "8765"
+    assert plan.records == pipeline.RECORDS and plan.probe_sites == (plan.site,)
+    probes = argv["probes"]
+    assert probes[probes.index("--layer-names") + 1] == "expert1.layer3"
+
+
+def test_diffusion_plan_records_and_probes_every_unet_stage(tmp_path):
+    """A Diffusion Policy plan: its attention, conditioning and one block per UNet stage are recorded, the
+    probes compare them input to output, each from its own export (files aligned by key order)."""
+    from openpi.models.diffusion import unet
+    from openpi.training.train_dp import preset
+
+    names = [n for n, _, _ in unet.block_names(preset("dp_tiny_spatial10")[1])]
+    sites = pipeline.dp_probe_sites(names)
+    assert sites == ("cond.global", "unet.down.0.block.1", "unet.down.1.block.1", "unet.down.2.block.1",
+                     "unet.mid.block.1", "unet.up.0.block.1", "unet.up.1.block.1")
+    plan = dataclasses.replace(_plan(tmp_path), config="dp_tiny_spatial10", family="diffusion", dp_probe_sites=sites)
+    assert plan.site == pipeline.DP_SAE_SITE and "enc.*.attn" in plan.records
+    assert "unet.up.1.block.1?steps=-1" in plan.records and pipeline.DP_SAE_SITE in plan.records  # SAE: all steps
+    probes = pipeline.stage("probes").argv(plan)
+    feats = probes[probes.index("--features") + 1:probes.index("--targets")]
+    assert feats == [str(plan.export_dir(s) / "X.npy") for s in sites] and len(set(feats)) == len(sites)
+    assert probes[probes.index("--layer-names") + 1:probes.index("--n-folds")] == list(sites)
+    assert "pi0" in pipeline.stage("sae_splice").families and "diffusion" not in pipeline.stage("sae_splice").families
 
 
 class _Refs(html.parser.HTMLParser):

@@ -24,6 +24,23 @@ SECTIONS: tuple[str, ...] = ("evaluation", "attention", "sae", "probes", "geomet
 # keeping heads lets the attention section choose a head on training episodes and test it on held-out ones).
 RECORDS: tuple[str, ...] = ("llm.layer.*.attn.probs?tokens=actions&reduce=tokens",
                             "llm.expert1.layer.*.resid_post?tokens=actions")
+# A Diffusion Policy (--policy dp): the spatial-softmax attention of each camera's encoder, the conditioning
+# vector and the second block of every UNet stage (the SAE's site at every denoising step, the probes' at the last).
+DP_SAE_SITE = "unet.mid.block.1"
+
+
+def dp_probe_sites(block_names: list[str]) -> tuple[str, ...]:
+    """The layers a Diffusion Policy's probes compare, input to output: the conditioning vector, then the last
+    block of every UNet down / mid / up stage (``block_names``: ``openpi.models.diffusion.unet.block_names``)."""
+    import re
+
+    blocks = [n for n in block_names if re.fullmatch(r"(down|up)\.\d+\.block\.1|mid\.block\.1", n)]
+    return ("cond.global", *(f"unet.{n}" for n in blocks))
+
+
+def dp_records(probe_sites: tuple[str, ...]) -> tuple[str, ...]:
+    last = tuple(f"{s}?steps=-1" for s in probe_sites if s.startswith("unet.") and s != DP_SAE_SITE)
+    return ("enc.*.attn", "cond.global", DP_SAE_SITE, *last)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -40,7 +57,9 @@ class Plan:
     max_steps: int
     layer: int  # action-expert layer index (already resolved, >= 0)
     num_workers: int = 1  # LIBERO environment processes
-    num_steps: int = 10  # flow-matching steps of the served policy (the server's default)
+    num_steps: int = 10  # denoising steps of the served policy (Pi0: the server's default; DP: its config's)
+    family: str = "pi0"  # "pi0" (Pi0 / Pi0.5) or "diffusion" (a Diffusion Policy: other sites, no language)
+    dp_probe_sites: tuple[str, ...] = ()  # Diffusion Policy: the probed layers (dp_probe_sites), SAE site among them
     sae_steps: int | None = None  # None: the trainer's data-derived default
     port: int | None = None  # the policy server's port, set while it runs
     python: str = sys.executable
@@ -54,18 +73,39 @@ class Plan:
         return self.out / "rollouts"
 
     @property
+    def records(self) -> tuple[str, ...]:
+        """What the policy server records."""
+        return dp_records(self.dp_probe_sites) if self.family == "diffusion" else RECORDS
+
+    @property
     def site(self) -> str:
-        return f"llm.expert1.layer.{self.layer}.resid_post"
+        """The SAE's site, also the site the geometry and the one-layer analyses read."""
+        return DP_SAE_SITE if self.family == "diffusion" else f"llm.expert1.layer.{self.layer}.resid_post"
+
+    @property
+    def site_name(self) -> str:
+        return self.site if self.family == "diffusion" else f"expert1.layer{self.layer}"
+
+    @property
+    def probe_sites(self) -> tuple[str, ...]:
+        return self.dp_probe_sites if self.family == "diffusion" else (self.site,)
+
+    def layer_name(self, site: str) -> str:
+        return self.site_name if site == self.site else site
+
+    def export_dir(self, site: str) -> pathlib.Path:
+        """Rows of ``site`` at the last denoising step (Pi0: its action tokens), the executed output."""
+        return self.out / "export" / self.layer_name(site).replace(".", "_")
 
     @property
     def export_all_steps(self) -> pathlib.Path:
-        """Action-token rows of every denoising step (the SAE's training data)."""
-        return self.out / "export" / f"expert1_layer{self.layer}_all"
+        """The SAE site's rows of every denoising step (the SAE's training data)."""
+        return self.out / "export" / f"{self.site_name.replace('.', '_')}_all"
 
     @property
     def export_last_step(self) -> pathlib.Path:
-        """Action-token rows of the last denoising step, the one whose output is executed (probes, geometry)."""
-        return self.out / "export" / f"expert1_layer{self.layer}"
+        """The SAE site's rows of the last denoising step, the one whose output is executed (probes, geometry)."""
+        return self.export_dir(self.site)
 
     @property
     def geometry_input(self) -> pathlib.Path:
@@ -92,6 +132,7 @@ class Stage:
     inline: Callable[[Plan], object] | None = None
     server: bool = False
     primary: bool = True  # its output is what its sections show (False: a supporting step)
+    families: tuple[str, ...] = ("pi0", "diffusion")  # policy families it applies to (Plan.family)
 
     def argv(self, plan: Plan) -> list[str]:
         if self.command is None:
@@ -140,16 +181,26 @@ def _sae_dashboard(p: Plan) -> list[str]:
             str(p.rollouts), "--num-features", "16", "--out", str(p.out / "sae" / "dashboard")]
 
 
-def _export_last(p: Plan) -> list[str]:
-    return [p.python, "export_activations.py", "--store", str(p.store), "--site", p.site, "--denoise-step",
-            str(p.num_steps - 1), "--rollouts", str(p.rollouts), "--out", str(p.export_last_step)]
+def _export_last(p: Plan) -> object:
+    """Every probed site's rows of the last denoising step (sites recorded once per query, like the DP's
+    conditioning vector, have no step); rows are in key order, so the sites' files align row for row."""
+    from openpi.interp.export import export_site
+    from openpi.interp.store import ActivationStore
+
+    store = ActivationStore(p.store)
+    for site in p.probe_sites:
+        per_step = bool((store.keys(site)["denoise_step"] >= 0).any())
+        where = {"denoise_step": [p.num_steps - 1]} if per_step else None
+        summary = export_site(p.store, site, p.export_dir(site), where=where, rollouts=p.rollouts)
+        print(f"{site}: {summary['rows']} rows x {summary['width']} -> {p.export_dir(site)}")
 
 
 def _probes(p: Plan) -> list[str]:
     e = p.export_last_step
-    return [p.python, "linear_probe.py", "--features", str(e / "X.npy"), "--targets", str(e / "actions.npy"),
-            "--groups", str(e / "groups.npy"), "--layer-names", f"expert1.layer{p.layer}", "--n-folds", "2", "--out",
-            str(p.out / "probes"), "--overwrite"]
+    return [p.python, "linear_probe.py", "--features", *(str(p.export_dir(s) / "X.npy") for s in p.probe_sites),
+            "--targets", str(e / "actions.npy"), "--groups", str(e / "groups.npy"), "--layer-names",
+            *(p.layer_name(s) for s in p.probe_sites), "--n-folds", "2", "--out", str(p.out / "probes"),
+            "--overwrite"]
 
 
 def _geometry_input(p: Plan) -> object:
@@ -173,10 +224,12 @@ STAGES: tuple[Stage, ...] = (
     Stage("attention_iou", ("attention",), "attention/summary.json", needs=("libero_eval",), command=_attention),
     Stage("export_all_steps", ("sae",), None, needs=("libero_eval",), command=_export_all, primary=False),
     Stage("sae", ("sae",), "sae/metrics.json", needs=("export_all_steps",), command=_sae),
-    Stage("sae_splice", ("sae",), "sae/splice.json", needs=("sae",), command=_sae_splice, primary=False),
+    # splicing needs token-indexed sites (the SAE replaces the action tokens' rows): Pi0 only for now
+    Stage("sae_splice", ("sae",), "sae/splice.json", needs=("sae",), command=_sae_splice, primary=False,
+          families=("pi0",)),
     Stage("sae_dashboard", ("sae",), "sae/dashboard/index.html", needs=("sae",), command=_sae_dashboard,
           primary=False),
-    Stage("export_last_step", ("probes", "geometry"), None, needs=("libero_eval",), command=_export_last,
+    Stage("export_last_step", ("probes", "geometry"), None, needs=("libero_eval",), inline=_export_last,
           primary=False),
     Stage("probes", ("probes",), "probes/probe_results.json", needs=("export_last_step",), command=_probes),
     Stage("geometry_input", ("geometry",), None, needs=("export_last_step",), inline=_geometry_input,

@@ -287,6 +287,47 @@ def _absent(ctx: _Ctx, sec: Section, expected: str, how_to_run: str) -> Section:
 # ---------------------------------------------------------------- sections
 
 
+# What the sections call the recorded quantities, per policy family (``_family``).
+WORDS: dict[str, dict[str, str]] = {
+    "pi0": {
+        "looker": "the action tokens", "unit": "head",
+        "attention_title": "2. Attention: where do the action tokens look?",
+        "attention_how": "At every policy query the server recorded the attention probabilities of the action tokens "
+                         "(queries) over the whole input sequence (keys: image patches of each camera, instruction "
+                         "words, prompt template, state, actions), averaged over heads. Here: {sel}; rows are "
+                         "averaged over the selected denoising steps, heads and action tokens. The camera's {grid} "
+                         "patch attention is renormalised within the camera",
+        "overlay": "Attention of the action tokens (mean over layers {layers}, denoising steps, heads and action "
+                   "tokens) over each valid camera's {grid} patches",
+        "sae_title": "3. Sparse autoencoder: which features does the action expert use?",
+        "sae_row": "one action token of one denoising step",
+        "geometry_point": "the activation of the probed action-expert layer at the last denoising step, averaged "
+                          "over the query's action tokens",
+    },
+    "diffusion": {
+        "looker": "the camera encoders' keypoints", "unit": "keypoint",
+        "attention_title": "2. Attention: where do the camera encoders' keypoints look?",
+        "attention_how": "At every policy query the server recorded each camera encoder's spatial softmax "
+                         "(<code>enc.&lt;camera&gt;.attn</code>): for each keypoint a probability distribution over "
+                         "the ResNet feature-map cells of the image region the encoder saw (the centre crop), on the "
+                         "current frame. Keypoints play the role of heads; there is no language input, so there are "
+                         "no modality fractions. Here: {sel}; rows are averaged over keypoints. Each camera's {grid} "
+                         "cell attention",
+        "overlay": "Spatial-softmax attention of the camera encoders (mean over keypoints) over each camera's "
+                   "{grid} feature-map cells, drawn where the cells lie on the frame",
+        "sae_title": "3. Sparse autoencoder: which features does the denoising UNet use?",
+        "sae_row": "one UNet block output of one denoising step, channels x chunk positions flattened",
+        "geometry_point": "the probed UNet block's output at the last denoising step",
+    },
+}
+
+
+def _family(ctx: _Ctx) -> str:
+    """'diffusion' when the recorded server served a Diffusion Policy, else 'pi0'."""
+    meta = _run_meta(ctx) or {}
+    return "diffusion" if (meta.get("server_metadata") or {}).get("model") == "diffusion" else "pi0"
+
+
 def _run_meta(ctx: _Ctx) -> dict | None:
     runs = sorted((ctx.out / "rollouts" / "runs").glob("*.json"))
     for p in runs:
@@ -423,12 +464,13 @@ def _head_part(run: str, sel: dict) -> tuple[str, str | None]:
     side = excludes(lift.get("ci_low"), lift.get("ci_high"), 0.0)
     word = {"above": "above", "below": "below", "includes": "no different from", None: "(no interval)"}[side]
     n_train = len((sel.get("split") or {}).get("train_episodes") or [])
-    return (f"{run}/{sel.get('camera')} head {sel.get('head')} of layer {sel.get('layer')} (chosen on {n_train} "
+    return (f"{run}/{sel.get('camera')} {sel.get('head_kind', 'head')} {sel.get('head')} of layer {sel.get('layer')} (chosen on {n_train} "
             f"training episodes): on {test.get('n_episodes')} held-out episodes lift over other frames {_ci(lift)}, "
             f"{word} 0 (over uniform {_ci(lift_u)})", side)
 
 
-def _attention_verdict(by_camera: dict, heads: dict | None = None) -> Verdict:
+def _attention_verdict(by_camera: dict, heads: dict | None = None, looker: str = "the action tokens",
+                       unit: str = "head") -> Verdict:
     """Finding when, for some run and camera, the 95% interval of a soft-mass lift (over uniform attention, or over
     the same attention on other episodes' object masks) lies above 0, or when the head chosen on training episodes
     lifts over other frames on held-out episodes."""
@@ -438,7 +480,7 @@ def _attention_verdict(by_camera: dict, heads: dict | None = None) -> Verdict:
         parts.append(text)
         judged |= side is not None
         if side == "above":
-            found.append(f"{run}/{sel.get('camera')} head {sel.get('head')} of layer {sel.get('layer')} follows the "
+            found.append(f"{run}/{sel.get('camera')} {sel.get('head_kind', 'head')} {sel.get('head')} of layer {sel.get('layer')} follows the "
                          "objects on held-out episodes")
     for run, cams in sorted(by_camera.items()):
         for cam, c in sorted((cams or {}).items()):
@@ -461,18 +503,19 @@ def _attention_verdict(by_camera: dict, heads: dict | None = None) -> Verdict:
         return Verdict("undetermined", "no camera had an object of interest in its masks, so attention on the "
                                        "objects could not be measured.")
     if found:
-        return Verdict("finding", "the action tokens' attention on the task objects beats a baseline: "
+        return Verdict("finding", f"{looker}' attention on the task objects beats a baseline: "
                                   + "; ".join(found) + " (95% interval of the lift above 0). In detail: "
                                   + "; ".join(parts) + ".")
     if not judged:
         return Verdict("undetermined", "too few episodes for an interval: " + "; ".join(parts) + ".")
-    return Verdict("no finding", "the action tokens do not look at the task objects more than uniform attention "
-                                 "or a fixed spatial habit would, on average over heads or in the best head on "
+    return Verdict("no finding", f"{looker} do not look at the task objects more than uniform attention "
+                                 f"or a fixed spatial habit would, on average over {unit}s or in the best {unit} on "
                                  "held-out episodes (no lift's 95% interval lies above 0): " + "; ".join(parts) + ".")
 
 
 def section_attention(ctx: _Ctx) -> Section:
-    sec = Section("attention", "2. Attention: where do the action tokens look?")
+    words = WORDS[_family(ctx)]
+    sec = Section("attention", words["attention_title"])
     att = ctx.out / "attention"
     summary = att / "summary.json"
     if not summary.is_file():
@@ -492,19 +535,16 @@ def section_attention(ctx: _Ctx) -> Section:
         grid_txt, uniform_txt = "(grid not recorded)", "the same probability on every patch"
     sel = (f"camera <code>{_esc(cam)}</code>, layers {_esc(layers if layers is not None else 'all recorded')}, "
            f"denoising steps {_esc(steps if steps is not None else 'all recorded')}")
-    sec.verdict = _attention_verdict(d.get("soft_mass_by_camera") or {}, d.get("head_selection"))
+    sec.verdict = _attention_verdict(d.get("soft_mass_by_camera") or {}, d.get("head_selection"), words["looker"],
+                                     words["unit"])
     sec.parts.append(
-        "<p class='how'>At every policy query the server recorded the attention probabilities of the action tokens "
-        "(queries) over the whole input sequence (keys: image patches of each camera, instruction words, prompt "
-        f"template, state, actions), averaged over heads. Here: {sel}; rows are averaged over the selected denoising "
-        f"steps, heads and action tokens. The camera's {_esc(grid_txt)} patch attention is renormalised within the "
-        "camera and compared with the segmentation mask of the task's objects of interest at the same environment "
+        "<p class='how'>" + words["attention_how"].format(sel=sel, grid=_esc(grid_txt))
+        + " is compared with the segmentation mask of the task's objects of interest at the same environment "
         "step.</p>")
     figs = []
     for p in _overlay_pngs(ctx):
-        figs.append(ctx.figure(sec, p, f"Attention of the action tokens (mean over layers {_esc(layers)}, "
-                               "denoising steps, heads and action tokens) over each valid camera's "
-                               f"{_esc(grid_txt)} patches, upsampled and overlaid on the frame the policy saw at env "
+        figs.append(ctx.figure(sec, p, words["overlay"].format(layers=_esc(layers), grid=_esc(grid_txt))
+                               + f", upsampled and overlaid on the frame the policy saw at env "
                                f"step {_esc(_step_of(p))} of episode <code>{_esc(p.parent.name)}</code>. Both cameras "
                                "share one colour scale (colour bar: attention probability per patch); the white "
                                "outline marks the scored objects; the title gives each camera's share of the row "
@@ -672,7 +712,8 @@ def _sae_verdict(m: dict) -> Verdict:
 
 
 def section_sae(ctx: _Ctx) -> Section:
-    sec = Section("sae", "3. Sparse autoencoder: which features does the action expert use?")
+    words = WORDS[_family(ctx)]
+    sec = Section("sae", words["sae_title"])
     metrics = ctx.out / "sae" / "metrics.json"
     if not metrics.is_file():
         return _absent(ctx, sec, "sae/metrics.json", "<code>python train_save.py --activations X.npy --keys keys.npz --out OUT/sae</code>")
@@ -680,8 +721,8 @@ def section_sae(ctx: _Ctx) -> Section:
     ho = m.get("held_out") or {}
     src = m.get("source") or {}
     sec.parts.append(
-        "<p class='how'>A sparse autoencoder rewrites each recorded activation vector x (one action token of one "
-        f"denoising step; {_esc(src.get('shape', '?'))} rows x dims exported from the store) as a sparse non-negative "
+        f"<p class='how'>A sparse autoencoder rewrites each recorded activation vector x ({words['sae_row']}; "
+        f"{_esc(src.get('shape', '?'))} rows x dims exported from the store) as a sparse non-negative "
         f"combination of {_esc(m.get('d_sae', '?'))} learned directions: <code>f = TopK(W_enc (x - b_dec) + b_enc)</code>, "
         f"<code>x_hat = W_dec f + b_dec</code> with <i>{_esc(m.get('arch', '?'))}</i> sparsity (k = {_esc(m.get('k', '?'))}). "
         f"{_esc(_sae_split_text(m.get('split') or ho.get('split')))}</p>"
@@ -883,9 +924,9 @@ def section_geometry(ctx: _Ctx) -> Section:
     sec.verdict = _geometry_verdict(d)
     traj = ctx.out / "export" / "geometry_input" / "trajectories.json"
     if traj.is_file():
-        sec.parts.append("<p class='how'>Here each trajectory is one episode; each point is one policy query: the "
-                         "activation of the probed action-expert layer at the last denoising step, averaged over the "
-                         "query's action tokens (" + ctx.link(sec, traj, "episode list") + ").</p>")
+        sec.parts.append("<p class='how'>Here each trajectory is one episode; each point is one policy query: "
+                         + WORDS[_family(ctx)]["geometry_point"] + " (" + ctx.link(sec, traj, "episode list")
+                         + ").</p>")
     rows = []
     for a in d.get("analyses") or []:
         for g, gd in (a.get("groups") or {}).items():
@@ -957,6 +998,57 @@ SECTION_BUILDERS: dict[str, Callable[[_Ctx], Section]] = {
     "geometry": section_geometry, "pca": section_pca}
 # One builder per section of the quickstart's stage list, in its order (a section without a builder fails here).
 SECTIONS: tuple[Callable[[_Ctx], Section], ...] = tuple(SECTION_BUILDERS[sid] for sid in pipeline.SECTIONS)
+
+
+def section_comparison(ctx: _Ctx) -> Section | None:
+    """The two policies of ``comparison.json`` (written by ``--compare-with``) side by side; None without it."""
+    from openpi.report_compare import FILE
+
+    path = ctx.out / FILE
+    if not path.is_file():
+        return None
+    d = _load_json(path)
+    pols = d.get("policies") or []
+    sec = Section("comparison", "7. Comparison of two policies on the same episodes")
+    sec.links.append(ctx.rel(path))
+    names = [f"{p.get('config') or '?'} ({p.get('model') or '?'})" for p in pols]
+    if not d.get("same_episodes"):
+        sec.parts.append("<p class='bad'>The two folders did not run the same episodes: the numbers below are not "
+                         "paired and differences say little.</p>")
+    rows = []
+    for name, p in zip(names, pols):
+        s = p.get("success") or {}
+        rows.append([_esc(name), "success", f"{s.get('successes')}/{s.get('episodes')} ("
+                     f"{_num(s.get('rate'), 2)} [{_num(s.get('ci_low'), 2)}, {_num(s.get('ci_high'), 2)}])"])
+        for cam, c in (((p.get("attention") or {}).get("by_camera")) or {}).items():
+            rows.append([_esc(name), f"attention {_esc(cam)}: lift over uniform / over other frames",
+                         f"{_ci(c.get('lift'))} / {_ci(c.get('lift_over_other_frames'))}"])
+        h = (p.get("attention") or {}).get("head")
+        if h:
+            test = h.get("test") or {}
+            rows.append([_esc(name), f"{_esc(h.get('head_kind'))} {_esc(h.get('head'))} of layer "
+                         f"{_esc(h.get('layer'))} ({_esc(h.get('camera'))}), held out: lift over other frames",
+                         _ci(test.get("lift_over_other_frames"))])
+        for L in p.get("probes") or []:
+            rows.append([_esc(name), f"probe test R&sup2; at <code>{_esc(L.get('layer'))}</code> "
+                         f"({_esc(L.get('n_features'))} features; shuffled {_num(L.get('shuffled_r2'))})",
+                         f"{_num(L.get('test_r2'))} [{_num(L.get('ci_low'))}, {_num(L.get('ci_high'))}]"])
+    sec.parts.append("<p class='how'>Each row repeats a number of that policy's own sections (same definitions, "
+                     "baselines and held-out episodes). Success: Wilson 95% interval. Attention: soft-mass lift "
+                     "with episode-bootstrap 95% intervals (Pi0: action tokens' attention over image patches; "
+                     "Diffusion Policy: the spatial softmax of each camera's encoder). Probes: ridge test R&sup2; on "
+                     "held-out episodes, layers input to output.</p>" + _table(["policy", "measure", "value"], rows,
+                                                                               raw_cols=(0, 1)))
+    succ = [(p.get("success") or {}) for p in pols]
+    if len(succ) == 2 and all(s.get("episodes") for s in succ):
+        a, b = succ
+        apart = (a.get("ci_low") or 0) > (b.get("ci_high") or 1) or (b.get("ci_low") or 0) > (a.get("ci_high") or 1)
+        sec.verdict = Verdict("finding" if apart else "no finding",
+                              f"success {a['successes']}/{a['episodes']} ({names[0]}) vs {b['successes']}/"
+                              f"{b['episodes']} ({names[1]}): the 95% intervals "
+                              + ("do not overlap." if apart else "overlap, so these episodes do not tell the two "
+                                                                 "policies' success rates apart."))
+    return sec
 
 
 def _safe(fn: Callable[[_Ctx], Section], ctx: _Ctx) -> Section:
@@ -1097,7 +1189,10 @@ def build_html(out: str | os.PathLike) -> tuple[str, list[Section], list[str]]:
     """Return (page, sections, summary lines) for an output folder, without writing anything."""
     ctx = _Ctx(pathlib.Path(out))
     sections = [_safe(fn, ctx) for fn in SECTIONS]
+    comparison = section_comparison(ctx)
     summary = _summary(ctx, sections)
+    if comparison is not None:
+        sections.append(comparison)
     meta = _run_meta(ctx)
     head_sec = Section("overview", "Overview")
     parts = ["<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'><title>vla-interp report</title>",
@@ -1133,11 +1228,16 @@ def build_html(out: str | os.PathLike) -> tuple[str, list[Section], list[str]]:
     return "\n".join(parts), sections, summary
 
 
-def write_report(out: str | os.PathLike) -> pathlib.Path:
-    """Write ``<out>/index.html`` and ``<out>/report.json`` (atomically); returns the index path."""
+def write_report(out: str | os.PathLike, compare_with: str | os.PathLike | None = None) -> pathlib.Path:
+    """Write ``<out>/index.html`` and ``<out>/report.json`` (atomically); returns the index path. With
+    ``compare_with`` (another report folder) also ``comparison.json`` and a comparison section."""
     out = pathlib.Path(out)
     if not out.is_dir():
         raise FileNotFoundError(f"report: output folder {out} does not exist")
+    if compare_with is not None:
+        from openpi.report_compare import compare
+
+        compare(out, compare_with)
     page, sections, summary = build_html(out)
     ctx = _Ctx(out)
     record = {"schema": SCHEMA,
