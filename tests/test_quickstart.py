@@ -3,7 +3,6 @@ same command, checking every stage and the report's files."""
 from __future__ import annotations
 
 import dataclasses
-
 import html.parser
 import json
 import os
