@@ -21,7 +21,8 @@ demo: setup
 	$(VENV)/bin/python scripts/quickstart.py
 
 test: setup
-	$(VENV)/bin/python -m pytest -q
+	# two worker processes, one test module each at a time (module fixtures stay in one process)
+	$(VENV)/bin/python -m pytest -q -n 2 --dist loadfile
 
 bench: setup
 	for b in benchmarks/bench_*.py; do echo "== $$b"; $(VENV)/bin/python $$b || exit 1; done

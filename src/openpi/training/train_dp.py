@@ -59,7 +59,9 @@ AGENT_KEY, WRIST_FEATURE = "observation.images.image", "observation.images.wrist
 # Named network settings (LeRobot config.json keys). dp_tiny_spatial10: LeRobot's LIBERO-style two-camera DP at
 # 96 x 96 with an 84 x 84 random crop, separate encoders per camera, a ResNet-18 trunk of width 16 (our
 # extension, ``backbone_width``), a three-stage UNet of widths 32-128, 16-step chunks of which 8 are executed,
-# DDIM with 10 inference steps over 100 training timesteps; ~2.9 M parameters, ~12 MB.
+# DDPM sampling in 10 steps over 100 training timesteps; 2.77 M parameters, 11 MB. (The scheduler type changes
+# only sampling, not the loss. DDIM, tried first, sampled worse chunks from the same weights: on 16 training
+# frames at step 1,500 the chunk MSE was 0.27 with DDIM in 100 steps vs 0.15 with DDPM in 10.)
 PRESETS: dict[str, dict[str, Any]] = {
     "dp_tiny_spatial10": {
         "n_obs_steps": 1, "horizon": 16, "n_action_steps": 8,
@@ -71,7 +73,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         "vision_backbone": "resnet18", "backbone_width": 16, "crop_shape": [84, 84], "crop_is_random": True,
         "use_group_norm": True, "spatial_softmax_num_keypoints": 32, "use_separate_rgb_encoder_per_camera": True,
         "down_dims": [32, 64, 128], "kernel_size": 5, "n_groups": 8, "diffusion_step_embed_dim": 64,
-        "use_film_scale_modulation": True, "noise_scheduler_type": "DDIM", "num_train_timesteps": 100,
+        "use_film_scale_modulation": True, "noise_scheduler_type": "DDPM", "num_train_timesteps": 100,
         "beta_schedule": "squaredcos_cap_v2", "beta_start": 0.0001, "beta_end": 0.02, "prediction_type": "epsilon",
         "clip_sample": True, "clip_sample_range": 1.0, "num_inference_steps": 10,
     },
