@@ -151,3 +151,21 @@ def test_quickstart_fast_end_to_end(tmp_path):
     assert results["total"]["episodes"] == 3
     assert list((out / "attention" / "overlays").rglob("*.png")), "no attention overlays"
     assert "vla-interp report" in proc.stdout and "SAE: held-out FVU" in proc.stdout
+
+    # The same report for the embedded Diffusion Policy, compared with the Pi0 run above on the same episodes.
+    dp_out = tmp_path / "qs_dp"
+    proc = subprocess.run([sys.executable, "scripts/quickstart.py", "--fast", "--policy", "dp", "--out", str(dp_out),
+                           "--compare-with", str(out)], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=900)
+    tail = (proc.stdout + proc.stderr)[-4000:]
+    assert proc.returncode == 0, tail
+    stages = {s["stage"] for s in json.loads((dp_out / "stages.json").read_text())}
+    assert "sae_splice" not in stages and {"attention_iou", "sae", "probes", "geometry"} <= stages
+    rec = json.loads((dp_out / "report.json").read_text())
+    assert {s["id"]: s["status"] for s in rec["sections"]} == {
+        k: "ok" for k in ("evaluation", "attention", "sae", "probes", "geometry", "pca", "comparison", "overview")}
+    comparison = json.loads((dp_out / "comparison.json").read_text())
+    assert comparison["same_episodes"] and [p["model"] for p in comparison["policies"]] == ["diffusion", "pi0"]
+    probes = json.loads((dp_out / "probes" / "probe_results.json").read_text())
+    assert [L["layer"] for L in probes["layers"]][:2] == ["cond.global", "unet.down.0.block.1"]
+    assert "keypoints" in next(s for s in rec["sections"] if s["id"] == "attention")["title"]  # DP wording
