@@ -211,6 +211,9 @@ def run_stages(args: Args, plan: pipeline.Plan, stages: Stages) -> None:
 def main(args: Args) -> int:
     if args.fast:
         args = dataclasses.replace(args, **FAST)
+    if args.compare_with is not None and not (args.compare_with / "rollouts" / "results").is_dir():
+        raise SystemExit(f"--compare-with {args.compare_with}: not a quickstart report folder (no rollouts/results/); "
+                         "run the other policy's quickstart first")
     args.out.mkdir(parents=True, exist_ok=True)
     stages = Stages(args.out)
     os.environ.setdefault("MPLBACKEND", "Agg")

@@ -7,6 +7,9 @@
     # serve the result: every checkpoint folder is servable
     python scripts/serve_policy.py policy:checkpoint --policy.config pi0_tiny_spatial \
         --policy.dir checkpoints/pi0_tiny_spatial/checkpoints/00002000
+    # a tiny Diffusion Policy on the same demos (LeRobot-layout checkpoints; docs/diffusion_policy.md)
+    python scripts/train.py --policy-config dp_tiny_spatial10 --demo-dirs data/demos/libero_spatial \
+        --out-dir checkpoints/dp --num-steps 4000 --batch-size 32 --warmup-steps 200
     # fine-tune a released openpi checkpoint (GPU, memory-heavy; see docs/training.md)
     python scripts/train.py --policy-config pi0_libero --init-checkpoint /ckpt/pi0_base \
         --tokenizer /ckpt/paligemma_tokenizer.model --peak-lr 2.5e-5 --end-lr 2.5e-6 --warmup-steps 1000 \

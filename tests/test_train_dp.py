@@ -14,6 +14,7 @@ from openpi.policies.policy_config import create_policy
 from openpi.shared.rundir import RunSettingsError
 from openpi.training import train, train_dp
 from openpi.training.demos import write_synthetic_demos
+from train_runs import stopped_resumed_and_straight
 
 STEPS = 4
 
@@ -28,14 +29,7 @@ def _cfg(demo_root, out_dir, **kw) -> train.TrainConfig:
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
-    """Run A: stopped at step 2, then resumed to the end. Run B: the same in one go."""
-    root = tmp_path_factory.mktemp("train_dp")
-    demo_root = write_synthetic_demos(root / "demos", episodes=3, steps=12)
-    a, b = root / "run_a", root / "run_b"
-    first = train.train(_cfg(demo_root, a), progress=False, stop_at=2)
-    resumed = train.train(_cfg(demo_root, a), progress=False)
-    straight = train.train(_cfg(demo_root, b), progress=False)
-    return {"demos": demo_root, "a": a, "b": b, "first": first, "resumed": resumed, "straight": straight}
+    return stopped_resumed_and_straight(tmp_path_factory.mktemp("train_dp"), _cfg)
 
 
 def _weights(run_dir, step):

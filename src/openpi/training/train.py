@@ -13,6 +13,8 @@ the first 6 dims when the policy config predicts deltas, normalised with the dem
 linear warmup then cosine decay). Pi0-FAST configs: the normalised target chunk becomes the FAST tokens of the
 training sequence (``FastLiberoTransforms.inputs(request, targets)``) and the loss is ``pi0_fast.compute_loss``
 (cross-entropy of the postfix tokens); checkpoints also hold the FAST tokenizer folder (``fast_tokenizer/``).
+Diffusion Policy presets (``openpi.training.train_dp.PRESETS``) go to ``train_dp``, which shares this module's
+data, run directory, optimizer and loop (:func:`run_loop`).
 
 Output layout (``out_dir``, one :class:`openpi.shared.rundir.RunDir`)::
 
@@ -391,7 +393,7 @@ def plot_loss(metrics: list[dict[str, Any]], path: pathlib.Path) -> None:
         lines += ax.plot(steps[k - 1:], smooth, lw=1.8, label=f"loss (mean of {k})")
     ax.set_yscale("log")
     ax.set_xlabel("step")
-    ax.set_ylabel("flow-matching loss")
+    ax.set_ylabel("loss (flow matching, FAST tokens or DP noise MSE)")
     ax2 = ax.twinx()
     lines += ax2.plot(steps, [m["lr"] for m in metrics], color="grey", lw=0.8, ls="--", label="learning rate")
     ax2.set_ylabel("learning rate")
