@@ -14,17 +14,12 @@ from openpi.policies.policy_config import create_policy
 from openpi.shared.rundir import RunSettingsError
 from openpi.training import train, train_dp
 from openpi.training.demos import write_synthetic_demos
-from train_runs import stopped_resumed_and_straight
+from train_runs import STEPS, short_config, stopped_resumed_and_straight
 
-STEPS = 4
 
 
 def _cfg(demo_root, out_dir, **kw) -> train.TrainConfig:
-    base = dict(demo_dirs=(str(demo_root),), out_dir=str(out_dir), policy_config="dp_micro", num_steps=STEPS,
-                batch_size=4, peak_lr=3e-3, end_lr=1e-3, warmup_steps=1, save_every=2, log_every=1,
-                keep_last=None)
-    base.update(kw)
-    return train.TrainConfig(**base)
+    return short_config(demo_root, out_dir, **{"policy_config": "dp_micro", "batch_size": 4, "peak_lr": 3e-3, **kw})
 
 
 @pytest.fixture(scope="module")

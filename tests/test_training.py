@@ -19,16 +19,11 @@ from openpi.training import train
 from openpi.shared.rundir import RunSettingsError
 from openpi.training import demos
 from openpi.training.demos import write_synthetic_demos
-from train_runs import stopped_resumed_and_straight
-
-STEPS = 4
+from train_runs import STEPS, short_config, stopped_resumed_and_straight
 
 
 def _cfg(demo_root, out_dir, **kw) -> train.TrainConfig:
-    base = dict(demo_dirs=(str(demo_root),), out_dir=str(out_dir), num_steps=STEPS, batch_size=2, peak_lr=2e-3,
-                end_lr=1e-3, warmup_steps=1, save_every=2, log_every=1, keep_last=None)
-    base.update(kw)
-    return train.TrainConfig(**base)
+    return short_config(demo_root, out_dir, **{"batch_size": 2, "peak_lr": 2e-3, **kw})
 
 
 @pytest.fixture(scope="module")

@@ -272,19 +272,23 @@ def _sha256(path: pathlib.Path) -> str:
     return h.hexdigest()[:16]
 
 
+def demos_settings(dataset: DemoDataset) -> dict[str, Any]:
+    """The demos by content (names, lengths, frame strides), not by folder path, so a moved run still resumes."""
+    demos = sorted((p.name, len(ep.actions), ep.frame_stride) for p, ep in zip(dataset.paths, dataset.episodes))
+    digest = hashlib.sha256(json.dumps(demos).encode()).hexdigest()[:16]
+    return {"n_demos": len(demos), "n_frames": len(dataset), "sha256": digest}
+
+
 def run_settings(cfg: TrainConfig, dataset: DemoDataset, tokenizer_path: pathlib.Path,
                  fast_tokenizer_dir: pathlib.Path | None = None) -> dict[str, Any]:
     """Everything the weights depend on: the config's settings, the demos by content and the tokenizer files."""
-    demos = sorted((p.name, len(ep.actions), ep.frame_stride) for p, ep in zip(dataset.paths, dataset.episodes))
-    digest = hashlib.sha256(json.dumps(demos).encode()).hexdigest()[:16]
-    out = {"train": cfg, "demos": {"n_demos": len(demos), "n_frames": len(dataset), "sha256": digest},
-           "tokenizer_sha256": _sha256(tokenizer_path)}
+    out = {"train": cfg, "demos": demos_settings(dataset), "tokenizer_sha256": _sha256(tokenizer_path)}
     if fast_tokenizer_dir is not None:  # absent for Pi0 runs, so their fingerprints are unchanged
         out["fast_tokenizer_sha256"] = _sha256(fast_tokenizer_dir / "tokenizer.json")
     return out
 
 
-def open_run(cfg: TrainConfig, settings: dict[str, Any]) -> RunDir:
+def open_run(cfg: TrainConfig, settings: dict[str, Any], job: str = RUN_JOB) -> RunDir:
     """The run directory: new, resumed (same settings) or refused naming each changed setting."""
     out_dir = pathlib.Path(cfg.out_dir).expanduser().resolve()
     if (out_dir / "train_config.json").is_file() and not (out_dir / "run.json").is_file() and not cfg.overwrite:
@@ -297,7 +301,7 @@ def open_run(cfg: TrainConfig, settings: dict[str, Any]) -> RunDir:
         shutil.rmtree(out_dir / NORM_STATS_REL.parts[0], ignore_errors=True)
         for old in out_dir.glob("[0-9]*/train_meta.json"):  # step folders of the older layout
             shutil.rmtree(old.parent)
-    return RunDir(out_dir, RUN_JOB, settings, overwrite=cfg.overwrite)
+    return RunDir(out_dir, job, settings, overwrite=cfg.overwrite)
 
 
 def checkpoints(out_dir: str | pathlib.Path, keep_last: int | None = None) -> CheckpointDir:
@@ -326,18 +330,28 @@ def train_state(opt_state, rng, step: int) -> dict[str, Any]:
     return {"opt_state": opt_state, "rng": np.asarray(jax.random.key_data(rng)), "step": np.asarray(step, np.int64)}
 
 
-def restore(ckpts: CheckpointDir, mcfg: AnyModelConfig, optimizer: optax.GradientTransformation):
-    """(params, opt_state, rng, step, step_dir) of the newest complete checkpoint."""
+def resume_or_init(ckpts: CheckpointDir, optimizer: optax.GradientTransformation, seed: int,
+                   load_params: Callable[[pathlib.Path], Any], fresh_params: Callable[[], Any],
+                   metrics_path: pathlib.Path):
+    """(params, opt_state, rng, start step, checkpoint folder or None) of every model family's run: the newest
+    complete checkpoint (params read by ``load_params(step_dir)``, the rest bit-exact from its state, metrics logged
+    past it dropped), or a fresh start from ``fresh_params()`` (metrics.jsonl deleted: rows of a run whose
+    checkpoints are gone describe other weights)."""
     step = ckpts.latest()
+    if step is None:
+        metrics_path.unlink(missing_ok=True)
+        params = jax.tree.map(jnp.asarray, fresh_params())
+        return params, optimizer.init(params), jax.random.key(seed), 0, None
     step_dir = ckpts.step_dir(step)
-    params = jax.tree.map(jnp.asarray, checkpoint.load_params(step_dir, mcfg, dtype=np.float32))
+    params = jax.tree.map(jnp.asarray, load_params(step_dir))
     template = train_state(optimizer.init(params), jax.random.key(0), 0)
-    state, meta = ckpts.restore(template, step)
+    state, _ = ckpts.restore(template, step)
     if int(state["step"]) != step:
         raise checkpoint.CheckpointError(f"{step_dir}: folder says step {step}, its state says {int(state['step'])}")
+    truncate_metrics(metrics_path, step)
+    logger.info("resuming from %s (step %d)", step_dir, step)
     opt_state = jax.tree.map(jnp.asarray, state["opt_state"])
-    rng = jax.random.wrap_key_data(jnp.asarray(state["rng"]))
-    return params, opt_state, rng, step, step_dir
+    return params, opt_state, jax.random.wrap_key_data(jnp.asarray(state["rng"])), step, step_dir
 
 
 def package_checkpoint(step_dir: str | pathlib.Path, dest: str | pathlib.Path) -> pathlib.Path:
@@ -442,21 +456,15 @@ def train(cfg: TrainConfig, progress: bool = True, stop_at: int | None = None) -
     optimizer, schedule = make_optimizer(cfg)
     ckpts = checkpoints(out_dir, cfg.keep_last)
     metrics_path = out_dir / "metrics.jsonl"
-    saved = None
-    if ckpts.latest() is not None:
-        params, opt_state, rng, start, saved = restore(ckpts, mcfg, optimizer)
-        truncate_metrics(metrics_path, start)
-        logger.info("resuming from %s (step %d)", saved, start)
-    else:
-        start = 0
+
+    def fresh_params():
         if cfg.init_checkpoint:
-            params = checkpoint.load_params(cfg.init_checkpoint, mcfg, dtype=np.float32)
-        else:
-            params = init_params(mcfg, seed=cfg.seed)
-        params = jax.tree.map(jnp.asarray, params)
-        opt_state = optimizer.init(params)
-        rng = jax.random.key(cfg.seed)
-        metrics_path.unlink(missing_ok=True)  # rows of a run whose checkpoints are gone describe other weights
+            return checkpoint.load_params(cfg.init_checkpoint, mcfg, dtype=np.float32)
+        return init_params(mcfg, seed=cfg.seed)
+
+    params, opt_state, rng, start, saved = resume_or_init(
+        ckpts, optimizer, cfg.seed, lambda d: checkpoint.load_params(d, mcfg, dtype=np.float32), fresh_params,
+        metrics_path)
     num_params = count_params(mcfg)
     logger.info("%s: %d parameters, %d demo frames in %d episodes", cfg.policy_config, num_params, len(dataset),
                 len(dataset.episodes))

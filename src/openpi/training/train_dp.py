@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import copy
 import functools
-import hashlib
 import json
 import logging
 import pathlib
@@ -48,7 +47,7 @@ from openpi.models.params_util import flatten, unflatten
 from openpi.policies.diffusion_policy import DiffusionLiberoTransforms
 from openpi.policies.libero_policy import IMAGE_KEY, STATE_KEY, WRIST_KEY
 from openpi.shared.io import write_json_atomic
-from openpi.shared.rundir import CheckpointDir, RunDir, atomic_dir
+from openpi.shared.rundir import atomic_dir
 from openpi.training import train as pi_train
 
 logger = logging.getLogger(__name__)
@@ -191,10 +190,7 @@ def trainable_mask(params: dict) -> dict:
 
 
 def run_settings(cfg: pi_train.TrainConfig, dataset: pi_train.DemoDataset, raw_config: dict) -> dict[str, Any]:
-    demos = sorted((p.name, len(ep.actions), ep.frame_stride) for p, ep in zip(dataset.paths, dataset.episodes))
-    digest = hashlib.sha256(json.dumps(demos).encode()).hexdigest()[:16]
-    return {"train": cfg, "network": raw_config,
-            "demos": {"n_demos": len(demos), "n_frames": len(dataset), "sha256": digest}}
+    return {"train": cfg, "network": raw_config, "demos": pi_train.demos_settings(dataset)}
 
 
 def _check_options(cfg: pi_train.TrainConfig) -> None:
@@ -205,16 +201,6 @@ def _check_options(cfg: pi_train.TrainConfig) -> None:
     if bad:
         raise ValueError(f"{bad} apply to Pi0-family training only; a Diffusion Policy ({cfg.policy_config}) "
                          "trains from a random init in float32 and augments by its own random crop")
-
-
-def restore(ckpts: CheckpointDir, config: DiffusionConfig, optimizer: optax.GradientTransformation):
-    step = ckpts.latest()
-    step_dir = ckpts.step_dir(step)
-    _, params, _ = dp_ckpt.load_policy(step_dir)
-    template = pi_train.train_state(optimizer.init(params), jax.random.key(0), 0)
-    state, _ = ckpts.restore(template, step)
-    opt_state = jax.tree.map(jnp.asarray, state["opt_state"])
-    return params, opt_state, jax.random.wrap_key_data(jnp.asarray(state["rng"])), step, step_dir
 
 
 def package_checkpoint(step_dir: str | pathlib.Path, dest: str | pathlib.Path) -> pathlib.Path:
@@ -240,28 +226,16 @@ def train(cfg: pi_train.TrainConfig, progress: bool = True, stop_at: int | None 
     end = cfg.num_steps if stop_at is None else min(stop_at, cfg.num_steps)
     raw_config, config = preset(cfg.policy_config)
     dataset = pi_train.DemoDataset(cfg.demo_dirs, config.horizon)
-    run = RunDir(pathlib.Path(cfg.out_dir).expanduser().resolve(), RUN_JOB, run_settings(cfg, dataset, raw_config),
-                 overwrite=cfg.overwrite)
+    run = pi_train.open_run(cfg, run_settings(cfg, dataset, raw_config), RUN_JOB)
     out_dir = run.root
-    if cfg.overwrite:
-        for name in ("metrics.jsonl", "loss.png"):
-            (out_dir / name).unlink(missing_ok=True)
     frames = DPFrames(dataset, config, progress)
     stats = frames.stats()
     optimizer, schedule = pi_train.make_optimizer(cfg)
     ckpts = pi_train.checkpoints(out_dir, cfg.keep_last)
     metrics_path = out_dir / "metrics.jsonl"
-    saved = None
-    if ckpts.latest() is not None:
-        params, opt_state, rng, start, saved = restore(ckpts, config, optimizer)
-        pi_train.truncate_metrics(metrics_path, start)
-        logger.info("resuming from %s (step %d)", saved, start)
-    else:
-        start = 0
-        params = init_params(config, cfg.seed)
-        opt_state = optimizer.init(params)
-        rng = jax.random.key(cfg.seed)
-        metrics_path.unlink(missing_ok=True)
+    params, opt_state, rng, start, saved = pi_train.resume_or_init(
+        ckpts, optimizer, cfg.seed, lambda d: dp_ckpt.load_policy(d)[1], lambda: init_params(config, cfg.seed),
+        metrics_path)
     num_params = int(sum(np.prod(s) for k, s in dp_ckpt.param_shapes(config).items() if not is_buffer(k)))
     logger.info("%s: %d parameters, %d demo frames in %d episodes", cfg.policy_config, num_params, len(frames),
                 len(dataset.episodes))

@@ -69,7 +69,7 @@ def param_shapes(config: DiffusionConfig, prefix: str) -> dict[str, tuple[int, .
     k = config.spatial_softmax_num_keypoints
     h, w = config.feature_map_hw
     out = resnet.param_shapes(config, f"{prefix}.backbone")
-    out.update({f"{prefix}.pool.nets.weight": (k, resnet.stage_widths(config)[-1], 1, 1), f"{prefix}.pool.nets.bias": (k,),
-                f"{prefix}.pool.pos_grid": (h * w, 2), f"{prefix}.out.weight": (2 * k, 2 * k),
-                f"{prefix}.out.bias": (2 * k,)})
+    out.update({f"{prefix}.pool.nets.weight": (k, resnet.stage_widths(config)[-1], 1, 1),
+                f"{prefix}.pool.nets.bias": (k,), f"{prefix}.pool.pos_grid": (h * w, 2),
+                f"{prefix}.out.weight": (2 * k, 2 * k), f"{prefix}.out.bias": (2 * k,)})
     return out
