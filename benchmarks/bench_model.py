@@ -6,7 +6,9 @@
 Pi0 / Pi0.5 inputs are LIBERO-shaped: three 224 x 224 cameras with the right wrist masked and a 20-token prompt
 padded to max_token_len. Each is timed with the full prefix and with prefix compaction (``<name>_compact``:
 masked camera and padding dropped, ``Pi0Model(compact_prefix=True)``), alternating calls of the two in one run;
-``compaction_speedup`` is full / compact median.
+``compaction_speedup`` is full / compact median. The tiny configs are timed again while recording what
+``quickstart.py`` records (``<name>_recorded``: suffix attention over every key and the action expert's residuals;
+compaction keeps the recordings in the full layout, so it applies there too).
 
 Last printed line: one JSON object {config: {"median_ms", "p90_ms", "compile_s", "device"}, ...,
 "compaction_speedup": {config: ratio}}; Pi0-FAST entries also give the decoding steps run ("steps") and
@@ -23,7 +25,9 @@ import jax.numpy as jnp
 import numpy as np
 import tyro
 
+from openpi import pipeline
 from openpi.models.config import Pi0Config, Pi0FASTConfig, tiny_config, tiny_fast_config
+from openpi.models.hooks import Record, parse_records
 from openpi.models.model import Pi0FASTModel, Pi0Model, make_fast_observation, make_observation
 
 
@@ -75,16 +79,16 @@ def _images(config, rng) -> dict:
     return {k: rng.integers(0, 256, (1, 224, 224, 3), dtype=np.uint8) for k in config.image_keys}
 
 
-def time_config(name: str, config: Pi0Config, params: dict, runs: int) -> dict:
-    """``name`` (full prefix) and ``name_compact`` (prefix compaction), timed alternately."""
+def time_config(name: str, config: Pi0Config, params: dict, runs: int, records: tuple[Record, ...] = ()) -> dict:
+    """``name`` (full prefix) and ``name_compact`` (prefix compaction), timed alternately, recording ``records``."""
     rng = np.random.default_rng(0)
     obs = make_observation(_images(config, rng), {k: np.array([k != "right_wrist_0_rgb"]) for k in config.image_keys},
                            np.zeros((1, config.action_dim), np.float32),
                            rng.integers(1, 100, (1, config.max_token_len)), np.arange(config.max_token_len)[None] < 20)
     full, compact = Pi0Model(config, params), Pi0Model(config, params, compact_prefix=True)
     noise = jnp.asarray(rng.standard_normal((1, config.action_horizon, config.action_dim)), jnp.float32)
-    return _time_alternating({name: lambda: full.sample_actions(obs, noise)[0],
-                              f"{name}_compact": lambda: compact.sample_actions(obs, noise)[0]}, runs)
+    return _time_alternating({name: lambda: full.sample_actions(obs, noise, records=records),
+                              f"{name}_compact": lambda: compact.sample_actions(obs, noise, records=records)}, runs)
 
 
 def time_fast_config(name: str, config: Pi0FASTConfig, params: dict, runs: int) -> dict:
@@ -105,8 +109,11 @@ def time_fast_config(name: str, config: Pi0FASTConfig, params: dict, runs: int) 
 def main(args: Args) -> None:
     from openpi.models.param_shapes import init_params
     results = {}
+    recorded = parse_records(pipeline.RECORDS)
     for name, cfg in (("pi0_tiny", tiny_config(max_token_len=48)), ("pi05_tiny", tiny_config(pi05=True, max_token_len=64))):
-        results.update(time_config(name, cfg, init_params(cfg), args.runs))
+        params = init_params(cfg)
+        results.update(time_config(name, cfg, params, args.runs))
+        results.update(time_config(f"{name}_recorded", cfg, params, args.runs, recorded))
     fast = tiny_fast_config(max_decoding_steps=args.fast_steps)
     results["pi0_fast_tiny"] = time_fast_config("pi0_fast_tiny", fast, init_params(fast), args.runs)
     if args.full:

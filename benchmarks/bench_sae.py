@@ -19,7 +19,8 @@ constant, linear decay); all are evaluated by one function on the same held-out 
 FVU = sum||x - x_hat||^2 / sum||x - mean_eval(x)||^2 (BatchTopK: dictionary_learning and ours use their inference
 thresholds, sae-lens its batch top-k over the evaluation chunk). Without --activations a planted-dictionary matrix is
 generated. Steady-state step times are the median of 20 steps after 10 warm-up steps on one fixed batch;
-samples/s = batch / step time. `floor_ms` is the forward encoder matmul alone (batch x d times d x latents, jit);
+samples/s = batch / step time. Where torch sees a GPU the references run on it (ours runs where jax runs), both
+in TF32 for float32 matrix products; everything else is float32. `floor_ms` is the forward encoder matmul alone (batch x d times d x latents, jit);
 every trainer has to pay it once per step.
 
 Last printed line: JSON {arch, d, num_latents, k, batch_size, steps, rows, floor_ms, ours: {step_ms, samples_per_s,
@@ -42,6 +43,10 @@ from collections.abc import Callable
 import numpy as np
 import tyro
 
+# On a GPU both sides multiply float32 matrices in TF32 (XLA's default there; torch's "high"), so neither wins by
+# precision. On CPU neither setting changes anything.
+TORCH_MATMUL_PRECISION = "high"
+JAX_MATMUL_PRECISION = "tensorfloat32"
 INSTALL_HINT = "create the benchmark env with scripts/setup_bench_env.sh and run this with .venv-bench/bin/python"
 
 
@@ -71,16 +76,29 @@ class RefTrainer:
     reconstruct: Callable[[object], np.ndarray]
 
 
-def _import_dictionary_learning():
-    if "dictionary_learning" not in sys.modules:
-        spec = importlib.util.find_spec("dictionary_learning")
+def _import_without_init(name: str) -> None:
+    """Register package ``name`` without running its __init__, whose imports serve LLM tracing and data loading
+    (dictionary_learning: nnsight; sparsify: datasets, its trainer) rather than the modules benchmarked here."""
+    if name not in sys.modules:
+        spec = importlib.util.find_spec(name)
         if spec is None:
-            raise ModuleNotFoundError("dictionary_learning")
-        # Its package __init__ imports nnsight (LLM tracing) that the trainers do not need: register the package
-        # without running __init__, then import the trainer modules normally.
-        pkg = types.ModuleType("dictionary_learning")
+            raise ModuleNotFoundError(name)
+        pkg = types.ModuleType(name)
         pkg.__path__ = list(spec.submodule_search_locations)
-        sys.modules["dictionary_learning"] = pkg
+        sys.modules[name] = pkg
+
+
+def _device(torch) -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def _sync(torch) -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def _import_dictionary_learning():
+    _import_without_init("dictionary_learning")
     from dictionary_learning.trainers import batch_top_k, top_k
     return top_k, batch_top_k
 
@@ -97,7 +115,7 @@ def make_dictionary_learning(torch, r, cfg, args) -> RefTrainer:
     top_k, batch_top_k = _import_dictionary_learning()
     common = dict(steps=r.steps, activation_dim=r.d_in, dict_size=r.d_sae, k=r.k, layer=0, lm_name="bench", lr=r.lr,
                   warmup_steps=r.warmup_steps, decay_start=r.decay_start if r.decay_start > r.warmup_steps else None,
-                  threshold_beta=cfg.threshold_beta, seed=args.seed, device="cpu")
+                  threshold_beta=cfg.threshold_beta, seed=args.seed, device=_device(torch))
     cls = top_k.TopKTrainer if cfg.arch == "topk" else batch_top_k.BatchTopKTrainer
     trainer = cls(threshold_start_step=r.warmup_steps, **common)
 
@@ -105,19 +123,18 @@ def make_dictionary_learning(torch, r, cfg, args) -> RefTrainer:
         ae = trainer.ae
         with torch.no_grad():
             f = ae.encode(x) if cfg.arch == "topk" else ae.encode(x, use_threshold=True)
-            return ae.decode(f).numpy()
+            return ae.decode(f).cpu().numpy()
     return RefTrainer(lambda i, x: trainer.update(i, x), reconstruct)
 
 
 def make_sparsify(torch, r, cfg, args) -> RefTrainer:
     if cfg.arch != "topk":
         raise NotImplementedError("eai-sparsify trains TopK (and GroupMax) coders only, no BatchTopK")
-    if importlib.util.find_spec("sparsify") is None:
-        raise ModuleNotFoundError("sparsify")
+    _import_without_init("sparsify")
     from sparsify.config import SparseCoderConfig
     from sparsify.sparse_coder import SparseCoder
     torch.manual_seed(args.seed)
-    coder = SparseCoder(r.d_in, SparseCoderConfig(k=r.k, num_latents=r.d_sae), device="cpu")
+    coder = SparseCoder(r.d_in, SparseCoderConfig(k=r.k, num_latents=r.d_sae), device=_device(torch))
     opt = torch.optim.Adam(coder.parameters(), lr=r.lr)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(r))
 
@@ -133,7 +150,7 @@ def make_sparsify(torch, r, cfg, args) -> RefTrainer:
 
     def reconstruct(x):
         with torch.no_grad():
-            return coder(x).sae_out.numpy()
+            return coder(x).sae_out.cpu().numpy()
     return RefTrainer(step, reconstruct)
 
 
@@ -147,7 +164,7 @@ def make_sae_lens(torch, r, cfg, args) -> RefTrainer:
         from sae_lens.saes.batchtopk_sae import BatchTopKTrainingSAE as cls, BatchTopKTrainingSAEConfig as conf
     torch.manual_seed(args.seed)
     # use_sparse_activations: its sparse-tensor path has no CPU backward in torch 2.13 ('aten::view' on SparseCPU)
-    sae = cls(conf(d_in=r.d_in, d_sae=r.d_sae, k=r.k, use_sparse_activations=False, device="cpu"))
+    sae = cls(conf(d_in=r.d_in, d_sae=r.d_sae, k=r.k, use_sparse_activations=False, device=_device(torch)))
     opt = torch.optim.Adam(sae.parameters(), lr=r.lr)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(r))
 
@@ -164,7 +181,7 @@ def make_sae_lens(torch, r, cfg, args) -> RefTrainer:
 
     def reconstruct(x):
         with torch.no_grad():
-            return sae(x).numpy()
+            return sae(x).cpu().numpy()
     return RefTrainer(step, reconstruct)
 
 
@@ -185,6 +202,12 @@ def _median_step_ms(step: Callable[[int], None], sync: Callable[[], None] = lamb
     return 1e3 * float(np.median(times))
 
 
+def _reconstruct_chunked(torch, trainer: RefTrainer, x: np.ndarray, dev: str, chunk: int = 8192) -> np.ndarray:
+    """Held-out reconstruction in chunks, so a 65,536-latent dense code of every evaluation row never coexists."""
+    return np.concatenate([trainer.reconstruct(torch.from_numpy(x[i:i + chunk]).to(dev))
+                           for i in range(0, len(x), chunk)])
+
+
 def main(args: Args) -> dict:
     unknown = sorted(set(args.references) - set(REFERENCES))
     if unknown:
@@ -200,6 +223,7 @@ def _run(args: Args, tmp: pathlib.Path) -> dict:
     import jax
     import jax.numpy as jnp
 
+    jax.config.update("jax_default_matmul_precision", JAX_MATMUL_PRECISION)
     from openpi.interp.sae import metrics as sae_metrics
     from openpi.interp.sae import synthetic
     from openpi.interp.sae import train as sae_train
@@ -252,7 +276,10 @@ def _run(args: Args, tmp: pathlib.Path) -> dict:
             out["skipped"][name] = f"torch is not installed; {INSTALL_HINT}"
             print(f"skipped {name}: {out['skipped'][name]}")
         torch = None
-    xb_t = None if torch is None else torch.from_numpy(np.ascontiguousarray(xb_np))
+    if torch is not None:
+        torch.set_float32_matmul_precision(TORCH_MATMUL_PRECISION)  # the precision XLA uses for ours (see module doc)
+    dev = None if torch is None else _device(torch)
+    xb_t = None if torch is None else torch.from_numpy(np.ascontiguousarray(xb_np)).to(dev)
     for name in args.references if torch is not None else ():
         try:
             make = REFERENCES[name]
@@ -268,17 +295,19 @@ def _run(args: Args, tmp: pathlib.Path) -> dict:
         batches = source.iter_train(0)
         t0 = time.perf_counter()
         for i in range(r.steps):
-            trainer.step(i, torch.from_numpy(next(batches) * np.float32(scale)))
+            trainer.step(i, torch.from_numpy(next(batches) * np.float32(scale)).to(dev))
+        _sync(torch)
         t_ref = time.perf_counter() - t0
-        fvu = sae_metrics.fvu(eval_x * scale, trainer.reconstruct(torch.from_numpy(eval_x * np.float32(scale))))
+        fvu = sae_metrics.fvu(eval_x * scale, _reconstruct_chunked(torch, trainer, eval_x * np.float32(scale), dev))
         fresh = make(torch, r, cfg, args)  # a fresh trainer so its schedule stays valid for the timed steps
-        step_ms = _median_step_ms(lambda i: fresh.step(i, xb_t))
+        step_ms = _median_step_ms(lambda i: fresh.step(i, xb_t), lambda: _sync(torch))
         out["references"][name] = {"step_ms": step_ms, "samples_per_s": 1e3 * cfg.batch_size / step_ms, "fvu": fvu,
                                    "time_s": t_ref, "step_speedup": step_ms / step_ours,
                                    "fvu_rel_diff": (out["ours"]["fvu"] - fvu) / fvu}
         print(f"{name}: {step_ms:.1f} ms/step (ours {step_ms / step_ours:.2f}x faster per step), held-out FVU "
               f"{fvu:.4f} (ours {100 * out['references'][name]['fvu_rel_diff']:+.1f}%), {t_ref:.1f} s", flush=True)
     out["torch"] = None if torch is None else torch.__version__
+    out["device"] = {"ours": str(jax.devices()[0]), "references": dev}
     print(json.dumps(out))
     return out
 

@@ -90,8 +90,8 @@ class Args:
     """Hook points to record, one-line form SITE?tokens=..&steps=..&reduce=.. (e.g. llm.expert1.layer.3.resid_post;
     names in HOOKS.md); needs --record-dir. A name matching no hook point is an error at start-up."""
     compact_prefix: bool = False
-    """Pi0/Pi0.5 without recording: drop masked cameras and prompt padding before the transformer (faster; the same
-    actions within float rounding; docs/serving.md)."""
+    """Pi0/Pi0.5: drop masked cameras and prompt padding that no --record site selects before the transformer
+    (faster; the same actions within float rounding, recordings in the full layout; docs/serving.md)."""
     writer_id: str | None = None
     """Name of this server's store shards (e.g. shard$SLURM_ARRAY_TASK_ID); default: a random id."""
     policy: Checkpoint | Default = dataclasses.field(default_factory=Default)

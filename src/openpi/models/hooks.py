@@ -166,6 +166,23 @@ class HookTable:
             if not ko.prefix:
                 _check_steps(ko.steps, num_steps, "knockout")
 
+    def required_tokens(self, records: Sequence[Record] = (), interventions: Sequence[Intervention] = ()
+                        ) -> np.ndarray:
+        """(seq_len,) bool: the joint tokens whose values the requests read or edit (the token/query axis of every
+        matched site), which a compacted call must keep. Attention keys are not among them (a dropped key's
+        probability is exactly 0 in the full layout), nor are knockouts' tokens (a knockout touching a dropped
+        token only changes that token, which nothing reads)."""
+        need = np.zeros(self.seq_len, bool)
+        for req in (*records, *interventions):
+            for name in self.match(req.site, "request site"):
+                point = self.points[name]
+                if point.token_axis is None:
+                    continue
+                local = self.local_indices(req.tokens, name, point.num_tokens)
+                local = np.arange(point.num_tokens) if local is None else local
+                need[point.token_start + local] = True
+        return need
+
     def _check_tokens(self, tokens: str, name: str, what: str) -> None:
         length = self.token_length(name)
         if self.joint_indices(tokens) is None:
@@ -352,6 +369,44 @@ def split_requests(requests: Iterable[HookRequest]) -> tuple[tuple[Record, ...],
     return tuple(out[0]), tuple(out[1]), tuple(out[2])
 
 
+# ------------------------------------------------------------------------------------------------ compaction
+
+
+@dataclasses.dataclass(frozen=True)
+class TokenMap:
+    """Where the tokens of a compacted call sit: ``keep[j]`` says whether joint token j of the declared (full)
+    layout is computed. Dropped tokens all lie in the prefix and are masked for every sample (no query attends to
+    them as keys), so a compacted call computes every kept token exactly as the full layout does; the dispatcher
+    uses this map to read and edit kept tokens at their compacted positions and to hand back recordings in the
+    full layout (attention over a dropped key is exactly 0 there)."""
+
+    keep: tuple[bool, ...]
+
+    @property
+    def num_dropped(self) -> int:
+        return len(self.keep) - sum(self.keep)
+
+    def compact_index(self, joint: np.ndarray) -> np.ndarray:
+        """Compacted position of full-layout joint indices (all of them must be kept)."""
+        keep = np.asarray(self.keep)
+        joint = np.asarray(joint, np.int64)
+        if not keep[joint].all():
+            raise ValueError(f"tokens {joint[~keep[joint]].tolist()[:8]} were dropped by prefix compaction, but a "
+                             "request touches them (the layout must keep every token a request selects)")
+        return np.cumsum(keep)[joint] - 1
+
+    def full_index(self, compact: np.ndarray) -> np.ndarray:
+        """Full-layout joint index of compacted positions."""
+        return np.nonzero(np.asarray(self.keep))[0][np.asarray(compact, np.int64)]
+
+    def expand_keys(self, x: jax.Array) -> jax.Array:
+        """An attention array over compacted keys (last axis) as the full layout holds it: zeros at dropped keys.
+        Keys always start at joint 0 and cover the whole prefix, so the full axis has ``num_dropped`` more."""
+        n = x.shape[-1]
+        full = jnp.zeros(x.shape[:-1] + (n + self.num_dropped,), x.dtype)
+        return full.at[..., jnp.asarray(self.full_index(np.arange(n)))].set(x)
+
+
 # ------------------------------------------------------------------------------------------------ dispatcher
 
 
@@ -365,6 +420,7 @@ class Hooks:
     table: HookTable | None = None
     step: Any = None  # traced denoising-step index inside the sampling loop, None outside it
     num_steps: int | None = None  # resolves negative step selectors (-1 = last step)
+    token_map: TokenMap | None = None  # set for a compacted call: requests stay in the full layout's positions
     collected: dict[str, jax.Array] = dataclasses.field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -404,9 +460,19 @@ class Hooks:
             self.collected[name] = self._reduce(rec, point, x)
         return x
 
+    def _local(self, tokens: str, point: HookPoint, length: int) -> np.ndarray | None:
+        """Indices along the value's token axis for a selector (None = all), in the call's own layout."""
+        if self.token_map is None:
+            return self.table.local_indices(tokens, point.name, length)
+        local = self.table.local_indices(tokens, point.name, point.num_tokens)  # checked in the full layout
+        joint = point.token_start + (np.arange(point.num_tokens) if local is None else local)
+        compact = self.token_map.compact_index(joint)
+        compact = compact - int(np.sum(np.asarray(self.token_map.keep)[:point.token_start]))
+        return None if local is None and compact.size == length else compact
+
     def _intervene(self, iv: Intervention, point: HookPoint, x):
         axis = point.token_axis
-        idx = None if axis is None else self.table.local_indices(iv.tokens, point.name, x.shape[axis])
+        idx = None if axis is None else self._local(iv.tokens, point, x.shape[axis])
         axis = 0 if axis is None else axis
         moved = jnp.moveaxis(x, axis, 0)
         sel = moved if idx is None else moved[idx]
@@ -427,9 +493,11 @@ class Hooks:
     def _reduce(self, rec: Record, point: HookPoint, x):
         axis = point.token_axis
         if axis is not None:
-            idx = self.table.local_indices(rec.tokens, point.name, x.shape[axis])
+            idx = self._local(rec.tokens, point, x.shape[axis])
             if idx is not None:
                 x = jnp.take(x, jnp.asarray(idx), axis=axis)
+        if self.token_map is not None and "key" in point.axes:
+            x = self.token_map.expand_keys(x)
         if "heads" in rec.reduce:
             head = point.axes.index("head")
             x = x.astype(jnp.float32).mean(axis=head)
@@ -449,13 +517,18 @@ class Hooks:
                 continue
             q = self.table.joint_indices(ko.queries)
             k = self.table.joint_indices(ko.keys)
-            q_joint = q_offset + np.arange(mask.shape[1])
+            q_joint, k_joint = q_offset + np.arange(mask.shape[1]), np.arange(mask.shape[2])
+            q_range = (q_offset, mask.shape[1])  # the pass's queries in the full layout, for the message
+            if self.token_map is not None:  # compacted call: compare in the full layout's positions
+                q_joint, k_joint = self.token_map.full_index(q_joint), self.token_map.full_index(k_joint)
+                dropped = self.token_map.num_dropped
+                q_range = (q_offset, mask.shape[1] + dropped) if prefix else (q_offset + dropped, mask.shape[1])
             qsel = np.ones(mask.shape[1], bool) if q is None else np.isin(q_joint, q)
-            if q is not None and not qsel.any():
+            if q is not None and not np.isin(np.arange(q_range[0], sum(q_range)), q).any():
                 raise ValueError(f"knockout queries {ko.queries!r} select no query of layer {layer}'s "
-                                 f"{'prefix' if prefix else 'denoising'} pass (joint {q_offset}.."
-                                 f"{q_offset + mask.shape[1] - 1})")
-            ksel = np.ones(mask.shape[2], bool) if k is None else np.isin(np.arange(mask.shape[2]), k)
+                                 f"{'prefix' if prefix else 'denoising'} pass (joint {q_range[0]}.."
+                                 f"{sum(q_range) - 1})")
+            ksel = np.ones(mask.shape[2], bool) if k is None else np.isin(k_joint, k)
             block = jnp.asarray(qsel[:, None] & ksel[None, :])
             active = self._step_active(ko.steps) if not prefix else None
             if active is not None:

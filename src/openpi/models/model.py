@@ -54,15 +54,25 @@ class Pi0Model:
     """Holds parameters in the compute dtype (bfloat16 for released checkpoints) and compiled functions.
 
     ``compact_prefix``: drop the prefix tokens no sample of a call uses (masked cameras, prompt padding) before the
-    transformer when the call records and edits nothing (:func:`pi0.compact_layout`). Outputs equal the full layout's
-    within float rounding (reductions over fewer keys), so it is off by default: with it on, a recorded call (full
-    layout) and an unrecorded one can differ in the last bits.
+    transformer (:func:`pi0.compact_layout`), except those a recording or edit selects. Requests and recordings keep
+    the full layout's token positions (attention over a dropped key is recorded as its exact 0). Outputs equal the
+    full layout's within float rounding (reductions over fewer keys), not bit for bit, so it is off by default.
     """
 
     def __init__(self, config: Pi0Config, params: dict, *, compact_prefix: bool = False) -> None:
         self.config = config
         self.params = cast_params(config, params)
         self.compact_prefix = compact_prefix
+        self._required: dict[tuple, np.ndarray] = {}
+
+    def _layout(self, obs: pi0.Observation, records: tuple[Record, ...],
+                interventions: tuple[Intervention, ...]) -> pi0.PrefixLayout | None:
+        if not self.compact_prefix:
+            return None
+        key = tuple((r.site, r.tokens) for r in (*records, *interventions))
+        if key not in self._required:  # pattern matching over every site name: once per distinct request
+            self._required[key] = pi0.hook_table(self.config).required_tokens(records, interventions)
+        return pi0.compact_layout(self.config, obs, required=self._required[key])
 
     @functools.cached_property
     def _sample(self):
@@ -74,8 +84,7 @@ class Pi0Model:
     def sample_actions(self, obs: pi0.Observation, noise: jax.Array, *, num_steps: int = 10,
                        records: tuple[Record, ...] = (), interventions: tuple[Intervention, ...] = (),
                        knockouts: tuple[AttentionKnockout, ...] = ()) -> tuple[jax.Array, dict]:
-        plain = not (records or interventions or knockouts)
-        layout = pi0.compact_layout(self.config, obs) if self.compact_prefix and plain else None
+        layout = self._layout(obs, tuple(records), tuple(interventions))
         return self._sample(self.params, obs, noise, tuple(interventions), num_steps=num_steps,
                             records=tuple(records), knockouts=tuple(knockouts), layout=layout)
 

@@ -13,7 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from openpi.models.hooks import (NO_HOOKS, AttentionKnockout, HookPoint, Hooks, HookTable, Intervention, Record,
-                                 resolve_steps)
+                                 TokenMap, resolve_steps)
 from openpi.models import gemma, layers, siglip
 from openpi.models.config import Pi0Config, Pi0FASTConfig
 
@@ -138,14 +138,33 @@ class PrefixLayout:
     def num_tokens(self, config: Pi0Config | Pi0FASTConfig) -> int:
         return len(self.cameras) * config.tokens_per_image + self.prompt_len
 
+    def token_map(self, config: Pi0Config) -> TokenMap:
+        """Which joint tokens of the full layout [prefix | suffix] this layout computes."""
+        spans = prefix_spans(config)
+        keep = np.ones(config.prefix_len + config.suffix_len, bool)
+        keep[:config.prefix_len] = False
+        for key in self.cameras:
+            keep[slice(*spans[key])] = True
+        start = spans["prompt"][0]
+        keep[start:start + self.prompt_len] = True
+        return TokenMap(tuple(bool(v) for v in keep))
 
-def compact_layout(config: Pi0Config | Pi0FASTConfig, obs, prompt_bucket: int = 8) -> PrefixLayout | None:
-    """The smallest layout keeping every valid prefix token of ``obs`` (concrete arrays), or None when it would
+
+def compact_layout(config: Pi0Config | Pi0FASTConfig, obs, prompt_bucket: int = 8,
+                   required: np.ndarray | None = None) -> PrefixLayout | None:
+    """The smallest layout keeping every valid prefix token of ``obs`` (concrete arrays) and every joint token
+    ``required`` marks (what recordings and edits read: :meth:`HookTable.required_tokens`), or None when it would
     drop nothing. The prompt length is rounded up to ``prompt_bucket`` so varying prompts share few compilations."""
-    cameras = tuple(k for k in config.image_keys if k in obs.image_masks and bool(np.any(obs.image_masks[k])))
+    spans = prefix_spans(config)
+    need = np.zeros(config.prefix_len, bool) if required is None else np.asarray(required, bool)[:config.prefix_len]
+    cameras = tuple(k for k in config.image_keys if (k in obs.image_masks and bool(np.any(obs.image_masks[k])))
+                    or need[slice(*spans[k])].any())
     valid = np.asarray(obs.tokenized_prompt_mask, bool)
     used = int(np.max(np.nonzero(valid.any(axis=0))[0], initial=-1)) + 1
     prompt_len = min(valid.shape[1], -(-used // prompt_bucket) * prompt_bucket)
+    needed = np.nonzero(need[spans["prompt"][0]:])[0]
+    if needed.size:
+        prompt_len = max(prompt_len, int(needed[-1]) + 1)
     if not cameras and prompt_len == 0:
         return None  # an all-masked prefix: nothing to keep, run the full layout as openpi does
     if cameras == tuple(config.image_keys) and prompt_len == valid.shape[1]:
@@ -263,19 +282,18 @@ def sample_actions(config: Pi0Config, params: dict, obs: Observation, noise: jax
 
     Returns (actions (B, horizon, action_dim), recordings). Denoising-step sites come back with a leading step axis
     holding only the requested steps; prefix-pass sites have none. With no request the graph is the plain one.
-    ``layout`` (from :func:`compact_layout`) drops prefix tokens no sample uses; hook positions are declared in the
-    full layout, so it cannot be combined with a request.
+    ``layout`` (from :func:`compact_layout`) drops prefix tokens no sample uses. Requests keep the full layout's
+    positions, and recordings come back in it; the layout must keep every token they select (pass
+    ``required=hook_table(config).required_tokens(records, interventions)`` to :func:`compact_layout`).
     """
     records, interventions, knockouts = tuple(records), tuple(interventions), tuple(knockouts)
     table = None
-    if layout is not None and (records or interventions or knockouts):
-        raise ValueError("a compacted prefix layout cannot be combined with records, interventions or knockouts: "
-                         "their token positions are those of the full layout")
     if records or interventions or knockouts:
         table = hook_table(config)
         table.validate(records, interventions, knockouts, num_steps)
+    token_map = None if layout is None or table is None else layout.token_map(config)
     hooks = Hooks(records=records, interventions=interventions, knockouts=knockouts, table=table,
-                  num_steps=num_steps)
+                  num_steps=num_steps, token_map=token_map)
     prefix, prefix_mask, prefix_ar = embed_prefix(config, params, obs, hooks, layout)
     prefix_attn = layers.make_attn_mask(prefix_mask, prefix_ar)
     positions = jnp.cumsum(prefix_mask, axis=1) - 1

@@ -222,8 +222,8 @@ def create_policy(config_name: str = DEFAULT_CONFIG, checkpoint_dir: str | None 
     steps (default 10) or, for Pi0-FAST, decoding steps (default the config's ``max_decoding_steps``);
     ``fast_tokenizer`` / ``temperature`` / ``coefficient_count`` (``"openpi"``: a generated chunk with the wrong
     number of DCT coefficients decodes to zeros, flagged; ``"fit"``: fitted, flagged): Pi0-FAST only.
-    ``compact_prefix`` (Pi0/Pi0.5, no recording or edits): drop masked cameras and prompt padding before the
-    transformer (same actions within float rounding, see ``Pi0Model``). ``dp_lerobot`` takes only
+    ``compact_prefix`` (Pi0/Pi0.5): drop masked cameras and prompt padding that no recording or edit selects before
+    the transformer (same actions within float rounding, recordings in the full layout, see ``Pi0Model``). ``dp_lerobot`` takes only
     ``checkpoint_dir`` (the LeRobot folder), ``num_steps``, ``seed``, recording and interventions (see
     ``create_diffusion_policy``); its prompt is unused, so ``default_prompt`` has no effect.
     """
@@ -248,9 +248,6 @@ def create_policy(config_name: str = DEFAULT_CONFIG, checkpoint_dir: str | None 
     records = parse_records(record_sites or ())
     if compact_prefix and cfg.is_fast:
         raise ValueError(f"compact_prefix is a Pi0/Pi0.5 option; {config_name!r} is a Pi0-FAST config")
-    if compact_prefix and (records or interventions or knockouts):
-        raise ValueError("compact_prefix would never apply: this policy records or edits every call, and those calls "
-                         "run the full prefix layout (hook positions are declared in it); drop one of the two")
     # Requests are checked before any weights are loaded (_check_requests).
     table = (FastPolicy if cfg.is_fast else Policy).hook_table_for(model_cfg, num_steps)
     _check_requests(table, records, interventions, knockouts, num_steps, record_dir)

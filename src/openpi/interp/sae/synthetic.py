@@ -18,17 +18,39 @@ from openpi.interp.sae import model as sae_model
 from openpi.shared.records import KEY_COLUMNS, EpisodeKey, EpisodeRecord
 
 
-def planted_dictionary(d: int = 48, n_atoms: int = 96, rows: int = 20000, active: int = 4, seed: int = 0, offset: float = 3.0, noise: float = 0.01) -> tuple[np.ndarray, np.ndarray]:
-    """(X (rows, d) float32, atoms (n_atoms, d) unit rows): each row mixes `active` random atoms with
-    coefficients in [0.5, 2], plus a shared random mean of norm ~offset*sqrt(d) and Gaussian noise."""
+def planted_dictionary(d: int = 48, n_atoms: int = 96, rows: int = 20000, active: int = 4, seed: int = 0,
+                       offset: float = 3.0, noise: float = 0.01, chunk: int = 4096) -> tuple[np.ndarray, np.ndarray]:
+    """(X (rows, d) float32, atoms (n_atoms, d) unit rows): each row mixes `active` distinct random atoms with
+    coefficients in [0.5, 2], plus a shared random mean of norm ~offset*sqrt(d) and Gaussian noise.
+
+    Built ``chunk`` rows at a time with work and memory linear in rows * active * d (not rows * n_atoms), so
+    research-scale matrices (65,536 latents, d=2048) take seconds."""
+    if active > n_atoms:
+        raise ValueError(f"active={active} atoms per row, but only n_atoms={n_atoms}")
     rng = np.random.default_rng(seed)
     atoms = rng.normal(size=(n_atoms, d))
     atoms /= np.linalg.norm(atoms, axis=1, keepdims=True)
-    idx = np.argsort(rng.random((rows, n_atoms)), axis=1)[:, :active]
-    coef = rng.uniform(0.5, 2.0, size=(rows, active))
-    x = np.einsum("ra,rad->rd", coef, atoms[idx])
-    x += rng.normal(size=d) * offset + noise * rng.normal(size=(rows, d))
-    return x.astype(np.float32), atoms
+    atoms32 = atoms.astype(np.float32)
+    mean = (rng.normal(size=d) * offset).astype(np.float32)
+    x = np.empty((rows, d), np.float32)
+    for start in range(0, rows, chunk):
+        n = min(chunk, rows - start)
+        idx = _distinct_indices(rng, n, active, n_atoms)
+        coef = rng.uniform(0.5, 2.0, size=(n, active)).astype(np.float32)
+        x[start:start + n] = np.einsum("ra,rad->rd", coef, atoms32[idx]) + mean
+        x[start:start + n] += noise * rng.standard_normal((n, d), dtype=np.float32)
+    return x, atoms
+
+
+def _distinct_indices(rng: np.random.Generator, rows: int, active: int, n: int) -> np.ndarray:
+    """(rows, active) indices in [0, n), distinct within each row: uniform draws, rows with a repeat redrawn."""
+    idx = rng.integers(0, n, (rows, active))
+    while True:
+        srt = np.sort(idx, axis=1)
+        bad = np.nonzero((srt[:, 1:] == srt[:, :-1]).any(axis=1))[0]
+        if bad.size == 0:
+            return idx
+        idx[bad] = rng.integers(0, n, (bad.size, active))
 
 
 def orthonormal_atoms(n_atoms: int, d: int, seed: int = 0) -> np.ndarray:
