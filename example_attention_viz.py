@@ -15,6 +15,9 @@ bar, the objects of interest outlined; titles name env step, layers, denoising s
 {episode, selection {layers, heads, steps, queries}, queries [{env_step, frame_row, fraction {SPAN: ...},
 visual_linguistic_ratio, top_patch (row-major index of the scored camera's most attended patch), tokens,
 text_weights (share of the full row per non-pad prompt token)}], warnings}.
+A Diffusion Policy recording (``enc.<cam>.attn``): the image view only, each camera's spatial-softmax grid drawn
+over the part of the frame its crop covers, keypoints in place of heads (``--heads`` selects keypoints), and
+``fraction`` and ``visual_linguistic_ratio`` null (each camera's softmax sums to 1 on its own).
 Token labels: ``--tokens`` (JSON list, as for visualize_text_attention.py), else ``--tokenizer`` (SentencePiece
 model; Pi0 prompts only), else positional labels ``i0, i1, ...`` (instruction) and ``t0, ...`` (template).
 """
@@ -23,6 +26,7 @@ from __future__ import annotations
 import dataclasses
 import pathlib
 import sys
+import textwrap
 from typing import Literal
 
 import numpy as np
@@ -93,6 +97,15 @@ def token_labels(q: PolicyQuery, args: Args) -> list[str]:
     return prompt_tokens(table, q.prompt, args.tokenizer)[0]  # positional labels without --tokenizer
 
 
+def _modes(args: Args, diffusion: bool) -> tuple[str, ...]:
+    if diffusion and args.mode in ("text", "combined"):
+        raise ValueError(f"--mode {args.mode}: a Diffusion Policy reads no prompt, so its attention has no text part; "
+                         "use --mode image (or all)")
+    if args.mode != "all":
+        return (args.mode,)
+    return ("image",) if diffusion else ("image", "text", "combined")
+
+
 def main(args: Args) -> dict:
     run = RecordedRun(args.store, args.rollouts, layers=args.layers, steps=args.steps)
     key = pick_episode(run, args)
@@ -101,30 +114,39 @@ def main(args: Args) -> dict:
         queries = [q for q in queries if q.env_step == args.env_step]
         if not queries:
             raise JoinError(f"episode {key.stem} has no policy query at env_step {args.env_step}")
-    modes = ("image", "text", "combined") if args.mode == "all" else (args.mode,)
+    diffusion = queries[0].table.model == "diffusion"
+    modes = _modes(args, diffusion)
+    heads_word = "keypoints" if diffusion else "heads"
     results, movie, warnings = [], [], []
     for q in queries:
         table = q.table
         row = reduce_query(q, args)
         cams = [c for c in table.valid_cameras if c in q.frames]
-        heat = A.camera_heatmaps(row, table, cams)
+        grids = A.camera_heatmaps(row, table, cams)
+        # A Diffusion Policy's grid covers its crop of the frame only: place it there (Pi0's covers the frame).
+        heat = {c: h if q.grid_geometry(c).whole_frame else q.grid_geometry(c).frame_heatmap(h, q.frames[c].shape[:2])
+                for c, h in grids.items()}
         summary = A.modality_summary(row, table)
         fractions = {k.split("/", 1)[1]: float(v) for k, v in summary.items() if k.startswith("fraction/")}
-        kinds = A.token_kinds(table)
-        keep = [k != "pad" for k in kinds]
-        labels = [t for t, k in zip(token_labels(q, args), keep) if k]
-        weights = A.text_weights(row, table)[0][np.asarray(keep)]
-        shown_kinds = [k for k in kinds if k != "pad"]
-        title = (f"{key.stem}, env step {q.env_step} ({'success' if q.success else 'failure'}): {q.prompt!r}\n"
-                 f"layers {A.ranges_label(q.layers)}, denoising steps {A.ranges_label(q.steps)}, heads "
+        head = f"{key.stem}, env step {q.env_step} ({'success' if q.success else 'failure'}): {q.prompt!r}"
+        title = (textwrap.shorten(head, 46 * len(cams), placeholder="...") + "\n"  # one line; the whole: viz.json
+                 f"layers {A.ranges_label(q.layers)}, denoising steps {A.ranges_label(q.steps)}, {heads_word} "
                  f"{'mean' if args.heads is None else A.ranges_label(args.heads)} (mean)")
         name = f"{A.step_file_stem(q.env_step)}.png"
         objects = sorted(set(q.object_ids.values()))
         outlines = {c: np.isin(q.masks[c], objects) for c in cams if c in q.masks and objects}
         if "image" in modes:
             plots.plot_camera_overlays({c: q.frames[c] for c in cams}, heat, args.out / "image" / name,
-                                       title=title, shares={c: fractions[c] for c in cams}, cmap=args.cmap,
+                                       title=title, shares=None if diffusion else {c: fractions[c] for c in cams},
+                                       cmap=args.cmap,
                                        alpha=args.alpha, outlines=outlines)
+        labels, weights, shown_kinds = [], np.zeros(0), []
+        if not diffusion:
+            kinds = A.token_kinds(table)
+            keep = [k != "pad" for k in kinds]
+            labels = [t for t, k in zip(token_labels(q, args), keep) if k]
+            weights = A.text_weights(row, table)[0][np.asarray(keep)]
+            shown_kinds = [k for k in kinds if k != "pad"]
         if "text" in modes:
             plots.plot_text_attention(weights, labels, args.out / "text" / name, kinds=shown_kinds, title=title)
         if "combined" in modes:
@@ -136,17 +158,20 @@ def main(args: Args) -> dict:
             top = plots.shared_vmax(heat)
             movie.append(plots.side_by_side([plots.overlay(q.frames[c], heat[c], args.cmap, args.alpha, vmax=top)
                                              for c in cams]))
-        warnings += [f"env_step {q.env_step}: {w}" for w in A.sanity_warnings(A.modality_masses(row, table), table)]
-        results.append({"env_step": q.env_step, "frame_row": q.frame_row, "fraction": fractions,
-                        "visual_linguistic_ratio": float(summary["visual_linguistic_ratio"]),
+        if not diffusion:
+            warnings += [f"env_step {q.env_step}: {w}" for w in A.sanity_warnings(A.modality_masses(row, table), table)]
+        # A DP row holds each camera's own softmax side by side: shares of the row would only count cameras.
+        results.append({"env_step": q.env_step, "frame_row": q.frame_row, "fraction": None if diffusion else fractions,
+                        "visual_linguistic_ratio": None if diffusion else float(summary["visual_linguistic_ratio"]),
                         "top_patch": int(np.argmax(A.camera_probs(row, table, args.camera))),
                         "tokens": labels, "text_weights": weights})
     if args.video and movie:
         plots.write_mp4(movie, args.out / "image.mp4", fps=5)
     info = {"episode": key.stem, "prompt": queries[0].prompt, "success": queries[0].success,
             "selection": {"layers": queries[0].layers, "heads": args.heads, "steps": queries[0].steps,
-                          "queries": args.queries, "reduction": "mean over selected steps, layers, heads, "
-                          "action queries"}, "queries": results, "warnings": warnings}
+                          "queries": args.queries, "reduction": f"mean over selected steps, layers, {heads_word}, "
+                          "action queries"}, "model": "diffusion" if diffusion else "pi0", "queries": results,
+            "warnings": warnings}
     A.write_json(args.out / "viz.json", info)
     for w in warnings:
         print(f"warning: {w}", file=sys.stderr)

@@ -18,7 +18,8 @@ All see the same training rows in the same batch order (our seeded batch source)
 constant, linear decay); all are evaluated by one function on the same held-out rows:
 FVU = sum||x - x_hat||^2 / sum||x - mean_eval(x)||^2 (BatchTopK: dictionary_learning and ours use their inference
 thresholds, sae-lens its batch top-k over the evaluation chunk). Without --activations a planted-dictionary matrix is
-generated. Steady-state step times are the median of 20 steps after 10 warm-up steps on one fixed batch;
+generated. Steady-state step times are the median of --timed-steps (20) steps after --warmup-steps (10) on one
+fixed batch;
 samples/s = batch / step time. Where torch sees a GPU the references run on it (ours runs where jax runs), both
 in TF32 for float32 matrix products; everything else is float32. `floor_ms` is the forward encoder matmul alone (batch x d times d x latents, jit);
 every trainer has to pay it once per step.
@@ -66,6 +67,10 @@ class Args:
     d: int = 1024
     """Width of the generated matrix."""
     references: tuple[str, ...] = ("dictionary_learning", "sparsify", "sae_lens")
+    warmup_steps: int = 10
+    timed_steps: int = 20
+    """Steady-state step time: the median of this many steps after the warm-up ones (fewer at research width on a
+    CPU, where one dense reference step takes seconds)."""
 
 
 @dataclasses.dataclass
@@ -188,13 +193,14 @@ def make_sae_lens(torch, r, cfg, args) -> RefTrainer:
 REFERENCES = {"dictionary_learning": make_dictionary_learning, "sparsify": make_sparsify, "sae_lens": make_sae_lens}
 
 
-def _median_step_ms(step: Callable[[int], None], sync: Callable[[], None] = lambda: None) -> float:
-    """Median of 20 steps after 10 warm-up steps."""
-    for i in range(10):
+def _median_step_ms(step: Callable[[int], None], sync: Callable[[], None] = lambda: None, warmup: int = 10,
+                    timed: int = 20) -> float:
+    """Median of ``timed`` steps after ``warmup`` steps."""
+    for i in range(warmup):
         step(i)
     sync()
     times = []
-    for i in range(10, 30):
+    for i in range(warmup, warmup + timed):
         t0 = time.perf_counter()
         step(i)
         sync()
@@ -257,14 +263,15 @@ def _run(args: Args, tmp: pathlib.Path) -> dict:
 
     def our_step(_):
         state["s"], _ = step_fn(state["s"], xb)
-    step_ours = _median_step_ms(our_step, lambda: jax.block_until_ready(state["s"]))
+    counts = {"warmup": args.warmup_steps, "timed": args.timed_steps}
+    step_ours = _median_step_ms(our_step, lambda: jax.block_until_ready(state["s"]), **counts)
     out["ours"] = {"step_ms": step_ours, "samples_per_s": 1e3 * cfg.batch_size / step_ours,
                    "fvu": sae_metrics.fvu(eval_x, res.sae.reconstruct(eval_x)), "time_s": t_ours}
     print(f"ours: {step_ours:.1f} ms/step, held-out FVU {out['ours']['fvu']:.4f}, {t_ours:.1f} s end to end",
           flush=True)
     w = jnp.asarray(np.random.default_rng(0).standard_normal((r.d_sae, source.d), np.float32))
     encode = jax.jit(lambda x, w: x @ w.T)
-    out["floor_ms"] = _median_step_ms(lambda _: encode(xb, w).block_until_ready())
+    out["floor_ms"] = _median_step_ms(lambda _: encode(xb, w).block_until_ready(), **counts)
     print(f"forward encoder matmul floor: {out['floor_ms']:.1f} ms ({step_ours / out['floor_ms']:.2f}x below our "
           "step)", flush=True)
 
@@ -300,7 +307,7 @@ def _run(args: Args, tmp: pathlib.Path) -> dict:
         t_ref = time.perf_counter() - t0
         fvu = sae_metrics.fvu(eval_x * scale, _reconstruct_chunked(torch, trainer, eval_x * np.float32(scale), dev))
         fresh = make(torch, r, cfg, args)  # a fresh trainer so its schedule stays valid for the timed steps
-        step_ms = _median_step_ms(lambda i: fresh.step(i, xb_t), lambda: _sync(torch))
+        step_ms = _median_step_ms(lambda i: fresh.step(i, xb_t), lambda: _sync(torch), **counts)
         out["references"][name] = {"step_ms": step_ms, "samples_per_s": 1e3 * cfg.batch_size / step_ms, "fvu": fvu,
                                    "time_s": t_ref, "step_speedup": step_ms / step_ours,
                                    "fvu_rel_diff": (out["ours"]["fvu"] - fvu) / fvu}

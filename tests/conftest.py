@@ -1,6 +1,8 @@
 """Shared test settings: tests run on CPU with float32 matmuls at full precision."""
 import os
 import pathlib
+import runpy
+import types
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
@@ -10,6 +12,11 @@ REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
 SHARED = REPO_ROOT.parent / "shared"
 LEROBOT_FIXTURES = SHARED / "fixtures" / "lerobot_ref"
 LEROBOT_POLICY = LEROBOT_FIXTURES / "diffusion_tiny"  # a LeRobot Diffusion Policy folder (random weights, LIBERO-shaped)
+
+
+def script(name: str) -> types.SimpleNamespace:
+    """A top-level script of the repo run as a module (its ``main`` and ``Args`` reachable as attributes)."""
+    return types.SimpleNamespace(**runpy.run_path(str(REPO_ROOT / name)))
 
 
 def require_lerobot_policy() -> pathlib.Path:

@@ -2,8 +2,6 @@
 import json
 import os
 import pathlib
-import runpy
-import types
 
 os.environ.setdefault("MPLBACKEND", "Agg")
 
@@ -11,15 +9,10 @@ import imageio.v2 as imageio  # noqa: E402
 import matplotlib  # noqa: E402
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
+from conftest import script  # noqa: E402
 from PIL import Image  # noqa: E402
 
 from openpi.interp import attention_plots as plots  # noqa: E402
-
-REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
-
-
-def script(name: str) -> types.SimpleNamespace:
-    return types.SimpleNamespace(**runpy.run_path(str(REPO_ROOT / name)))
 
 
 def png_size(path) -> tuple[int, int]:

@@ -17,7 +17,7 @@ import json
 
 import numpy as np
 import pytest
-from conftest import require_lerobot_policy
+from conftest import require_lerobot_policy, script
 from test_recorded_run import OBJ_ID, REPLAN, T, write_episode
 
 from openpi.interp import iou, recorded_iou
@@ -184,3 +184,20 @@ def test_dp_store_without_attention_sites_names_the_sites_to_record(tmp_path):
     assert not (tmp_path / "out").exists()
     with pytest.raises(JoinError, match="one attention pseudo-layer"):
         RecordedRun(*make_dp_run(tmp_path / "b", EPISODES[:1]), layers=[0])
+
+
+def test_example_viz_draws_keypoint_maps_where_the_crop_lies(tmp_path):
+    """example_attention_viz.py on a DP recording: image view only (text is refused), keypoints as heads, and the
+    selected keypoint's most attended cell is the planted one (the corner the object is in at that query)."""
+    store, rollouts = make_dp_run(tmp_path, EPISODES[:1])
+    mod = script("example_attention_viz.py")
+    out = tmp_path / "viz"
+    info = mod.main(mod.Args(store=store, rollouts=rollouts, out=out, heads=(FOLLOW,), video=True))
+    assert info["model"] == "diffusion" and "keypoints" in info["selection"]["reduction"]
+    assert [q["top_patch"] for q in info["queries"]] == [CORNERS[i % 4] for i in range(len(info["queries"]))]
+    assert all(q["visual_linguistic_ratio"] is None and q["fraction"] is None and q["tokens"] == []
+               for q in info["queries"])
+    assert (out / "image" / "s0000.png").stat().st_size > 0 and (out / "image.mp4").stat().st_size > 0
+    assert not (out / "text").exists()
+    with pytest.raises(ValueError, match="no text part"):
+        mod.main(mod.Args(store=store, rollouts=rollouts, out=tmp_path / "v2", mode="text"))

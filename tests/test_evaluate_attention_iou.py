@@ -7,22 +7,14 @@ import dataclasses
 import inspect
 import json
 import pathlib
-import runpy
-import types
 
 import numpy as np
 import pytest
+from conftest import script
 from test_recorded_run import REPLAN, T, make_run, rewrite_frames
 
 from openpi.interp import recorded_iou
 from openpi.interp.recorded_run import JoinError
-
-ROOT = pathlib.Path(__file__).resolve().parents[1]
-
-
-def script(name: str) -> types.SimpleNamespace:
-    return types.SimpleNamespace(**runpy.run_path(str(ROOT / name)))
-
 
 EPISODES = [
     # original prompt: episodes 0, 1 attend to the object and succeed; episode 2 looks elsewhere and fails

@@ -324,8 +324,11 @@ class AttentionArray:
         return AttentionArray(self.data.mean(axis=pos, dtype=np.float64), kept)
 
 
-def ranges_label(values: Sequence[int]) -> str:
-    """[0, 1, 2, 5] -> '0-2, 5' (compact labels for titles)."""
+def ranges_label(values: Sequence[int | str]) -> str:
+    """[0, 1, 2, 5] -> '0-2, 5' (compact labels for titles); named layers (a Diffusion Policy's 'encoder') as
+    they are."""
+    if any(isinstance(v, str) and not v.lstrip("-").isdigit() for v in values):
+        return ", ".join(str(v) for v in values)
     out: list[str] = []
     vals = sorted(int(v) for v in values)
     start = prev = None
