@@ -3,6 +3,8 @@ the unmodified and the zero-ablated policy on recorded observations (definition:
 
     python sae/splice_score.py --sae out/sae --site llm.expert1.layer.3.resid_post --rollouts out/rollouts \
         --out out/sae/splice.json [--config pi0_tiny_spatial] [--checkpoint-dir DIR] [--max-obs 50]
+    python sae/splice_score.py --sae out/sae --site unet.mid.block.1 --rollouts out/rollouts \
+        --out out/sae/splice.json --config dp_tiny_spatial10       # a Diffusion Policy
 
 Writes one JSON object: {site, tokens, steps, n_observations, mse_spliced, mse_zero_ablated,
 action_error_recovered, formula, sae, config}.
@@ -30,7 +32,8 @@ class Args:
     out: pathlib.Path
     config: str = DEFAULT_CONFIG
     checkpoint_dir: str | None = None
-    tokens: str = "actions"
+    tokens: str | None = None
+    """token selector of the splice (default: actions where the site has tokens, else the whole value)"""
     steps: str = "all"
     max_obs: int | None = 50
     seed: int = 0

@@ -187,9 +187,6 @@ def run_stages(args: Args, plan: pipeline.Plan, stages: Stages) -> None:
     """Every stage of ``pipeline.STAGES`` in order; one whose needs did not succeed is skipped (and said so)."""
     done: set[str] = set()
     for st in pipeline.STAGES:
-        if plan.family not in st.families:
-            print(f"[quickstart] {st.name}: not applicable to a {plan.family} policy", flush=True)
-            continue
         missing = [n for n in st.needs if n not in done]
         if missing:
             print(f"[quickstart] {st.name}: skipped (needs {', '.join(missing)})", flush=True)

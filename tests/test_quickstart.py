@@ -114,7 +114,8 @@ def test_diffusion_plan_records_and_probes_every_unet_stage(tmp_path):
     feats = probes[probes.index("--features") + 1:probes.index("--targets")]
     assert feats == [str(plan.export_dir(s) / "X.npy") for s in sites] and len(set(feats)) == len(sites)
     assert probes[probes.index("--layer-names") + 1:probes.index("--n-folds")] == list(sites)
-    assert "pi0" in pipeline.stage("sae_splice").families and "diffusion" not in pipeline.stage("sae_splice").families
+    splice = pipeline.stage("sae_splice").argv(plan)
+    assert splice[splice.index("--site") + 1] == pipeline.DP_SAE_SITE and "dp_tiny_spatial10" in splice
 
 
 class _Refs(html.parser.HTMLParser):
@@ -160,7 +161,9 @@ def test_quickstart_fast_end_to_end(tmp_path):
     tail = (proc.stdout + proc.stderr)[-4000:]
     assert proc.returncode == 0, tail
     stages = {s["stage"] for s in json.loads((dp_out / "stages.json").read_text())}
-    assert "sae_splice" not in stages and {"attention_iou", "sae", "probes", "geometry"} <= stages
+    assert {"attention_iou", "sae", "sae_splice", "probes", "geometry"} <= stages
+    splice = json.loads((dp_out / "sae" / "splice.json").read_text())
+    assert splice["site"] == "unet.mid.block.1" and splice["tokens"] == "all" and splice["n_observations"] > 0
     rec = json.loads((dp_out / "report.json").read_text())
     assert {s["id"]: s["status"] for s in rec["sections"]} == {
         k: "ok" for k in ("evaluation", "attention", "sae", "probes", "geometry", "pca", "comparison", "overview")}

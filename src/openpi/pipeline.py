@@ -132,7 +132,6 @@ class Stage:
     inline: Callable[[Plan], object] | None = None
     server: bool = False
     primary: bool = True  # its output is what its sections show (False: a supporting step)
-    families: tuple[str, ...] = ("pi0", "diffusion")  # policy families it applies to (Plan.family)
 
     def argv(self, plan: Plan) -> list[str]:
         if self.command is None:
@@ -225,8 +224,7 @@ STAGES: tuple[Stage, ...] = (
     Stage("export_all_steps", ("sae",), None, needs=("libero_eval",), command=_export_all, primary=False),
     Stage("sae", ("sae",), "sae/metrics.json", needs=("export_all_steps",), command=_sae),
     # splicing needs token-indexed sites (the SAE replaces the action tokens' rows): Pi0 only for now
-    Stage("sae_splice", ("sae",), "sae/splice.json", needs=("sae",), command=_sae_splice, primary=False,
-          families=("pi0",)),
+    Stage("sae_splice", ("sae",), "sae/splice.json", needs=("sae",), command=_sae_splice, primary=False),
     Stage("sae_dashboard", ("sae",), "sae/dashboard/index.html", needs=("sae",), command=_sae_dashboard,
           primary=False),
     Stage("export_last_step", ("probes", "geometry"), None, needs=("libero_eval",), inline=_export_last,

@@ -761,7 +761,7 @@ def section_sae(ctx: _Ctx) -> Section:
         sec.parts.append(f"<p class='note'>{_esc(split['warning'])}.</p>")
     if splice_path.is_file():
         sec.parts.append(
-            "<p class='how'><b>Action error recovered</b>: on recorded observations, with the same flow noise, the "
+            "<p class='how'><b>Action error recovered</b>: on recorded observations, with the same noise, the "
             "site's activation is replaced by the SAE reconstruction (or zeroed) and the action chunks compared with "
             "the unmodified policy's: <code>1 - E||a_sae - a||&sup2; / E||a_zero - a||&sup2;</code> "
             f"({_esc(sp.get('n_observations'))} observations; 1 = as good as the real activation, 0 = as bad as "

@@ -277,13 +277,13 @@ class DiffusionPolicy(Policy):
 
     # -------------------------------------------------------------------------------------- noise
 
-    def _noise_shape(self) -> tuple[int, int, int]:
+    def noise_shape(self) -> tuple[int, int, int]:
         """x_T plus one variance noise per denoising step when the scheduler draws any (DDPM)."""
         cfg = self.model.config
         return 1 + (self.num_steps if schedulers.uses_step_noise(cfg) else 0), cfg.horizon, cfg.action_dim
 
     def _noise_layout(self) -> str:
-        return f": x_T then the variance noise of each of the {self._noise_shape()[0] - 1} DDPM denoising steps"
+        return f": x_T then the variance noise of each of the {self.noise_shape()[0] - 1} DDPM denoising steps"
 
     # -------------------------------------------------------------------------------------- model
 

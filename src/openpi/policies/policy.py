@@ -119,7 +119,7 @@ class Policy:
 
     # ------------------------------------------------------------------------------------------ noise
 
-    def _noise_shape(self) -> tuple[int, ...]:
+    def noise_shape(self) -> tuple[int, ...]:
         """One request's noise, without the batch axis: the flow-matching x_1 (horizon, action_dim)."""
         cfg = self.model.config
         return cfg.action_horizon, cfg.action_dim
@@ -135,10 +135,10 @@ class Policy:
             return None
         seed = stable_seed([self.seed, *(meta[f] for f in NOISE_KEY_FIELDS)])
         rng = np.random.default_rng(seed)
-        return rng.standard_normal((1, *self._noise_shape())).astype(np.float32)
+        return rng.standard_normal((1, *self.noise_shape())).astype(np.float32)
 
     def _noise(self, meta: Mapping[str, Any], noise: np.ndarray | None) -> np.ndarray:
-        shape = self._noise_shape()
+        shape = self.noise_shape()
         if noise is not None:
             noise = np.asarray(noise, np.float32)
             if noise.size != np.prod(shape):

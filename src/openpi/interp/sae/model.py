@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 from collections.abc import Callable
 from typing import Literal
 
@@ -413,12 +414,17 @@ class SparseAutoencoder:
 
     @functools.cached_property
     def reconstruction_fn(self) -> Callable[[jax.Array], jax.Array]:
-        """Pure jax (..., d_in) -> (..., d_in): the inference reconstruction of raw activations. One function
-        object per SAE, so an intervention using it is compiled once and reused."""
+        """Pure jax: the inference reconstruction of raw activations, shape kept. Rows are the last axis when it is
+        d_in wide (a token's residual: (..., d_in)), else everything after the batch axis flattened, as the store
+        exports a hook value without a token axis (a Diffusion Policy UNet block (batch, channel, horizon) is one
+        channel x horizon row). One function object per SAE, so an intervention using it is compiled once."""
         spec, params, thr = self.spec, self.params, self._thr
 
         def reconstruct_raw(x: jax.Array) -> jax.Array:
-            flat = x.reshape(-1, x.shape[-1]).astype(jnp.float32) * spec.input_scale
+            if x.shape[-1] != spec.d_in and math.prod(x.shape[1:]) != spec.d_in:
+                raise ValueError(f"this SAE reads rows of {spec.d_in} values; an activation of shape {x.shape} has "
+                                 "neither a last axis nor a per-batch-element row of that size (wrong site?)")
+            flat = x.reshape(-1, spec.d_in).astype(jnp.float32) * spec.input_scale
             return (reconstruct(params, spec, flat, thr) / spec.input_scale).reshape(x.shape).astype(x.dtype)
 
         return reconstruct_raw

@@ -1,7 +1,8 @@
 """Splice an SAE's reconstruction back into the policy and measure how much of the action it preserves.
 
-The analogue of language models' "cross-entropy loss recovered": for each observation, with the same flow noise,
-compare the policy's action chunk when the site's activation (on the chosen tokens and denoising steps) is
+The analogue of language models' "cross-entropy loss recovered": for each observation, with the same noise,
+compare the policy's action chunk (Pi0 or Diffusion Policy) when the site's activation (on the chosen tokens and
+denoising steps) is
   * left alone (reference a),
   * replaced by the SAE reconstruction (a_sae),
   * zero-ablated (a_zero, the "nothing kept" baseline),
@@ -17,13 +18,16 @@ import numpy as np
 
 from openpi.interp.episode_frames import EpisodeFrames, frames_path
 from openpi.interp.sae.io import load_sae
-from openpi.models.hooks import Intervention
+from openpi.models.hooks import Intervention, suggest
+from openpi.policies.policy import META_PREFIX
 from openpi.shared.records import RolloutDir
 
 
 def observations_from_rollouts(rollouts_dir: str | pathlib.Path, max_obs: int | None = None) -> Iterator[dict]:
-    """Policy observations at every queried step of every recorded episode with saved frames (exactly the frames
-    and state the policy was sent; the prompt from the episode record)."""
+    """Policy observations at every queried step of every recorded episode with saved frames, in episode order
+    (exactly the frames and state the policy was sent; the prompt from the episode record). Each carries its
+    episode and env step as ``meta/`` keys, so a policy with an observation history (Diffusion Policy) is
+    conditioned on the same earlier frames as in the rollout."""
     rollouts = RolloutDir(rollouts_dir)
     count = 0
     for rec in rollouts.records():
@@ -34,9 +38,12 @@ def observations_from_rollouts(rollouts_dir: str | pathlib.Path, max_obs: int | 
         rows = np.flatnonzero(frames.queried) if frames.queried is not None else np.arange(len(frames.env_step))
         for t in rows:
             step = int(frames.env_step[t])
+            meta = {"run_id": rec.key.run_id, "suite": rec.key.suite, "task_id": rec.key.task_id,
+                    "episode": rec.key.episode, "attempt": rec.attempt, "env_step": step}
             yield {"observation/image": frames.images["base_0_rgb"][t],
                    "observation/wrist_image": frames.images["left_wrist_0_rgb"][t],
-                   "observation/state": np.asarray(rec.states[step], np.float32), "prompt": rec.prompt}
+                   "observation/state": np.asarray(rec.states[step], np.float32), "prompt": rec.prompt,
+                   **{f"{META_PREFIX}{k}": v for k, v in meta.items()}}
             count += 1
             if max_obs is not None and count >= max_obs:
                 return
@@ -46,15 +53,19 @@ def observations_from_rollouts(rollouts_dir: str | pathlib.Path, max_obs: int | 
 
 
 def action_error_recovered(policy, sae_dir: str | pathlib.Path, site: str, observations: Iterable[dict], *,
-                           tokens: str = "actions", steps: str = "all", seed: int = 0) -> dict:
-    """Compare plain / SAE-spliced / zero-ablated actions of ``policy`` (an openpi Policy) on each observation."""
+                           tokens: str | None = None, steps: str = "all", seed: int = 0) -> dict:
+    """Compare plain / SAE-spliced / zero-ablated actions of ``policy`` (a Pi0 or Diffusion Policy) on each
+    observation. ``tokens`` (None): the action tokens where the site has a token axis, else the whole value."""
+    if site not in policy.table:
+        raise ValueError(f"site {site!r} is not a hook point of this policy; {suggest(site, policy.table.names)}")
+    if tokens is None:
+        tokens = "actions" if policy.table[site].token_axis is not None else "all"
     splice = load_sae(sae_dir).splice(site, tokens=tokens, steps=steps)
     zero = Intervention(site, "zero", tokens=tokens, steps=steps)
-    cfg = policy.model.config
     rng = np.random.default_rng(seed)
     err_sae, err_zero = [], []
     for obs in observations:
-        noise = rng.standard_normal((cfg.action_horizon, cfg.action_dim)).astype(np.float32)
+        noise = rng.standard_normal(policy.noise_shape()).astype(np.float32)
         chunks = {}
         for name, ivs in (("plain", ()), ("sae", (splice,)), ("zero", (zero,))):
             with policy.hooks(ivs):
