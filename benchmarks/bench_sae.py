@@ -19,10 +19,9 @@ constant, linear decay); all are evaluated by one function on the same held-out 
 FVU = sum||x - x_hat||^2 / sum||x - mean_eval(x)||^2 (BatchTopK: dictionary_learning and ours use their inference
 thresholds, sae-lens its batch top-k over the evaluation chunk). Without --activations a planted-dictionary matrix is
 generated. Steady-state step times are the median of --timed-steps (20) steps after --warmup-steps (10) on one
-fixed batch;
-samples/s = batch / step time. Where torch sees a GPU the references run on it (ours runs where jax runs), both
-in TF32 for float32 matrix products; everything else is float32. `floor_ms` is the forward encoder matmul alone (batch x d times d x latents, jit);
-every trainer has to pay it once per step.
+fixed batch; samples/s = batch / step time. Where torch sees a GPU the references run on it (ours runs where jax
+runs), both in TF32 for float32 matrix products; everything else is float32. `floor_ms` is the forward encoder
+matmul alone (batch x d times d x latents, jit); every trainer has to pay it once per step.
 
 Last printed line: JSON {arch, d, num_latents, k, batch_size, steps, rows, floor_ms, ours: {step_ms, samples_per_s,
 fvu, time_s}, references: {name: {step_ms, samples_per_s, fvu, time_s, step_speedup (their step / ours),

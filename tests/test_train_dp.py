@@ -17,7 +17,6 @@ from openpi.training.demos import write_synthetic_demos
 from train_runs import STEPS, short_config, stopped_resumed_and_straight
 
 
-
 def _cfg(demo_root, out_dir, **kw) -> train.TrainConfig:
     return short_config(demo_root, out_dir, **{"policy_config": "dp_micro", "batch_size": 4, "peak_lr": 3e-3, **kw})
 

@@ -1040,8 +1040,8 @@ def section_comparison(ctx: _Ctx) -> Section | None:
                      "held-out episodes, layers input to output. A Diffusion Policy's UNet blocks at the last "
                      "denoising step read the nearly clean chunk as input, so they carry the action almost by "
                      "construction; its <code>cond.global</code> row (the observation encoding) is the one that "
-                     "says how much the observation alone makes the action linearly readable.</p>" + _table(["policy", "measure", "value"], rows,
-                                                                               raw_cols=(0, 1)))
+                     "says how much the observation alone makes the action linearly readable.</p>"
+                     + _table(["policy", "measure", "value"], rows, raw_cols=(0, 1)))
     succ = [(p.get("success") or {}) for p in pols]
     if len(succ) == 2 and all(s.get("episodes") for s in succ):
         a, b = succ

@@ -395,6 +395,10 @@ class TokenMap:
                              "request touches them (the layout must keep every token a request selects)")
         return np.cumsum(keep)[joint] - 1
 
+    def kept_before(self, joint: int) -> int:
+        """How many kept tokens precede full-layout joint index ``joint`` (where its point starts when compacted)."""
+        return int(sum(self.keep[:joint]))
+
     def full_index(self, compact: np.ndarray) -> np.ndarray:
         """Full-layout joint index of compacted positions."""
         return np.nonzero(np.asarray(self.keep))[0][np.asarray(compact, np.int64)]
@@ -466,8 +470,7 @@ class Hooks:
             return self.table.local_indices(tokens, point.name, length)
         local = self.table.local_indices(tokens, point.name, point.num_tokens)  # checked in the full layout
         joint = point.token_start + (np.arange(point.num_tokens) if local is None else local)
-        compact = self.token_map.compact_index(joint)
-        compact = compact - int(np.sum(np.asarray(self.token_map.keep)[:point.token_start]))
+        compact = self.token_map.compact_index(joint) - self.token_map.kept_before(point.token_start)
         return None if local is None and compact.size == length else compact
 
     def _intervene(self, iv: Intervention, point: HookPoint, x):
@@ -518,16 +521,17 @@ class Hooks:
             q = self.table.joint_indices(ko.queries)
             k = self.table.joint_indices(ko.keys)
             q_joint, k_joint = q_offset + np.arange(mask.shape[1]), np.arange(mask.shape[2])
-            q_range = (q_offset, mask.shape[1])  # the pass's queries in the full layout, for the message
+            q_start, q_end = q_offset, q_offset + mask.shape[1]  # the pass's queries in the full layout
             if self.token_map is not None:  # compacted call: compare in the full layout's positions
                 q_joint, k_joint = self.token_map.full_index(q_joint), self.token_map.full_index(k_joint)
+                # dropped tokens all lie in the prefix: the prefix pass has that many more queries, the suffix
+                # starts that much later
                 dropped = self.token_map.num_dropped
-                q_range = (q_offset, mask.shape[1] + dropped) if prefix else (q_offset + dropped, mask.shape[1])
+                q_start, q_end = (q_start, q_end + dropped) if prefix else (q_start + dropped, q_end + dropped)
             qsel = np.ones(mask.shape[1], bool) if q is None else np.isin(q_joint, q)
-            if q is not None and not np.isin(np.arange(q_range[0], sum(q_range)), q).any():
+            if q is not None and not np.isin(np.arange(q_start, q_end), q).any():
                 raise ValueError(f"knockout queries {ko.queries!r} select no query of layer {layer}'s "
-                                 f"{'prefix' if prefix else 'denoising'} pass (joint {q_range[0]}.."
-                                 f"{sum(q_range) - 1})")
+                                 f"{'prefix' if prefix else 'denoising'} pass (joint {q_start}..{q_end - 1})")
             ksel = np.ones(mask.shape[2], bool) if k is None else np.isin(k_joint, k)
             block = jnp.asarray(qsel[:, None] & ksel[None, :])
             active = self._step_active(ko.steps) if not prefix else None

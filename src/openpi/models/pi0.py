@@ -162,9 +162,9 @@ def compact_layout(config: Pi0Config | Pi0FASTConfig, obs, prompt_bucket: int = 
     valid = np.asarray(obs.tokenized_prompt_mask, bool)
     used = int(np.max(np.nonzero(valid.any(axis=0))[0], initial=-1)) + 1
     prompt_len = min(valid.shape[1], -(-used // prompt_bucket) * prompt_bucket)
-    needed = np.nonzero(need[spans["prompt"][0]:])[0]
-    if needed.size:
-        prompt_len = max(prompt_len, int(needed[-1]) + 1)
+    prompt_needed = np.nonzero(need[spans["prompt"][0]:])[0]
+    if prompt_needed.size:
+        prompt_len = max(prompt_len, int(prompt_needed[-1]) + 1)
     if not cameras and prompt_len == 0:
         return None  # an all-masked prefix: nothing to keep, run the full layout as openpi does
     if cameras == tuple(config.image_keys) and prompt_len == valid.shape[1]:
